@@ -1,0 +1,192 @@
+"""The one image contract, torch-free: decode -> greyscale -> square geometry -> uint8.
+
+Training, evaluation, export and serving all call these functions with a :class:`PreprocessConfig`
+that is saved inside every checkpoint and exported model, so the pixels a model sees never drift.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse decompression bombs loudly (Pillow warns at MAX/2 and raises at MAX); 64 Mpx is far above any MRI slice.
+MAX_PIXELS = 64_000_000
+GEOMETRIES = ("crop_pad", "pad", "resize")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can read; the message says why and what is accepted."""
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that turns a decoded slice into model input. Saved as a plain dict with the weights."""
+
+    image_size: int = 256
+    # crop_pad: crop to the head's bounding box, pad to square, resize. It removes the canvas shape
+    # (the no_tumor aspect-ratio shortcut) that `pad` keeps and `resize` turns into stretched anatomy.
+    geometry: str = "crop_pad"
+    foreground_threshold: int = 20  # grey level above which a pixel counts as head, for the crop box
+    crop_margin: float = 0.04  # fraction of the box side kept around the head
+    mask_threshold: int = 128  # BRISC masks have soft edges
+    # Normalisation of the uint8 input, applied inside the model graph (0..255 scale).
+    mean: float = 52.0
+    std: float = 58.0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"geometry {self.geometry!r} is not one of {GEOMETRIES}")
+        if not 16 <= self.image_size <= 1024:
+            raise ValueError(f"image_size {self.image_size} is outside 16..1024")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PreprocessConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # (H, W) uint8 greyscale
+    mode: str  # Pillow mode of the file
+    is_colour: bool  # RGB whose channels differ (a photo, not an MRI slice)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How an original (H, W) slice maps onto the square model input; invertible for masks and heatmaps."""
+
+    original_shape: tuple[int, int]
+    crop: tuple[int, int, int, int]  # y0, y1, x0, x1 in the original image
+    pad: tuple[int, int, int, int]  # top, bottom, left, right added to the crop
+    size: int  # output side length
+
+    @property
+    def square_side(self) -> int:
+        y0, y1, x0, x1 = self.crop
+        top, bottom, _, _ = self.pad
+        return (y1 - y0) + top + bottom
+
+
+def decode_image(source: bytes | str | Path) -> DecodedImage:
+    """Decode JPEG/PNG bytes or a file to greyscale uint8. Raises ImageDecodeError, never returns zeros."""
+    name = str(source) if isinstance(source, (str, Path)) else "image bytes"
+    try:
+        data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+    except OSError as exc:
+        raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageDecodeError(f"{name}: empty file; send a JPEG or PNG slice")
+    old_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                mode = img.mode
+                pixels, is_colour = _to_grey(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"{name}: image is too large ({exc}); at most {MAX_PIXELS} pixels") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageDecodeError(f"{name}: not a readable image; send a JPEG or PNG slice") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc}); re-export the slice") from exc
+    finally:
+        Image.MAX_IMAGE_PIXELS = old_limit
+    if pixels.shape[0] < 8 or pixels.shape[1] < 8:
+        raise ImageDecodeError(f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]}; at least 8x8 pixels needed")
+    return DecodedImage(pixels, mode, is_colour)
+
+
+def _to_grey(img: Image.Image) -> tuple[np.ndarray, bool]:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8), False
+    if img.mode == "L":
+        return np.asarray(img, dtype=np.uint8).copy(), False
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    r, g, b = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16), rgb[..., 2].astype(np.int16)
+    # JPEG chroma noise makes "equal" channels differ by a few levels; a photo differs by far more.
+    spread = max(np.abs(r - g).mean(), np.abs(g - b).mean())
+    if spread <= 2.0:
+        return rgb[..., 0].copy(), False
+    return np.asarray(img.convert("L"), dtype=np.uint8).copy(), True
+
+
+def decode_mask(source: bytes | str | Path, threshold: int = 128) -> np.ndarray:
+    """Decode a soft-edged mask and binarise it at ``threshold`` (values >= threshold are tumour)."""
+    pixels = decode_image(source).pixels
+    return (pixels >= threshold).astype(np.uint8)
+
+
+def compute_geometry(pixels: np.ndarray, cfg: PreprocessConfig) -> Geometry:
+    h, w = pixels.shape[:2]
+    y0, y1, x0, x1 = 0, h, 0, w
+    if cfg.geometry == "crop_pad":
+        fg = pixels > cfg.foreground_threshold
+        rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
+        if rows.size and cols.size:
+            margin = int(round(cfg.crop_margin * max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)))
+            y0, y1 = max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin)
+            x0, x1 = max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin)
+    ch, cw = y1 - y0, x1 - x0
+    if cfg.geometry == "resize":
+        pad = (0, 0, 0, 0)
+    else:
+        side = max(ch, cw)
+        top, left = (side - ch) // 2, (side - cw) // 2
+        pad = (top, side - ch - top, left, side - cw - left)
+    return Geometry((h, w), (y0, y1, x0, x1), pad, cfg.image_size)
+
+
+def apply_geometry(pixels: np.ndarray, geom: Geometry, *, nearest: bool = False) -> np.ndarray:
+    """Crop, pad with zeros and resize to (size, size). Nearest-neighbour for masks, area-aware bilinear for images."""
+    if pixels.shape[:2] != geom.original_shape:
+        raise ValueError(f"array of shape {pixels.shape[:2]} does not match geometry for {geom.original_shape}")
+    y0, y1, x0, x1 = geom.crop
+    top, bottom, left, right = geom.pad
+    out = np.pad(pixels[y0:y1, x0:x1], ((top, bottom), (left, right)))
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    return np.asarray(Image.fromarray(out).resize((geom.size, geom.size), resample), dtype=np.uint8)
+
+
+def invert_geometry(square: np.ndarray, geom: Geometry, *, nearest: bool = False) -> np.ndarray:
+    """Map a (size, size) uint8 map (mask or heatmap) back onto the original (H, W) image."""
+    y0, y1, x0, x1 = geom.crop
+    top, bottom, left, right = geom.pad
+    ch, cw = y1 - y0, x1 - x0
+    full_h, full_w = ch + top + bottom, cw + left + right
+    resample = Image.NEAREST if nearest else Image.BILINEAR
+    restored = np.asarray(Image.fromarray(square).resize((full_w, full_h), resample), dtype=square.dtype)
+    out = np.zeros(geom.original_shape, dtype=square.dtype)
+    out[y0:y1, x0:x1] = restored[top : top + ch, left : left + cw]
+    return out
+
+
+def preprocess(pixels: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, Geometry]:
+    """Greyscale uint8 (H, W) -> model input uint8 (size, size) and the geometry to undo it."""
+    geom = compute_geometry(pixels, cfg)
+    return apply_geometry(pixels, geom), geom
+
+
+def preprocess_mask(mask: np.ndarray, geom: Geometry) -> np.ndarray:
+    """Binary (H, W) mask -> binary (size, size) mask through the image's own geometry."""
+    return apply_geometry(mask.astype(np.uint8), geom, nearest=True)
+
+
+def normalize(batch_uint8: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """The normalisation the model graph applies, for numpy consumers (e.g. reference checks)."""
+    return (batch_uint8.astype(np.float32) - cfg.mean) / cfg.std
