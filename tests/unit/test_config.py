@@ -1,0 +1,24 @@
+import pytest
+from pydantic import ValidationError
+
+from braintumor.train.config import resolve_config, save_config
+
+
+def test_defaults_yaml_and_flags_layer(tmp_path):
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("optim:\n  epochs: 7\n  lr: 0.001\nmodel:\n  encoder: resnet34\n")
+    cfg = resolve_config(yaml_file, {"optim.epochs": 3, "data.limit": None})
+    assert (cfg.optim.epochs, cfg.optim.lr, cfg.model.encoder) == (3, 0.001, "resnet34")
+    assert cfg.data.image_size == 128 and cfg.optim.seg_every == 2 and cfg.optim.lambda_seg == 0.3
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = resolve_config(None, {"data.image_size": 64, "model.pretrained": "/weights/r18.pth"})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert resolve_config(tmp_path / "config.yaml") == cfg
+
+
+@pytest.mark.parametrize("override", [{"optim.epochs": 0}, {"data.geometry": "stretch"}, {"optim.typo_key": 1}])
+def test_bad_values_are_rejected(override):
+    with pytest.raises(ValidationError):
+        resolve_config(None, override)

@@ -1,0 +1,120 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from braintumor.train.preprocess import (
+    ImageDecodeError, PreprocessConfig, decode_image, decode_mask, invert_geometry, preprocess, preprocess_mask,
+)
+
+
+def _png(arr, mode=None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _head(h=60, w=80) -> np.ndarray:
+    img = np.zeros((h, w), np.uint8)
+    img[10:50, 20:70] = 120
+    img[20:30, 30:40] = 250
+    return img
+
+
+def test_rgb_with_equal_channels_reads_as_grey():
+    grey = _head()
+    rgb = np.stack([grey] * 3, -1)
+    out = decode_image(_png(rgb))
+    assert not out.is_colour and out.mode == "RGB"
+    np.testing.assert_array_equal(out.pixels, grey)
+
+
+def test_colour_photo_is_flagged():
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    assert decode_image(_png(photo)).is_colour
+
+
+def test_16bit_png_is_scaled_to_uint8():
+    arr = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    out = decode_image(_png(arr))
+    assert out.pixels.dtype == np.uint8 and out.pixels.min() == 0 and out.pixels.max() == 255
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [(b"", "empty"), (b"hello, not an image", "not a readable image"), (_png(_head())[:60], "corrupt or truncated")],
+)
+def test_bad_bytes_raise_clear_errors(data, fragment):
+    with pytest.raises(ImageDecodeError, match=fragment):
+        decode_image(data)
+
+
+def test_tiny_image_rejected():
+    with pytest.raises(ImageDecodeError, match="at least 8x8"):
+        decode_image(_png(np.zeros((1, 1), np.uint8)))
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(ImageDecodeError, match="nope.jpg"):
+        decode_image(tmp_path / "nope.jpg")
+
+
+def test_soft_mask_threshold_at_128():
+    mask = np.array([[0, 127, 128, 255]] * 8 + [[0, 0, 0, 0]] * 0, np.uint8).repeat(2, 1)
+    np.testing.assert_array_equal(decode_mask(_png(mask))[0], [0, 0, 0, 0, 1, 1, 1, 1])
+
+
+@pytest.mark.parametrize("geometry", ["crop_pad", "pad", "resize"])
+def test_preprocess_is_deterministic_and_square(geometry):
+    cfg = PreprocessConfig(image_size=32, geometry=geometry)
+    a, ga = preprocess(_head(), cfg)
+    b, gb = preprocess(_head(), cfg)
+    assert a.shape == (32, 32) and a.dtype == np.uint8
+    np.testing.assert_array_equal(a, b)
+    assert ga == gb
+
+
+def test_crop_pad_removes_the_canvas_shape():
+    cfg = PreprocessConfig(image_size=32, geometry="crop_pad", crop_margin=0)
+    same_head_wide_canvas = np.zeros((60, 140), np.uint8)
+    same_head_wide_canvas[:, 30:110] = _head()
+    a, _ = preprocess(_head(), cfg)
+    b, _ = preprocess(same_head_wide_canvas, cfg)
+    np.testing.assert_array_equal(a, b)  # the canvas' aspect ratio leaves no trace
+
+
+def test_mask_follows_image_geometry_and_inverts():
+    cfg = PreprocessConfig(image_size=50, geometry="crop_pad", crop_margin=0)
+    img = _head()
+    mask = (img == 250).astype(np.uint8)
+    square, geom = preprocess(img, cfg)
+    small = preprocess_mask(mask, geom)
+    assert set(np.unique(small)) <= {0, 1}
+    assert (square[small == 1] > 200).mean() > 0.9  # the mask still lands on the bright blob
+    back = invert_geometry(small, geom, nearest=True)
+    assert back.shape == mask.shape
+    assert np.logical_and(back, mask).sum() / np.logical_or(back, mask).sum() > 0.8
+
+
+def test_config_round_trip_and_validation():
+    cfg = PreprocessConfig(image_size=64, geometry="pad")
+    assert PreprocessConfig.from_dict({**cfg.to_dict(), "unknown_future_key": 1}) == cfg
+    with pytest.raises(ValueError, match="geometry"):
+        PreprocessConfig(geometry="stretch")
+
+
+def test_decompression_bomb_is_refused(monkeypatch):
+    import braintumor.train.preprocess as pre
+
+    monkeypatch.setattr(pre, "MAX_PIXELS", 1000)
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(_png(_head()))  # 4,800 px > 1,000
+
+
+def test_cmyk_jpeg_of_a_grey_slice_reads_as_grey():
+    buf = io.BytesIO()
+    Image.fromarray(_head()).convert("CMYK").save(buf, format="JPEG", quality=95)
+    out = decode_image(buf.getvalue())
+    assert out.mode == "CMYK" and not out.is_colour and out.pixels.shape == (60, 80)

@@ -1,0 +1,122 @@
+"""CLI subcommands of the training layer: audit-data, prepare-data, train, evaluate (heavy imports inside handlers)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from .audit import run_audit
+
+    report = run_audit(args.data, args.out, skip_bad=args.skip_bad)
+    dup = report["duplicates"]
+    print(f"wrote {Path(args.out) / 'audit.json'} and {Path(args.out) / 'audit.md'}")
+    print(f"duplicates: {dup.get('groups')} groups, {dup.get('files')} files, {dup.get('extra_copies')} extra copies")
+    return 0
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from .cache import prepare_cache
+    from .preprocess import PreprocessConfig
+    from .samples import build_index
+
+    index = build_index(args.data, skip_bad=args.skip_bad)
+    samples = [s for s in index.samples if args.split == "all" or s.split == args.split]
+    cfg = PreprocessConfig(image_size=args.image_size, geometry=args.geometry)
+    cache = prepare_cache(samples, cfg, args.out, skip_bad=args.skip_bad, workers=args.workers)
+    size_mb = (cache.images.nbytes + cache.masks.nbytes) / 1e6
+    print(f"cache {cache.path}: {len(cache.samples)} slices at {cfg.image_size}px ({size_mb:.0f} MB), "
+          f"{len(cache.skipped) + len(index.skipped)} skipped")
+    return 0
+
+
+def _pretrained(value: str | None) -> bool | str | None:
+    if value is None:
+        return None
+    return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(value.lower(), value)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import resolve_config
+    from .run import run_training
+
+    overrides = {
+        "data.image_size": args.image_size, "data.limit": args.limit, "data.workers": args.workers,
+        "data.cache_dir": args.cache_dir, "data.skip_bad": args.skip_bad or None,
+        "model.encoder": args.encoder, "model.pretrained": _pretrained(args.pretrained),
+        "optim.epochs": args.epochs, "optim.batch_size": args.batch_size, "optim.lr": args.lr,
+        "runtime.device": args.device, "runtime.seed": args.seed, "runtime.threads": args.threads,
+        "runtime.progress": False if args.no_progress else None,
+    }
+    config_file = args.config
+    if args.resume and config_file is None and (Path(args.out) / "config.yaml").exists():
+        config_file = Path(args.out) / "config.yaml"  # resume with the run's own resolved config
+    cfg = resolve_config(config_file, overrides)
+    best = run_training(cfg, args.data, args.out, resume=args.resume)
+    print(f"done: {best} (history: {Path(args.out) / 'history.csv'})")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, batch_size=args.batch_size)
+    keys = ("accuracy", "macro_f1", "roc_auc_ovr", "ece", "dice", "iou")
+    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("audit-data", help="audit a BRISC-layout dataset: counts, duplicates, masks, shortcut cues",
+                       formatter_class=fmt)
+    p.add_argument("data", help="dataset root holding classification_task/ and/or segmentation_task/")
+    p.add_argument("--out", required=True, help="folder for audit.json and audit.md")
+    p.add_argument("--skip-bad", action="store_true", help="count unreadable files instead of stopping at the first")
+    p.set_defaults(func=_audit)
+
+    p = sub.add_parser("prepare-data", help="decode and preprocess every slice once into a uint8 cache for training",
+                       formatter_class=fmt)
+    p.add_argument("data", help="dataset root (BRISC 2025 layout)")
+    p.add_argument("--out", required=True, help="cache folder to write (pass it to `train --data`)")
+    p.add_argument("--image-size", type=int, default=128, help="side of the square model input in pixels")
+    p.add_argument("--geometry", choices=("crop_pad", "pad", "resize"), default="crop_pad",
+                   help="how slices become square (crop_pad avoids the aspect-ratio shortcut; see audit)")
+    p.add_argument("--split", choices=("train", "test", "all"), default="train", help="which official split to cache")
+    p.add_argument("--workers", type=int, default=None, help="decoding processes (default: up to 4)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (counted) instead of failing")
+    p.set_defaults(func=_prepare)
+
+    p = sub.add_parser("train", help="train the multi-task model with the alternating trainer", formatter_class=fmt)
+    p.add_argument("--data", required=True, help="dataset root (BRISC layout) or a cache from prepare-data")
+    p.add_argument("--out", required=True, help="run folder: last.pt, best.pt, config.yaml, history.csv, val_split.csv")
+    p.add_argument("--config", help="YAML file with data/model/optim/runtime sections; flags override it")
+    p.add_argument("--image-size", type=int, help="input side in pixels (config default 128)")
+    p.add_argument("--epochs", type=int, help="total epochs (config default 10)")
+    p.add_argument("--batch-size", type=int, help="batch size for both tasks (config default 32)")
+    p.add_argument("--lr", type=float, help="peak AdamW learning rate (config default 3e-4)")
+    p.add_argument("--encoder", help="timm encoder: resnet18 (default), resnet34, resnet50")
+    p.add_argument("--pretrained", help="'true' for timm's local weight cache or a path to a local weights file")
+    p.add_argument("--limit", type=int, help="use only N training slices (stratified), for quick runs")
+    p.add_argument("--workers", type=int, help="DataLoader worker processes (config default 0)")
+    p.add_argument("--cache-dir", help="where the decoded cache goes (default ~/.cache/braintumor or $BRAINTUMOR_CACHE)")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--seed", type=int, help="random seed (config default 0)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (counted) instead of failing")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint: metrics.json and report.html", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint from `train` (RUN/best.pt)")
+    p.add_argument("--data", required=True, help="dataset root (BRISC layout)")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val: the run's own validation split (val_split.csv); test: the dataset's official test split")
+    p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
+    p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
+    p.set_defaults(func=_evaluate)

@@ -1,0 +1,35 @@
+"""Batched PyTorch inference over preprocessed uint8 slices: probabilities, mask probabilities and class activation maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+@torch.inference_mode()
+def predict_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 64, device: str | torch.device = "cpu",
+                   temperature: float = 1.0, with_cams: bool = False, channels_last: bool = False) -> dict[str, np.ndarray]:
+    """``images`` (N, S, S) uint8 -> logits (N, C), probs (N, C), mask_probs (N, S, S) and optionally cams (N, C, h, w)."""
+    was_training = model.training
+    model.eval()
+    out: dict[str, list[np.ndarray]] = {"logits": [], "mask_probs": [], "cams": []}
+    try:
+        for start in range(0, len(images), batch_size):
+            x = torch.from_numpy(np.asarray(images[start : start + batch_size])).to(device)[:, None].float()
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            feats = model.forward_features(x)
+            out["logits"].append(model.classify(feats).float().cpu().numpy())
+            out["mask_probs"].append(torch.sigmoid(model.segment(feats)).float()[:, 0].cpu().numpy())
+            if with_cams:
+                out["cams"].append(model.class_activation_maps(feats).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    logits = np.concatenate(out["logits"]) if out["logits"] else np.zeros((0, 4), np.float32)
+    scaled = logits.astype(np.float64) / temperature
+    probs = np.exp(scaled - scaled.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    result = {"logits": logits, "probs": probs, "mask_probs": np.concatenate(out["mask_probs"]) if out["mask_probs"] else None}
+    if with_cams:
+        result["cams"] = np.concatenate(out["cams"])
+    return result
