@@ -1,0 +1,43 @@
+import subprocess
+import sys
+
+import pytest
+
+from braintumor.serving.cli import build_parser, main
+
+SUBCOMMANDS = ["audit-data", "prepare-data", "train", "evaluate"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_option_has_help(command):
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert action.help, f"{command} {action.option_strings or action.dest} has no help"
+
+
+def test_console_script_help_lists_commands():
+    out = subprocess.run([sys.executable, "-m", "braintumor.serving.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for command in SUBCOMMANDS:
+        assert command in out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["audit-data", "/nonexistent/brisc", "--out", "/tmp/x"], "dataset folder not found"),
+        (["train", "--data", "/nonexistent/brisc", "--out", "RUN"], "dataset folder not found"),
+        (["evaluate", "--checkpoint", "/nonexistent/best.pt", "--data", ".", "--out", "/tmp/x"], "checkpoint not found"),
+    ],
+)
+def test_bad_input_is_one_clear_line(argv, fragment, capsys, tmp_path):
+    argv = [a.replace("RUN", str(tmp_path / "run")) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_train_rejects_bad_config_value(capsys, tmp_path, synthetic_root):
+    assert main(["train", "--data", str(synthetic_root), "--out", str(tmp_path / "r"), "--epochs", "0"]) == 2
+    assert "epochs" in capsys.readouterr().err
