@@ -134,22 +134,25 @@ def decode_mask(source: bytes | str | Path, threshold: int = 128) -> np.ndarray:
 
 def compute_geometry(pixels: np.ndarray, cfg: PreprocessConfig) -> Geometry:
     h, w = pixels.shape[:2]
-    y0, y1, x0, x1 = 0, h, 0, w
+    by0, by1, bx0, bx1 = 0, h, 0, w  # the wanted box, which may reach past the frame
     if cfg.geometry == "crop_pad":
         fg = pixels > cfg.foreground_threshold
         rows, cols = np.flatnonzero(fg.any(axis=1)), np.flatnonzero(fg.any(axis=0))
         if rows.size and cols.size:
             margin = int(round(cfg.crop_margin * max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)))
-            y0, y1 = max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin)
-            x0, x1 = max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin)
-    ch, cw = y1 - y0, x1 - x0
-    if cfg.geometry == "resize":
-        pad = (0, 0, 0, 0)
-    else:
-        side = max(ch, cw)
-        top, left = (side - ch) // 2, (side - cw) // 2
-        pad = (top, side - ch - top, left, side - cw - left)
-    return Geometry((h, w), (y0, y1, x0, x1), pad, cfg.image_size)
+            by0, by1 = rows[0] - margin, rows[-1] + 1 + margin
+            bx0, bx1 = cols[0] - margin, cols[-1] + 1 + margin
+    crop = (max(0, by0), min(h, by1), max(0, bx0), min(w, bx1))
+    # A margin past the frame becomes zero padding, so a head touching the edge of a square image gets the
+    # same input as the same head on a wider canvas (otherwise the canvas shape leaks through the margin).
+    top, bottom, left, right = crop[0] - by0, by1 - crop[1], crop[2] - bx0, bx1 - crop[3]
+    if cfg.geometry != "resize":
+        bh, bw = by1 - by0, bx1 - bx0
+        side = max(bh, bw)
+        sq_top, sq_left = (side - bh) // 2, (side - bw) // 2
+        top, bottom = top + sq_top, bottom + side - bh - sq_top
+        left, right = left + sq_left, right + side - bw - sq_left
+    return Geometry((h, w), tuple(int(v) for v in crop), (int(top), int(bottom), int(left), int(right)), cfg.image_size)
 
 
 def apply_geometry(pixels: np.ndarray, geom: Geometry, *, nearest: bool = False) -> np.ndarray:

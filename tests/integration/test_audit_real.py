@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from braintumor.train.audit import run_audit
 
-DATA = Path(__file__).parents[3] / "shared" / "data" / "brisc2025"
-
 
 @pytest.mark.integration
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"real BRISC 2025 data not found at {DATA}")
-def test_audit_of_the_real_train_split(tmp_path):
-    report = run_audit(DATA, tmp_path, leakage_sample=600)
+def test_audit_of_the_real_train_split(real_data, tmp_path):  # real_data (tests/conftest.py) skips when absent
+    report = run_audit(real_data, tmp_path, leakage_sample=600)
     dup = report["duplicates"]
     assert (dup["groups"], dup["files"], dup["extra_copies"]) == (35, 73, 38)
     assert dup["any_mixed_class"] is False

@@ -118,3 +118,12 @@ def test_cmyk_jpeg_of_a_grey_slice_reads_as_grey():
     Image.fromarray(_head()).convert("CMYK").save(buf, format="JPEG", quality=95)
     out = decode_image(buf.getvalue())
     assert out.mode == "CMYK" and not out.is_colour and out.pixels.shape == (60, 80)
+
+
+def test_crop_pad_margin_past_the_frame_is_padding():
+    cfg = PreprocessConfig(image_size=32, geometry="crop_pad", crop_margin=0.1)
+    touching = np.zeros((50, 50), np.uint8)
+    touching[0:50, 5:45] = 100  # the head touches the top and bottom of a square frame
+    wider = np.zeros((50, 90), np.uint8)
+    wider[:, 20:70] = touching
+    np.testing.assert_array_equal(preprocess(touching, cfg)[0], preprocess(wider, cfg)[0])
