@@ -1,0 +1,86 @@
+"""Builds the multi-task model from names and a plain config dict (the dict stored in every checkpoint)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+
+from .decoder import MASK_STRIDES, UnetDecoder
+from .encoder import Encoder
+from .heads import ClassificationHead, SegmentationHead
+from .model import MultiTaskModel, Normalize
+from .naming import CLASSES
+from .preprocess import PreprocessConfig
+
+RECOMMENDED_ENCODERS = ("resnet18", "resnet34", "resnet50")
+DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16, 16)
+
+
+def build_model(
+    encoder: str = "resnet18",
+    num_classes: int = len(CLASSES),
+    preprocess: PreprocessConfig | dict | None = None,
+    pretrained: bool | str | Path = False,
+    decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+    mask_stride: int = 2,
+    dropout: float = 0.2,
+) -> MultiTaskModel:
+    """Build a MultiTaskModel; ``model.config`` round-trips through ``build_model(**model.config)``.
+
+    ``encoder`` is any timm model that supports ``features_only`` (resnet18/34/50 recommended).
+    ``pretrained`` (False, True or a checkpoint path) only affects initial weights, so it is not in the config.
+    """
+    if isinstance(preprocess, dict):
+        preprocess = PreprocessConfig.from_dict(preprocess)
+    preprocess = preprocess or PreprocessConfig()
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if mask_stride not in MASK_STRIDES:
+        raise ValueError(f"mask_stride {mask_stride} is not one of {MASK_STRIDES}")
+    enc = _build_encoder(encoder, pretrained)
+    if preprocess.image_size % enc.reductions[-1]:
+        raise ValueError(
+            f"image_size {preprocess.image_size} is not a multiple of {enc.reductions[-1]}, "
+            f"the deepest reduction of encoder {encoder!r}"
+        )
+    decoder = UnetDecoder(enc.channels, enc.reductions, decoder_channels, mask_stride)
+    config = {
+        "encoder": encoder,
+        "num_classes": num_classes,
+        "preprocess": preprocess.to_dict(),
+        "decoder_channels": [int(c) for c in decoder_channels],
+        "mask_stride": mask_stride,
+        "dropout": dropout,
+    }
+    return MultiTaskModel(
+        normalize=Normalize(preprocess.mean, preprocess.std),
+        encoder=enc,
+        decoder=decoder,
+        classification_head=ClassificationHead(enc.channels[-1], num_classes, dropout),
+        segmentation_head=SegmentationHead(decoder.out_channels, upsampling=mask_stride),
+        config=config,
+    )
+
+
+def _build_encoder(name: str, pretrained: bool | str | Path) -> Encoder:
+    if not timm.is_model(name):
+        raise ValueError(_unknown_encoder_message(name, "is not a timm model"))
+    try:
+        return Encoder(name, pretrained=pretrained)
+    except (RuntimeError, AssertionError, TypeError) as exc:  # timm's errors for models without features_only
+        raise ValueError(_unknown_encoder_message(name, f"does not support features_only ({exc})")) from exc
+
+
+def _unknown_encoder_message(name: str, reason: str) -> str:
+    resnets = timm.list_models("resnet*")
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    return (
+        f"encoder {name!r} {reason}.{hint} Recommended: {', '.join(RECOMMENDED_ENCODERS)}. "
+        f"Also valid: any timm model with features_only, e.g. the resnet family: {', '.join(resnets)}."
+    )

@@ -1,0 +1,69 @@
+"""The multi-task network: wiring only (normalise -> encoder -> class head and decoder -> mask head)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .decoder import UnetDecoder
+from .encoder import Encoder
+from .heads import ClassificationHead, SegmentationHead
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` on the uint8 0..255 scale. Constants come from PreprocessConfig (saved in the model
+    config), so they are non-persistent buffers rather than a second copy in the state dict."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(float(mean)).view(1, 1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(float(std)).view(1, 1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MultiTaskModel(nn.Module):
+    """Input (B, 1, H, W) float pixels in 0..255, H and W multiples of the encoder's deepest reduction.
+
+    ``forward`` returns ``(class_logits (B, C), mask_logits (B, 1, H, W))`` in that fixed order.
+    """
+
+    def __init__(
+        self,
+        normalize: Normalize,
+        encoder: Encoder,
+        decoder: UnetDecoder,
+        classification_head: ClassificationHead,
+        segmentation_head: SegmentationHead,
+        config: dict | None = None,
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.encoder = encoder
+        self.decoder = decoder
+        self.classification_head = classification_head
+        self.segmentation_head = segmentation_head
+        self.config = dict(config or {})  # build_model(**config) rebuilds this architecture
+
+    @property
+    def cam_layer(self) -> nn.Module:
+        """Module whose output is the last feature map, for hook-based explainers (pytorch-grad-cam)."""
+        return self.encoder.last_layer
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.encoder(self.normalize(x))
+
+    def classify(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.classification_head(features[-1])
+
+    def segment(self, features: list[torch.Tensor]) -> torch.Tensor:
+        return self.segmentation_head(self.decoder(features))
+
+    def class_activation_maps(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """(B, C, h, w) bias-free CAM of the last feature map; spatial mean + bias = eval-mode logits."""
+        return self.classification_head.activation_maps(features[-1])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.forward_features(x)
+        return self.classify(features), self.segment(features)
