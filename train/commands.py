@@ -69,6 +69,14 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    from .calibrate import calibrate_checkpoint
+
+    summary = calibrate_checkpoint(args.checkpoint, args.data, args.out, target_accuracy=args.target_accuracy)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     fmt = argparse.ArgumentDefaultsHelpFormatter
 
@@ -120,3 +128,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
     p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("calibrate", help="fit temperature scaling and the refer threshold on the run's validation split",
+                       formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint from `train` (RUN/best.pt)")
+    p.add_argument("--data", required=True, help="the dataset the run was trained on (its validation split is used)")
+    p.add_argument("--out", help="write the calibrated checkpoint here (default: update --checkpoint in place)")
+    p.add_argument("--target-accuracy", type=float, default=0.99,
+                   help="accepted (not referred) validation cases must reach this accuracy")
+    p.set_defaults(func=_calibrate)

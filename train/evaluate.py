@@ -38,11 +38,8 @@ def cams_for_classes(cams: np.ndarray, classes: np.ndarray, size: int) -> np.nda
     return ((flat - lo) / (hi - lo).clamp_min(1e-8)).reshape(up.shape).numpy()
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, *,
-                        batch_size: int = 32, device: str = "cpu", progress: bool = True) -> dict:
-    checkpoint, out = Path(checkpoint), Path(out)
-    model, state = load_model(checkpoint, device)
-    preprocess = PreprocessConfig.from_dict(state["preprocess"])
+def split_samples(checkpoint: Path, state: dict, data: str | Path, split: str) -> list:
+    """The samples of ``split``: the run's own validation keys, or the dataset's official test split."""
     index = build_index(data)
     if split == "val":
         keys = _val_keys(checkpoint, state)
@@ -50,12 +47,21 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str, ou
         if len(samples) != len(keys):
             raise ValueError(f"{data}: only {len(samples)} of the run's {len(keys)} validation slices found; "
                              "pass the dataset the run was trained on")
-    elif split == "test":
+        return samples
+    if split == "test":
         samples = index.split("test")
         if not samples:
             raise ValueError(f"{data}: no official test split (classification_task/test or segmentation_task/test)")
-    else:
-        raise ValueError(f"split {split!r} is not one of val, test")
+        return samples
+    raise ValueError(f"split {split!r} is not one of val, test")
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str, out: str | Path, *,
+                        batch_size: int = 32, device: str = "cpu", progress: bool = True) -> dict:
+    checkpoint, out = Path(checkpoint), Path(out)
+    model, state = load_model(checkpoint, device)
+    preprocess = PreprocessConfig.from_dict(state["preprocess"])
+    samples = split_samples(checkpoint, state, data, split)
 
     images, masks, samples, _ = decode_samples(samples, preprocess, progress=progress, desc=f"decoding {split}")
     pred = predict_arrays(model, images, batch_size=batch_size, device=device,

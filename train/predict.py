@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .metrics import softmax
+
 
 @torch.inference_mode()
 def predict_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 64, device: str | torch.device = "cpu",
@@ -26,9 +28,7 @@ def predict_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: in
     finally:
         model.train(was_training)
     logits = np.concatenate(out["logits"]) if out["logits"] else np.zeros((0, 4), np.float32)
-    scaled = logits.astype(np.float64) / temperature
-    probs = np.exp(scaled - scaled.max(1, keepdims=True))
-    probs /= probs.sum(1, keepdims=True)
+    probs = softmax(logits, temperature)
     result = {"logits": logits, "probs": probs, "mask_probs": np.concatenate(out["mask_probs"]) if out["mask_probs"] else None}
     if with_cams:
         result["cams"] = np.concatenate(out["cams"])

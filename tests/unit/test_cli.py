@@ -5,7 +5,7 @@ import pytest
 
 from braintumor.serving.cli import build_parser, main
 
-SUBCOMMANDS = ["audit-data", "prepare-data", "train", "evaluate"]
+SUBCOMMANDS = ["audit-data", "prepare-data", "train", "evaluate", "calibrate"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
