@@ -13,7 +13,7 @@ def test_wheel_installs_layers_under_braintumor(tmp_path):
                     str(ROOT)], check=True)
     wheel = next(tmp_path.glob("braintumor-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    for module in ("train/preprocess.py", "train/trainer/engine.py", "serving/cli.py", "export/__init__.py",
+    for module in ("train/preprocess.py", "train/trainer/engine.py", "serving/cli.py", "export/python_backend/model.py",
                    "clients/__init__.py"):
         assert f"braintumor/{module}" in names, module
     assert not any(n.startswith(("train/", "serving/", "tests/")) for n in names)  # no bare top-level modules

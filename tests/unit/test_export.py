@@ -1,0 +1,405 @@
+"""Export on a tiny synthetic run: ONNX parity, dynamic batch, config.pbtxt vs Triton's protobuf, manifest, python
+backend model, TensorRT's clear error and profile logic."""
+
+import importlib.util
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from braintumor.export import contract
+from braintumor.export.manifest import ManifestError, verify_manifest, write_manifest
+from braintumor.export.onnx_export import (
+    ParityError,
+    compare,
+    onnx_session,
+    parity_images,
+    run_session,
+    run_torch,
+)
+from braintumor.export.repository import ExportOptions, export_repository, next_version
+from braintumor.export.tensorrt import BatchProfile, TensorRTUnavailable, require_tensorrt
+from braintumor.export.triton_config import TritonOptions, model_config, model_parameters
+from braintumor.export.wrappers import build_graphs
+
+SIZE = 32
+TINY = {"model.encoder": "test_resnet", "data.image_size": SIZE, "optim.batch_size": 8, "optim.epochs": 1,
+        "runtime.progress": False}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    from braintumor.train.config import resolve_config
+    from braintumor.train.run import run_training
+    from braintumor.train.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("export_run")
+    data = make_synthetic_dataset(root / "data", n_per_class=4, size=(40, 36))
+    cfg = resolve_config(None, {**TINY, "data.cache_dir": str(root / "cache")})
+    return run_training(cfg, data, root / "run"), data
+
+
+@pytest.fixture(scope="module")
+def repository(checkpoint, tmp_path_factory):
+    ckpt, data = checkpoint
+    out = tmp_path_factory.mktemp("repo")
+    published = export_repository(ckpt, out, ExportOptions(parity_data=data, parity_count=6))
+    return out, published
+
+
+def test_export_writes_both_models_with_parity(repository):
+    out, published = repository
+    assert [(p.name, p.version) for p in published] == [("brain_tumor", 1), ("brain_tumor_classifier", 1)]
+    for item in published:
+        files = {p.name for p in item.folder.iterdir()}
+        assert files == {"model.onnx", "model.py", "metadata.json", "manifest.json"}
+        assert (out / item.name / "config.pbtxt").is_file()
+        assert not list((out / item.name).glob(".*tmp*")), "temporary version folder left behind"
+        assert not list(item.folder.glob("*.data")), "weights must be inside model.onnx"
+        for p in item.parity:
+            assert p.max_abs <= p.atol + p.rtol, str(p)
+    assert [p.name for p in published[0].parity] == list(contract.FULL_OUTPUTS)
+    assert [p.name for p in published[1].parity] == list(contract.CLASSIFIER_OUTPUTS)
+    meta = json.loads((published[0].folder / "metadata.json").read_text())
+    assert meta["classes"][3] == "no_tumor" and meta["preprocess"]["image_size"] == SIZE
+    assert meta["temperature"] == 1.0 and meta["cam_size"] == SIZE // 32
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_dynamic_batch_matches_pytorch(repository, checkpoint, batch):
+    from braintumor.train.trainer.checkpoint import load_model
+
+    out, published = repository
+    model, state = load_model(checkpoint[0])
+    graphs = build_graphs(model, state)
+    images = np.random.default_rng(batch).integers(0, 256, (batch, 1, SIZE, SIZE), dtype=np.uint8)
+    for item, key in zip(published, ("full", "classifier")):
+        session = onnx_session(item.folder / "model.onnx")
+        assert session.get_inputs()[0].name == contract.INPUT_NAME
+        assert session.get_inputs()[0].type == "tensor(uint8)"
+        got = run_session(session, images)
+        specs = contract.output_specs(SIZE, 4, SIZE // 32, classifier=key == "classifier")
+        assert {k: v.shape for k, v in got.items()} == {s.name: s.batched(batch) for s in specs}
+        compare(got, run_torch(graphs[key], images))
+
+
+def test_graph_outputs_follow_the_model_exactly(checkpoint):
+    """Exact identities on the toy model: probs = softmax((mean CAM + bias) / T), mask = sigmoid(mask logits)."""
+    from braintumor.train.trainer.checkpoint import load_model
+
+    model, state = load_model(checkpoint[0])
+    x = torch.randint(0, 256, (2, 1, SIZE, SIZE), dtype=torch.uint8)
+    with torch.no_grad():
+        logits, mask_logits = model(x.float())
+        probs, mask, cam = build_graphs(model, {**state, "temperature": 2.0})["full"](x)
+    torch.testing.assert_close(probs, torch.softmax(logits / 2.0, dim=1))
+    torch.testing.assert_close(mask, torch.sigmoid(mask_logits))
+    bias = model.classification_head.fc.bias
+    torch.testing.assert_close(cam.mean(dim=(2, 3)) + bias, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_parity_failure_names_the_output():
+    ref = {"class_probs": np.full((2, 4), 0.25, np.float32), "cam": np.ones((2, 4, 1, 1), np.float32)}
+    bad = {"class_probs": ref["class_probs"].copy(), "cam": ref["cam"] + 0.01}
+    assert [p.name for p in compare(ref, ref)] == ["class_probs", "cam"]
+    with pytest.raises(ParityError, match="cam"):
+        compare(bad, ref)
+
+
+def test_real_parity_images_are_preprocessed_uint8(checkpoint):
+    images = parity_images({"image_size": SIZE}, checkpoint[1], count=5)
+    assert images.shape == (5, 1, SIZE, SIZE) and images.dtype == np.uint8 and images.any()
+    synthetic = parity_images({"image_size": SIZE}, None, count=3)
+    assert synthetic.shape == (3, 1, SIZE, SIZE)
+
+
+def _parse(text):
+    from google.protobuf import text_format
+
+    model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+    return text_format.Parse(text, model_config_pb2.ModelConfig()), model_config_pb2
+
+
+@pytest.mark.parametrize(
+    "variant, classifier, runtime, kind",
+    [
+        ("python", False, ("backend", "python"), "KIND_CPU"),
+        ("python", True, ("backend", "python"), "KIND_CPU"),
+        ("onnxruntime", False, ("platform", "onnxruntime_onnx"), "KIND_CPU"),
+        ("tensorrt_plan", False, ("platform", "tensorrt_plan"), "KIND_GPU"),
+        ("tensorrt_plan", True, ("platform", "tensorrt_plan"), "KIND_GPU"),
+    ],
+)
+def test_config_parses_with_tritons_protobuf(variant, classifier, runtime, kind):
+    params = model_parameters(["glioma", "meningioma", "pituitary", "no_tumor"], {"image_size": 128, "mean": 48.0},
+                              1.5, 4, refer_threshold=0.3)
+    name = contract.classifier_name() if classifier else contract.DEFAULT_NAME
+    cfg, pb = _parse(model_config(name, variant, 128, 4, 4, classifier=classifier, parameters=params,
+                                  options=TritonOptions(warmup="random")))
+    assert cfg.name == name and getattr(cfg, runtime[0]) == runtime[1]
+    assert cfg.max_batch_size == 32
+    assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("image", pb.TYPE_UINT8, [1, 128, 128])]
+    expected = contract.output_specs(128, 4, 4, classifier=classifier)
+    assert [(o.name, o.data_type, tuple(o.dims)) for o in cfg.output] == [(s.name, pb.TYPE_FP32, s.dims) for s in expected]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [8, 16, 32]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 1000
+    assert cfg.instance_group[0].count == 1 and pb.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == kind
+    assert cfg.version_policy.latest.num_versions == 1
+    warm = cfg.model_warmup[0].inputs["image"]
+    assert warm.random_data and list(warm.dims) == [1, 128, 128] and warm.data_type == pb.TYPE_UINT8
+    assert json.loads(cfg.parameters["classes"].string_value)[3] == "no_tumor"
+    assert json.loads(cfg.parameters["preprocess"].string_value) == {"image_size": 128, "mean": 48.0}
+    assert json.loads(cfg.parameters["temperature"].string_value) == 1.5
+    assert json.loads(cfg.parameters["refer_threshold"].string_value) == 0.3
+    assert ("intra_op_threads" in cfg.parameters) == (variant == "python")
+
+
+def test_written_config_matches_the_exported_graph(repository):
+    out, published = repository
+    for item in published:
+        cfg, _ = _parse((out / item.name / "config.pbtxt").read_text())
+        session = onnx_session(item.folder / "model.onnx")
+        assert [o.name for o in cfg.output] == [o.name for o in session.get_outputs()]
+        for o, g in zip(cfg.output, session.get_outputs()):
+            assert list(o.dims) == g.shape[1:]
+        assert cfg.parameters["preprocess"].string_value == json.dumps(
+            json.loads((item.folder / "metadata.json").read_text())["preprocess"], sort_keys=True)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_batch_size": 8, "preferred_batch_sizes": (4, 16)}, "preferred"),
+        ({"instance_kind": "KIND_TPU"}, "instance_kind"),
+        ({"warmup": "ones"}, "warmup"),
+    ],
+)
+def test_bad_triton_options_are_refused(kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        TritonOptions(**kwargs)
+
+
+def test_bad_variant_and_name_are_refused():
+    with pytest.raises(ValueError, match="variant"):
+        model_config("m", "tensorflow", 32, 4, 1)
+    with pytest.raises(ValueError, match="model name"):
+        model_config("../m", "python", 32, 4, 1)
+
+
+def _load_backend_model(path, monkeypatch):
+    """Import a version folder's model.py with a minimal stand-in for Triton's triton_python_backend_utils."""
+    fake = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name, array):
+            self.name, self.array = name, array
+
+        def as_numpy(self):
+            return self.array
+
+    class InferenceResponse:
+        def __init__(self, output_tensors, error=None):
+            self.output_tensors, self.error = output_tensors, error
+
+    class Logger:
+        messages = []
+        log_info = log_warn = log_error = staticmethod(messages.append)
+
+    fake.Tensor, fake.InferenceResponse, fake.Logger = Tensor, InferenceResponse, Logger
+    fake.TritonError = RuntimeError
+    fake.get_input_tensor_by_name = lambda request, name: request[name]
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    spec = importlib.util.spec_from_file_location("triton_model_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, fake
+
+
+def _imported_modules(path):
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            names.add((node.module or "").split(".")[0])
+    return names
+
+
+def _backend_args(out, item):
+    from google.protobuf import json_format
+
+    cfg, _ = _parse((out / item.name / "config.pbtxt").read_text())
+    return {"model_config": json_format.MessageToJson(cfg, preserving_proto_field_name=True),
+            "model_repository": str(out / item.name), "model_version": str(item.version),
+            "model_instance_kind": "CPU", "model_instance_device_id": "0"}
+
+
+def test_python_backend_batches_requests_like_onnxruntime(repository, monkeypatch):
+    out, published = repository
+    item = published[0]
+    module, pb = _load_backend_model(item.folder / "model.py", monkeypatch)
+    model = module.TritonPythonModel()
+    model.initialize(_backend_args(out, item))
+    assert _imported_modules(item.folder / "model.py") <= {"hashlib", "json", "os", "pathlib", "numpy", "onnxruntime",
+                                                           "triton_python_backend_utils"}
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, (n, 1, SIZE, SIZE), dtype=np.uint8) for n in (1, 3, 2)]
+    responses = model.execute([{"image": pb.Tensor("image", a)} for a in arrays])
+    reference = run_session(onnx_session(item.folder / "model.onnx"), np.concatenate(arrays))
+    start = 0
+    for array, response in zip(arrays, responses):
+        assert response.error is None
+        got = {t.name: t.array for t in response.output_tensors}
+        assert list(got) == list(contract.FULL_OUTPUTS)
+        for name, value in got.items():
+            np.testing.assert_allclose(value, reference[name][start:start + len(array)], atol=1e-6, rtol=1e-5)
+        start += len(array)
+    bad = model.execute([{"image": pb.Tensor("image", np.zeros((1, 1, SIZE + 1, SIZE), np.uint8))}])
+    assert bad[0].error is not None and "inference failed" in str(bad[0].error)
+    model.finalize()
+
+
+def test_manifest_verifies_then_names_the_corrupted_file(tmp_path, monkeypatch):
+    (tmp_path / "model.onnx").write_bytes(bytes(range(256)) * 4)
+    (tmp_path / "metadata.json").write_text("{}")
+    write_manifest(tmp_path)
+    assert set(verify_manifest(tmp_path)["files"]) == {"model.onnx", "metadata.json"}
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"x")  # written by Python at load: ignored
+    verify_manifest(tmp_path)
+
+    data = bytearray((tmp_path / "model.onnx").read_bytes())
+    data[100] ^= 0x01
+    (tmp_path / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"model\.onnx: sha256 does not match"):
+        verify_manifest(tmp_path)
+    (tmp_path / "model.onnx").write_bytes(bytes(data[:-1]))
+    with pytest.raises(ManifestError, match=r"model\.onnx: size"):
+        verify_manifest(tmp_path)
+    (tmp_path / "model.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"model\.onnx: listed in manifest\.json but missing"):
+        verify_manifest(tmp_path)
+    with pytest.raises(ManifestError, match="manifest missing"):
+        verify_manifest(tmp_path / "__pycache__")
+
+
+def test_corrupted_model_refuses_to_load_in_the_python_backend(repository, tmp_path, monkeypatch):
+    import shutil
+
+    out, published = repository
+    item = published[1]
+    copy = tmp_path / item.name
+    shutil.copytree(out / item.name, copy)
+    onnx_file = copy / str(item.version) / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=r"model\.onnx: sha256"):
+        verify_manifest(onnx_file.parent)
+    module, _ = _load_backend_model(onnx_file.parent / "model.py", monkeypatch)
+    args = {**_backend_args(out, item), "model_repository": str(copy)}
+    with pytest.raises(RuntimeError, match=r"model\.onnx: sha256 does not match manifest\.json.*refusing to load"):
+        module.TritonPythonModel().initialize(args)
+
+
+def test_versions_count_up_and_are_never_overwritten(checkpoint, repository):
+    out, _ = repository
+    assert next_version(out, ["brain_tumor", "brain_tumor_classifier"]) == 2
+    with pytest.raises(FileExistsError, match="already exists"):
+        export_repository(checkpoint[0], out, ExportOptions(version=1))
+
+
+def test_onnxruntime_variant_has_no_python_model(checkpoint, tmp_path):
+    published = export_repository(checkpoint[0], tmp_path, ExportOptions(backend="onnxruntime", version=3,
+                                                                          parity_count=2))
+    assert {p.name for p in published[0].folder.iterdir()} == {"model.onnx", "metadata.json", "manifest.json"}
+    cfg, _ = _parse((tmp_path / "brain_tumor" / "config.pbtxt").read_text())
+    assert cfg.platform == "onnxruntime_onnx" and cfg.default_model_filename == "model.onnx"
+    verify_manifest(published[0].folder)
+
+
+@pytest.mark.parametrize(
+    "kwargs, shapes",
+    [
+        ({}, ((1, 1, 64, 64), (8, 1, 64, 64), (32, 1, 64, 64))),
+        ({"min": 2, "opt": 2, "max": 4}, ((2, 1, 64, 64), (2, 1, 64, 64), (4, 1, 64, 64))),
+    ],
+)
+def test_tensorrt_profile_shapes(kwargs, shapes):
+    assert BatchProfile(**kwargs).shapes(64) == shapes
+
+
+def test_tensorrt_profile_follows_triton_max_batch():
+    assert BatchProfile.for_max_batch(4) == BatchProfile(1, 4, 4)
+    assert BatchProfile.for_max_batch(64, opt=16) == BatchProfile(1, 16, 64)
+    with pytest.raises(ValueError, match="min <= opt <= max"):
+        BatchProfile(1, 8, 4)
+
+
+def _tensorrt_ready():
+    try:
+        require_tensorrt()
+    except TensorRTUnavailable:
+        return False
+    return True
+
+
+@pytest.mark.skipif(_tensorrt_ready(), reason="this host has TensorRT and a GPU")
+def test_tensorrt_missing_is_a_clear_error(checkpoint, tmp_path, capsys):
+    with pytest.raises(TensorRTUnavailable, match="--backend python or --backend onnxruntime") as info:
+        require_tensorrt()
+    assert "tensorrt" in str(info.value) or "CUDA GPU" in str(info.value)
+    with pytest.raises(TensorRTUnavailable):
+        export_repository(checkpoint[0], tmp_path, ExportOptions(backend="tensorrt"))
+    assert not (tmp_path / "brain_tumor").exists(), "nothing is written before TensorRT is known to work"
+
+    args = _export_parser().parse_args(["export", "--checkpoint", str(checkpoint[0]), "--out", str(tmp_path),
+                                        "--tensorrt"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot build a TensorRT engine" in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _tensorrt_ready(), reason="needs tensorrt and a CUDA GPU")
+def test_tensorrt_engine_build_and_parity(checkpoint, tmp_path):
+    published = export_repository(checkpoint[0], tmp_path, ExportOptions(backend="tensorrt", parity_count=4))
+    for item in published:
+        assert (item.folder / "model.plan").stat().st_size > 0
+        assert [p.name for p in item.tensorrt_parity] == [p.name for p in item.parity]
+    cfg, _ = _parse((tmp_path / "brain_tumor" / "config.pbtxt").read_text())
+    assert cfg.platform == "tensorrt_plan"
+
+
+def _export_parser():
+    import argparse
+
+    from braintumor.export.commands import register
+
+    parser = argparse.ArgumentParser(prog="braintumor")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_every_export_option_has_help():
+    sub = _export_parser()._subparsers._group_actions[0].choices["export"]
+    for action in sub._actions:
+        if action.dest != "help":
+            assert action.help, f"export {action.option_strings} has no help"
+
+
+def test_cli_exports_and_prints_parity(checkpoint, tmp_path, capsys):
+    args = _export_parser().parse_args(["export", "--checkpoint", str(checkpoint[0]), "--out", str(tmp_path),
+                                        "--name", "tiny", "--version", "7", "--backend", "onnxruntime",
+                                        "--max-batch-size", "4", "--parity-count", "2", "--no-progress"])
+    assert args.func(args) == 0
+    printed = capsys.readouterr().out
+    assert "tiny v7" in printed and "tiny_classifier v7" in printed and "parity class_probs: max abs" in printed
+    cfg, _ = _parse((tmp_path / "tiny" / "config.pbtxt").read_text())
+    assert cfg.max_batch_size == 4 and list(cfg.dynamic_batching.preferred_batch_size) == []
