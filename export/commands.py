@@ -100,3 +100,40 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--inter-op-threads", type=int, default=1, help="python backend: ONNX Runtime inter-op threads")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
     p.set_defaults(func=_export)
+    register_evaluate(sub)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    if args.model_repository:
+        from .evaluate import evaluate_repository
+
+        metrics = evaluate_repository(args.model_repository, args.data, args.split, args.out, name=args.name,
+                                      version=args.version, batch_size=args.batch_size)
+    else:
+        from ..train.evaluate import evaluate_checkpoint
+
+        metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, batch_size=args.batch_size)
+    keys = ("accuracy", "macro_f1", "roc_auc_ovr", "ece", "dice", "iou")
+    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
+    print(f"wrote {args.out}/metrics.json and {args.out}/report.html")
+    return 0
+
+
+def register_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       help="evaluate a checkpoint (PyTorch) or an exported model (ONNX Runtime): metrics.json, report.html")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a checkpoint from `train` (RUN/best.pt)")
+    source.add_argument("--model-repository", help="a Triton model repository from `export`; scored with ONNX Runtime, "
+                                                   "no torch needed")
+    p.add_argument("--data", required=True, help="dataset root (BRISC layout)")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="val: the run's own validation split (carried by the checkpoint or the exported model); "
+                        "test: the dataset's official test split")
+    p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
+    p.add_argument("--name", default="brain_tumor", help="model name inside --model-repository")
+    p.add_argument("--version", type=int, help="model version inside --model-repository (default: the newest)")
+    p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
+    p.set_defaults(func=_evaluate)

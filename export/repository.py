@@ -122,7 +122,8 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
     graphs = build_graphs(model, state)
     provenance = {
         "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint),
-        "epoch": state.get("epoch"), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "epoch": state.get("epoch"), "validation_keys": sorted(state.get("val_keys") or []),
+        "calibration": state.get("calibration"), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "parity_images": str(options.parity_data) if options.parity_data else "synthetic",
         **_versions(),
     }

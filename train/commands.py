@@ -1,4 +1,7 @@
-"""CLI subcommands of the training layer: audit-data, prepare-data, train, evaluate (heavy imports inside handlers)."""
+"""CLI subcommands of the training layer: audit-data, prepare-data, train, calibrate (heavy imports inside handlers).
+
+`evaluate` is registered by the export layer, which can score a checkpoint or an exported model.
+"""
 
 from __future__ import annotations
 
@@ -59,21 +62,21 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint
-
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.out, batch_size=args.batch_size)
-    keys = ("accuracy", "macro_f1", "roc_auc_ovr", "ece", "dice", "iou")
-    print(json.dumps({k: metrics.get(k) for k in keys}, indent=2))
-    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'report.html'}")
-    return 0
-
-
 def _calibrate(args: argparse.Namespace) -> int:
     from .calibrate import calibrate_checkpoint
 
     summary = calibrate_checkpoint(args.checkpoint, args.data, args.out, target_accuracy=args.target_accuracy)
     print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _model_card(args: argparse.Namespace) -> int:
+    from .model_card import build_model_card
+
+    info = {k: v for k, v in {"version": args.model_version, "export_format": args.export_format,
+                              "device": args.hardware}.items() if v is not None}
+    build_model_card(args.checkpoint, args.data, args.out, n_boot=args.n_boot, info=info)
+    print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
 
 
@@ -120,15 +123,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint: metrics.json and report.html", formatter_class=fmt)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint from `train` (RUN/best.pt)")
-    p.add_argument("--data", required=True, help="dataset root (BRISC layout)")
-    p.add_argument("--split", choices=("val", "test"), default="val",
-                   help="val: the run's own validation split (val_split.csv); test: the dataset's official test split")
-    p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
-    p.add_argument("--batch-size", type=int, default=32, help="inference batch size")
-    p.set_defaults(func=_evaluate)
-
     p = sub.add_parser("calibrate", help="fit temperature scaling and the refer threshold on the run's validation split",
                        formatter_class=fmt)
     p.add_argument("--checkpoint", required=True, help="a checkpoint from `train` (RUN/best.pt)")
@@ -137,3 +131,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-accuracy", type=float, default=0.99,
                    help="accepted (not referred) validation cases must reach this accuracy")
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("model-card", help="write MODEL_CARD.md: validation metrics with bootstrap CIs, calibration, "
+                       "pointing game, shortcut check", formatter_class=fmt)
+    p.add_argument("--checkpoint", required=True, help="the calibrated release checkpoint")
+    p.add_argument("--data", required=True, help="the dataset the run was trained on (its validation split is used)")
+    p.add_argument("--out", default="MODEL_CARD.md", help="Markdown file to write (a .json twin is written beside it)")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% confidence intervals")
+    p.add_argument("--model-version", type=int, help="the model repository version this card describes")
+    p.add_argument("--export-format", help="how the model ships, e.g. 'ONNX (Triton python backend)'")
+    p.add_argument("--hardware", help="what it was trained on, e.g. 'CPU, 2 AVX2 cores' or the GPU model")
+    p.set_defaults(func=_model_card)

@@ -403,3 +403,21 @@ def test_cli_exports_and_prints_parity(checkpoint, tmp_path, capsys):
     assert "tiny v7" in printed and "tiny_classifier v7" in printed and "parity class_probs: max abs" in printed
     cfg, _ = _parse((tmp_path / "tiny" / "config.pbtxt").read_text())
     assert cfg.max_batch_size == 4 and list(cfg.dynamic_batching.preferred_batch_size) == []
+
+
+def test_exported_model_scores_like_its_checkpoint(checkpoint, repository, tmp_path):
+    """`evaluate --model-repository` (ONNX Runtime, no torch) reproduces `evaluate --checkpoint`."""
+    import json
+
+    from braintumor.serving.cli import main
+
+    ckpt, data = checkpoint
+    out, _ = repository
+    assert main(["evaluate", "--checkpoint", str(ckpt), "--data", str(data), "--out", str(tmp_path / "pt")]) == 0
+    assert main(["evaluate", "--model-repository", str(out), "--data", str(data), "--out", str(tmp_path / "ort")]) == 0
+    pt, ort = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("pt", "ort"))
+    assert pt["n"] == ort["n"] > 0
+    for key in ("accuracy", "macro_f1", "dice", "iou"):
+        assert ort[key] == pytest.approx(pt[key], abs=1e-6), key
+    assert ort["ece"] == pytest.approx(pt["ece"], abs=1e-4)
+    assert (tmp_path / "ort" / "report.html").stat().st_size > 10_000

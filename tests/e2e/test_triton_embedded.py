@@ -1,0 +1,187 @@
+"""The real tritonserver from the nvidia-pytriton wheel on a freshly exported tiny model: HTTP and gRPC results equal
+ONNX Runtime's, metadata and metrics are served, a corrupted model refuses to load, and nothing outlives a stop."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("pytriton", reason="the embedded Triton needs the nvidia-pytriton wheel")
+httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
+ort = pytest.importorskip("onnxruntime")
+
+from braintumor.export import contract  # noqa: E402
+from braintumor.serving.triton_embedded import EmbeddedTriton, TritonStartError, free_port  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+SIZE = 32
+TINY = {"model.encoder": "test_resnet", "data.image_size": SIZE, "optim.batch_size": 8, "optim.epochs": 1,
+        "runtime.progress": False}
+# Triton moves the same float32 bytes ORT produced; only batching could change the arithmetic.
+ATOL, RTOL = 1e-5, 1e-5
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (our unique repository path)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = next((line for line in (proc / "status").read_text().splitlines() if line.startswith("State:")), "")
+        except OSError:
+            continue
+        if text in cmdline and "zombie" not in state:
+            found.append(f"{proc.name}: {cmdline}")
+    return found
+
+
+def _wait_gone(text: str, timeout: float = 10.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := _processes_mentioning(text)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory):
+    from braintumor.export.repository import ExportOptions, export_repository
+    from braintumor.train.config import resolve_config
+    from braintumor.train.run import run_training
+    from braintumor.train.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("triton_e2e")
+    data = make_synthetic_dataset(root / "data", n_per_class=4, size=(40, 36))
+    cfg = resolve_config(None, {**TINY, "data.cache_dir": str(root / "cache")})
+    checkpoint = run_training(cfg, data, root / "run")
+    export_repository(checkpoint, root / "repo", ExportOptions(parity_data=data, parity_count=4))
+    return root / "repo"
+
+
+def _inference_count(triton: EmbeddedTriton, model: str) -> float:
+    """``nv_inference_count`` of ``model`` (version 1) from the Prometheus endpoint; warm-up requests count too."""
+    with urllib.request.urlopen(triton.metrics_url, timeout=5) as response:
+        metrics = response.read().decode()
+    assert "nv_inference_request_success" in metrics
+    lines = [line for line in metrics.splitlines()
+             if line.startswith("nv_inference_count{") and f'model="{model}"' in line]
+    assert lines, "no nv_inference_count for the model"
+    return float(lines[0].rsplit(" ", 1)[1])
+
+
+def _ports() -> dict:
+    return {"http_port": free_port(), "grpc_port": free_port(), "metrics_port": free_port()}
+
+
+def test_http_and_grpc_equal_onnxruntime(repository):
+    name = contract.DEFAULT_NAME
+    images = np.random.default_rng(0).integers(0, 256, (3, 1, SIZE, SIZE), dtype=np.uint8)
+    session = ort.InferenceSession(str(repository / name / "1" / contract.ONNX_FILE), providers=["CPUExecutionProvider"])
+    expected = dict(zip(contract.FULL_OUTPUTS, session.run(list(contract.FULL_OUTPUTS), {contract.INPUT_NAME: images})))
+
+    triton = EmbeddedTriton(repository, address="127.0.0.1", startup_timeout=60, **_ports())
+    try:
+        triton.start()
+        assert triton.is_running()
+
+        http = httpclient.InferenceServerClient(triton.http_url)
+        meta = http.get_model_metadata(name)
+        assert [i["name"] for i in meta["inputs"]] == [contract.INPUT_NAME]
+        assert meta["inputs"][0]["datatype"] == "UINT8" and meta["inputs"][0]["shape"] == [-1, 1, SIZE, SIZE]
+        assert [o["name"] for o in meta["outputs"]] == list(contract.FULL_OUTPUTS)
+        assert http.is_model_ready(contract.classifier_name(name))
+        before = _inference_count(triton, name)
+
+        inp = httpclient.InferInput(contract.INPUT_NAME, list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images, binary_data=True)
+        result = http.infer(name, [inp], outputs=[httpclient.InferRequestedOutput(o) for o in contract.FULL_OUTPUTS])
+        for out in contract.FULL_OUTPUTS:
+            np.testing.assert_allclose(result.as_numpy(out), expected[out], atol=ATOL, rtol=RTOL, err_msg=f"HTTP {out}")
+
+        grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+        ginp = grpcclient.InferInput(contract.INPUT_NAME, list(images.shape), "UINT8")
+        ginp.set_data_from_numpy(images)
+        result = grpc.infer(name, [ginp], outputs=[grpcclient.InferRequestedOutput(o) for o in contract.FULL_OUTPUTS])
+        for out in contract.FULL_OUTPUTS:
+            np.testing.assert_allclose(result.as_numpy(out), expected[out], atol=ATOL, rtol=RTOL, err_msg=f"gRPC {out}")
+        probs = result.as_numpy(contract.CLASS_PROBS)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+
+        assert _inference_count(triton, name) - before == 2 * len(images)
+        # Triton waits --exit-timeout-secs for open client connections (even idle keep-alive ones) before exiting
+        http.close()
+        grpc.close()
+    finally:
+        code = triton.stop()
+    assert code == 0, triton.log_tail()
+    assert not _wait_gone(str(repository)), "tritonserver or a python stub outlived stop()"
+
+
+def test_corrupted_model_refuses_to_load(repository, tmp_path):
+    import shutil
+
+    broken = tmp_path / "repo"
+    shutil.copytree(repository, broken)
+    onnx_file = broken / contract.DEFAULT_NAME / "1" / contract.ONNX_FILE
+    data = bytearray(onnx_file.read_bytes())
+    data[-1] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+
+    triton = EmbeddedTriton(broken, address="127.0.0.1", startup_timeout=60, **_ports())
+    with pytest.raises(TritonStartError, match="exited with code") as info:
+        triton.start()
+    assert "sha256" in str(info.value), "the error must carry the server's reason"
+    assert not triton.is_running()
+    assert not _wait_gone(str(broken))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_cli_stops_cleanly_on_signal(repository, sig):
+    ports = _ports()
+    cmd = [sys.executable, "-m", "braintumor.serving.cli", "triton", "--model-repository", str(repository),
+           "--address", "127.0.0.1", "--quiet", "--http-port", str(ports["http_port"]),
+           "--grpc-port", str(ports["grpc_port"]), "--metrics-port", str(ports["metrics_port"])]
+    cli = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        ready = f"http://127.0.0.1:{ports['http_port']}/v2/health/ready"
+        while True:
+            assert cli.poll() is None, cli.stdout.read()
+            try:
+                with urllib.request.urlopen(ready, timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "not ready in 60 s"
+            time.sleep(0.2)
+        cli.send_signal(sig)
+        assert cli.wait(timeout=30) == 0
+        output = cli.stdout.read()
+        assert "ready on" in output and "stopped (exit code 0)" in output, output
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+            cli.wait()
+    assert not _wait_gone(str(repository)), "the CLI left tritonserver or a stub running"
+
+
+def test_port_in_use_fails_before_starting(repository):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        ports = {**_ports(), "http_port": held.getsockname()[1]}
+        with pytest.raises(ValueError, match="http port .* already in use"):
+            EmbeddedTriton(repository, address="127.0.0.1", **ports).start()
+    assert os.path.isdir(repository)

@@ -1,0 +1,185 @@
+"""Embedded Triton without a running server: locating the wheel, backend directory, environment, ports, repository."""
+
+import socket
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+from braintumor.serving import triton_embedded as te
+from braintumor.serving.cli import build_parser
+
+
+def _fake_install(root: Path, pythons=("3.10", "3.11", "3.12")) -> te.TritonInstall:
+    """The wheel's layout with placeholder files: site-packages/{pytriton/tritonserver, nvidia_pytriton.libs}."""
+    tritonserver = root / "pytriton" / "tritonserver"
+    (tritonserver / "bin").mkdir(parents=True)
+    (tritonserver / "bin" / "tritonserver").write_text("binary")
+    backend = tritonserver / "backends" / "python"
+    backend.mkdir(parents=True)
+    (backend / te.BACKEND_LIB).write_text("lib")
+    (backend / te.BACKEND_UTILS).write_text("utils")
+    for version in pythons:
+        stub = tritonserver / "python_backend_stubs" / version / te.STUB_NAME
+        stub.parent.mkdir(parents=True)
+        stub.write_text(f"stub {version}")
+    (root / "nvidia_pytriton.libs").mkdir()
+    return te.TritonInstall("0.7.0", tritonserver)
+
+
+def _model(repo: Path, name: str = "m") -> Path:
+    (repo / name / "1").mkdir(parents=True)
+    (repo / name / "config.pbtxt").write_text(f'name: "{name}"\nbackend: "python"\n')
+    return repo
+
+
+def test_backend_dir_has_the_backend_and_the_stub_for_this_python(tmp_path):
+    install = _fake_install(tmp_path / "site")
+    root = te.assemble_backend_dir(install, tmp_path / "cache", python=(3, 11))
+    python = root / "python"
+    assert sorted(p.name for p in python.iterdir()) == sorted([te.BACKEND_LIB, te.BACKEND_UTILS, te.STUB_NAME])
+    assert (python / te.STUB_NAME).read_text() == "stub 3.11"
+    assert (python / te.STUB_NAME).stat().st_mode & 0o111, "the stub must be executable"
+    assert root.name == "nvidia-pytriton-0.7.0-py3.11"
+    # idempotent, and no staging folders left behind
+    assert te.assemble_backend_dir(install, tmp_path / "cache", python=(3, 11)) == root
+    assert [p.name for p in root.iterdir()] == ["python"]
+
+
+def test_backend_dir_is_rebuilt_when_the_wheel_changed(tmp_path):
+    install = _fake_install(tmp_path / "site")
+    root = te.assemble_backend_dir(install, tmp_path / "cache", python=(3, 11))
+    (install.stubs / "3.11" / te.STUB_NAME).write_text("a newer, longer stub")
+    te.assemble_backend_dir(install, tmp_path / "cache", python=(3, 11))
+    assert (root / "python" / te.STUB_NAME).read_text() == "a newer, longer stub"
+
+
+def test_missing_stub_names_the_python_versions_it_has(tmp_path):
+    install = _fake_install(tmp_path / "site", pythons=("3.10", "3.12"))
+    with pytest.raises(te.TritonStartError, match=r"no python backend stub for Python 3\.11 \(it has 3\.10, 3\.12\)"):
+        te.assemble_backend_dir(install, tmp_path / "cache", python=(3, 11))
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(te.CACHE_ENV, str(tmp_path / "c"))
+    assert te.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(te.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert te.default_cache_dir() == tmp_path / "xdg" / "braintumor"
+
+
+def test_env_puts_wheel_libs_libpython_and_this_python_first(tmp_path):
+    install = _fake_install(tmp_path / "site")
+    base = {"LD_LIBRARY_PATH": "/opt/x", "PATH": "/usr/bin:/bin", "PYTHONHOME": "/elsewhere", "KEEP": "1"}
+    env = te.build_env(install, base)
+    assert env["LD_LIBRARY_PATH"].split(":") == [str(install.libs), sysconfig.get_config_var("LIBDIR"), "/opt/x"]
+    assert env["PATH"].split(":") == [str(Path(sys.executable).parent), "/usr/bin", "/bin"]
+    assert "PYTHONHOME" not in env and env["KEEP"] == "1"
+    assert base["PATH"] == "/usr/bin:/bin", "the caller's mapping is not modified"
+
+
+def test_env_does_not_duplicate_entries(tmp_path):
+    install = _fake_install(tmp_path / "site")
+    once = te.build_env(install, {"PATH": "/bin"})
+    twice = te.build_env(install, once)
+    assert twice["PATH"] == once["PATH"] and twice["LD_LIBRARY_PATH"] == once["LD_LIBRARY_PATH"]
+
+
+def test_find_triton_locates_the_installed_wheel():
+    pytest.importorskip("pytriton", reason="nvidia-pytriton is not installed")
+    install = te.find_triton()
+    assert install.binary.is_file() and install.libs.is_dir()
+    assert install.stub().is_file()
+
+
+def test_find_triton_without_the_wheel_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(te.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(te.TritonStartError, match="pip install nvidia-pytriton"):
+        te.find_triton()
+
+
+@pytest.mark.parametrize("version, ok", [("1.26.4", True), ("2.0.0", False), ("2.4.6", False)])
+def test_numpy_2_is_refused(monkeypatch, version, ok):
+    monkeypatch.setattr(te.importlib.metadata, "version", lambda name: version)
+    if ok:
+        te.check_numpy()
+    else:
+        with pytest.raises(te.TritonStartError, match="numpy<2"):
+            te.check_numpy()
+
+
+def test_port_in_use_names_the_option():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        with pytest.raises(ValueError, match=f"grpc port {port} is already in use.*--grpc-port"):
+            te.check_ports({"http": te.free_port(), "grpc": port}, host="127.0.0.1")
+
+
+@pytest.mark.parametrize("ports, message", [
+    ({"http": 9000, "grpc": 9000}, "--grpc-port and --http-port are both 9000"),
+    ({"http": 0}, "--http-port 0 is not a TCP port"),
+    ({"metrics": 70000}, "--metrics-port 70000 is not a TCP port"),
+])
+def test_bad_ports(ports, message):
+    with pytest.raises(ValueError, match=message):
+        te.check_ports(ports, host="127.0.0.1")
+
+
+def test_free_ports_pass_the_check():
+    te.check_ports({"http": te.free_port(), "grpc": te.free_port(), "metrics": te.free_port()}, host="127.0.0.1")
+
+
+def test_repository_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*braintumor export"):
+        te.check_repository(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError):
+        te.check_repository(tmp_path / "file")
+    (tmp_path / "empty" / "not_a_model").mkdir(parents=True)
+    with pytest.raises(ValueError, match="holds no model"):
+        te.check_repository(tmp_path / "empty")
+    assert te.check_repository(_model(tmp_path / "repo")) == (tmp_path / "repo").resolve()
+
+
+def test_start_with_a_missing_repository_fails_before_spawning(tmp_path):
+    triton = te.EmbeddedTriton(tmp_path / "nope", te.free_port(), te.free_port(), te.free_port())
+    with pytest.raises(FileNotFoundError):
+        triton.start()
+    assert triton.pid is None and not triton.is_running()
+    assert triton.stop() is None  # stopping what never started is a no-op
+
+
+def test_command_line(tmp_path):
+    triton = te.EmbeddedTriton(tmp_path, 8000, 8001, 8002, address="127.0.0.1", log_verbose=1, exit_timeout=3)
+    cmd = triton.command(Path("/bin/tritonserver"), Path("/b"), Path("/repo"))
+    opts = dict(zip(cmd[1::2], cmd[2::2]))
+    assert cmd[0] == "/bin/tritonserver"
+    assert opts["--model-repository"] == "/repo" and opts["--backend-directory"] == "/b"
+    assert (opts["--http-port"], opts["--grpc-port"], opts["--metrics-port"]) == ("8000", "8001", "8002")
+    assert opts["--http-address"] == opts["--grpc-address"] == opts["--metrics-address"] == "127.0.0.1"
+    assert opts["--exit-on-error"] == opts["--strict-readiness"] == "true"
+    assert opts["--model-control-mode"] == "none" and opts["--exit-timeout-secs"] == "3"
+    assert triton.http_url == "localhost:8000" and triton.metrics_url == "http://localhost:8002/metrics"
+
+    explicit = te.EmbeddedTriton(tmp_path, load_models=["a", "b"]).command(Path("t"), Path("b"), Path("r"))
+    assert explicit[explicit.index("--model-control-mode") + 1] == "explicit"
+    assert [explicit[i + 1] for i, a in enumerate(explicit) if a == "--load-model"] == ["a", "b"]
+
+
+def test_cli_options_and_defaults(tmp_path):
+    args = build_parser().parse_args(["triton", "--model-repository", str(tmp_path)])
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
+    assert args.model_repository == tmp_path
+    args = build_parser().parse_args(["triton", "--model-repository", str(tmp_path), "--http-port", "9000"])
+    assert args.http_port == 9000
+
+
+def test_cli_missing_repository_is_one_line_error(tmp_path, capsys):
+    from braintumor.serving.cli import main
+
+    assert main(["triton", "--model-repository", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("braintumor triton: error: model repository") and "Traceback" not in err

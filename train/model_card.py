@@ -1,0 +1,563 @@
+"""MODEL_CARD.md of a trained checkpoint: validation metrics with bootstrap CIs, explanation and shortcut checks, rendered.
+
+``card_metrics`` and ``render_model_card`` are torch-free (plain arrays and dicts); ``build_model_card`` is the glue that
+predicts with the checkpoint on the run's validation split and writes MODEL_CARD.md plus its JSON twin.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from .metrics import (
+    bootstrap_ci,
+    classification_metrics,
+    expected_calibration_error,
+    pointing_game_hits,
+    segmentation_metrics,
+    softmax,
+    to_jsonable,
+)
+from .naming import CLASSES, NO_TUMOR
+
+CI_LEVEL = 0.95
+# Published results on the official BRISC 2025 *test* split (Fateh et al. 2025); ours are on our validation split.
+PUBLISHED = (
+    {"task": "classification", "model": "EfficientNetB0", "metric": "accuracy", "value": 0.992},
+    {"task": "segmentation", "model": "Swin-HAFNet", "metric": "weighted mIoU", "value": 0.823},
+)
+CITATION = (
+    "Fateh A., Rezvani Y., Moayedi S., Rezvani S., Fateh F., Fateh M., Abolghasemi V. "
+    "BRISC: Annotated Dataset for Brain Tumor Segmentation and Classification. arXiv:2506.14318, 2025. "
+    "Dataset: https://www.kaggle.com/datasets/briscdataset/brisc2025/ (CC BY 4.0)."
+)
+BIBTEX = """@article{fateh2025brisc,
+  title   = {BRISC: Annotated Dataset for Brain Tumor Segmentation and Classification},
+  author  = {Fateh, Amirreza and Rezvani, Yasin and Moayedi, Sara and Rezvani, Sadjad and Fateh, Fatemeh and
+             Fateh, Mansoor and Abolghasemi, Vahid},
+  journal = {arXiv preprint arXiv:2506.14318},
+  year    = {2025}
+}"""
+
+
+# --------------------------------------------------------------------------- fast per-resample metrics
+# bootstrap_ci calls these once per resample, so they are plain numpy (sklearn's input checks cost ~1 ms a call).
+# Each equals its sklearn counterpart in classification_metrics, which gives the point estimates.
+
+
+def _confusion(y: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.bincount(y * n_classes + pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def _macro_f1(y: np.ndarray, pred: np.ndarray, n_classes: int) -> float:
+    """sklearn's macro F1: mean over classes present in y or pred of 2TP / (support + predicted)."""
+    cm = _confusion(y, pred, n_classes)
+    support, predicted = cm.sum(1), cm.sum(0)
+    present = (support + predicted) > 0
+    return float(np.mean(2 * np.diag(cm)[present] / (support + predicted)[present]))
+
+
+def _recall(y: np.ndarray, pred: np.ndarray, k: int) -> float:
+    positives = y == k
+    return float((pred[positives] == k).mean()) if positives.any() else math.nan
+
+
+def _auc_ovr(y: np.ndarray, probs: np.ndarray) -> float:
+    """Macro one-vs-rest ROC AUC over classes with positives and negatives (Mann-Whitney U, ties averaged)."""
+    aucs = []
+    for k in range(probs.shape[1]):
+        positives = y == k
+        n_pos = int(positives.sum())
+        n_neg = positives.size - n_pos
+        if n_pos == 0 or n_neg == 0:
+            continue
+        ranks = stats.rankdata(probs[:, k])
+        aucs.append((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if values.size else math.nan
+
+
+def _estimate(value: float, ci: tuple[float, float], n: int) -> dict[str, Any]:
+    return {"value": float(value), "ci": [float(ci[0]), float(ci[1])], "n": int(n)}
+
+
+def _mean_estimate(values: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Mean of per-slice values (0/1 hits, Dice, ...) with a bootstrap CI over those slices."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {"value": math.nan, "ci": [math.nan, math.nan], "n": 0}
+    return _estimate(values.mean(), bootstrap_ci(np.mean, values, n_boot=n_boot, seed=seed), values.size)
+
+
+def select_true_class_cams(cams: np.ndarray, y_true: np.ndarray) -> np.ndarray:
+    """(N, C, h, w) class activation maps -> (N, h, w) map of each slice's TRUE class, ReLU'd; (N, h, w) passes through."""
+    cams = np.asarray(cams, dtype=np.float32)
+    if cams.ndim == 3:
+        return np.maximum(cams, 0.0)
+    if cams.ndim != 4 or cams.shape[0] != len(y_true):
+        raise ValueError(f"cams must be (N, C, h, w) or (N, h, w) with N == {len(y_true)}; got {cams.shape}")
+    return np.maximum(cams[np.arange(len(y_true)), np.asarray(y_true, dtype=np.int64)], 0.0)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def card_metrics(
+    y_true: np.ndarray, probs: np.ndarray, masks_true: np.ndarray, mask_probs: np.ndarray, cams: np.ndarray | None,
+    non_square: np.ndarray, *, refer_threshold: float | None = None, n_boot: int = 1000, seed: int = 0,
+    classes: Sequence[str] = CLASSES, mask_threshold: float = 0.5, dilation_px: int = 8,
+) -> dict[str, Any]:
+    """Every number of the model card, each as ``{"value", "ci": [low, high], "n"}`` with a 95% percentile bootstrap CI.
+
+    Inputs are aligned per slice: labels (N,), calibrated probabilities (N, C) in ``classes`` order, binary truth
+    masks and mask probabilities (N, H, W), class activation maps and a non-square flag (original image w != h).
+
+    - Classification CIs resample all N slices; the same seed gives every metric the same resamples.
+    - Dice/IoU are computed once per tumour slice (non-empty truth mask) and their mean is bootstrapped over those
+      slices; ``empty_fp_rate`` likewise over empty-truth slices.
+    - Pointing game: ``cams`` (N, C, h, w) -> the map of each slice's TRUE class, ReLU, bilinear upsampling to the
+      mask size; a hit when its peak lies in the truth mask dilated by ``dilation_px``. ``cams`` (N, h, w) are taken
+      as already selected for the true class. Scored on tumour slices only; ``None`` skips it.
+    - Shortcut check: no_tumor recall on non-square vs square no_tumor slices, with counts, and their gap.
+    - Refer (when ``refer_threshold`` is given): share of slices whose max probability is below it, and the accuracy
+      of the accepted rest.
+    """
+    classes = tuple(classes)
+    y_true = np.asarray(y_true).astype(np.int64).ravel()
+    probs = np.asarray(probs, dtype=np.float64)
+    non_square = np.asarray(non_square, dtype=bool).ravel()
+    n, n_classes = len(y_true), len(classes)
+    if non_square.shape != y_true.shape:
+        raise ValueError(f"non_square must have one flag per slice ({n}); got {non_square.shape}")
+    boot = {"n_boot": n_boot, "seed": seed}
+    idx = np.arange(n)
+    pred = probs.argmax(1)
+
+    point = classification_metrics(y_true, probs, classes)
+    classification = {
+        "accuracy": _estimate(point["accuracy"], bootstrap_ci(lambda i: np.mean(pred[i] == y_true[i]), idx, **boot), n),
+        "macro_f1": _estimate(point["macro_f1"], bootstrap_ci(lambda i: _macro_f1(y_true[i], pred[i], n_classes), idx, **boot), n),
+        "roc_auc_ovr": _estimate(point["roc_auc_ovr"], bootstrap_ci(lambda i: _auc_ovr(y_true[i], probs[i]), idx, **boot), n),
+        "ece": _estimate(point["ece"], bootstrap_ci(lambda i: expected_calibration_error(probs[i], y_true[i]), idx, **boot), n),
+        "per_class_recall": {
+            name: _estimate(point["per_class"][name]["recall"] if point["per_class"][name]["support"] else math.nan,
+                            bootstrap_ci(lambda i, k=k: _recall(y_true[i], pred[i], k), idx, **boot),
+                            point["per_class"][name]["support"])
+            for k, name in enumerate(classes)
+        },
+        "confusion_matrix": point["confusion_matrix"],
+    }
+
+    seg = segmentation_metrics(masks_true, mask_probs, mask_threshold)
+    tumour = ~np.isnan(seg["dice_per_slice"])
+    empty_fp = (np.asarray(mask_probs)[~tumour] >= mask_threshold).any(axis=(1, 2))
+    segmentation = {
+        "threshold": float(mask_threshold),
+        "n_tumour_slices": int(tumour.sum()),
+        "dice": _mean_estimate(seg["dice_per_slice"][tumour], **boot),
+        "iou": _mean_estimate(seg["iou_per_slice"][tumour], **boot),
+        "empty_fp_rate": _mean_estimate(empty_fp, **boot),
+    }
+
+    pointing = None
+    if cams is not None:
+        hits = pointing_game_hits(select_true_class_cams(cams, y_true), masks_true, dilation_px)
+        pointing = {**_mean_estimate(hits[~np.isnan(hits)], **boot), "dilation_px": int(dilation_px),
+                    "cam_class": "true class", "mask_size": list(np.asarray(masks_true).shape[1:])}
+
+    no_tumor = y_true == classes.index(NO_TUMOR) if NO_TUMOR in classes else np.zeros(n, bool)
+    recalled = pred == y_true
+
+    def group(flag: np.ndarray) -> dict[str, Any]:
+        hits = recalled[no_tumor & flag]
+        return {**_mean_estimate(hits, **boot), "n_recalled": int(hits.sum())}
+
+    nt_idx = np.flatnonzero(no_tumor)
+
+    def gap(i: np.ndarray) -> float:
+        ns = non_square[i]
+        if ns.all() or not ns.any():
+            return math.nan
+        return float(recalled[i][~ns].mean() - recalled[i][ns].mean())
+
+    shortcut = {
+        "non_square": group(non_square),
+        "square": group(~non_square),
+        # square minus non-square recall: near 0 when squareness carries no signal the model uses
+        "gap": {"value": gap(nt_idx), "ci": list(bootstrap_ci(gap, nt_idx, **boot)), "n": int(nt_idx.size)},
+        "non_square_by_class": {name: int(non_square[y_true == k].sum()) for k, name in enumerate(classes)},
+        "n_by_class": {name: int((y_true == k).sum()) for k, name in enumerate(classes)},
+    }
+
+    refer = None
+    if refer_threshold is not None:
+        accepted = probs.max(1) >= refer_threshold
+
+        def accepted_accuracy(i: np.ndarray) -> float:
+            a = accepted[i]
+            return float(recalled[i][a].mean()) if a.any() else math.nan
+
+        refer = {
+            "threshold": float(refer_threshold),
+            "refer_rate": _mean_estimate(~accepted, **boot),
+            "accepted_accuracy": {"value": accepted_accuracy(idx),
+                                  "ci": list(bootstrap_ci(accepted_accuracy, idx, **boot)), "n": int(accepted.sum())},
+            "n_referred": int((~accepted).sum()),
+        }
+
+    return {
+        "n": n, "classes": list(classes), "ci_level": CI_LEVEL, "n_boot": n_boot, "seed": seed,
+        "classification": classification, "segmentation": segmentation, "pointing_game": pointing,
+        "shortcut": shortcut, "refer": refer,
+    }
+
+
+# --------------------------------------------------------------------------- rendering
+
+NA = "n/a"
+
+
+def _num(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _fmt(value: Any, digits: int = 3, pct: bool = False) -> str:
+    v = _num(value)
+    if v is None:
+        return NA
+    return f"{100 * v:.{max(digits - 2, 1)}f}%" if pct else f"{v:.{digits}f}"
+
+
+def _ci(est: Mapping | None, pct: bool = False) -> str:
+    ci = (est or {}).get("ci") or [None, None]
+    lo, hi = _num(ci[0]), _num(ci[1])
+    return f"{_fmt(lo, pct=pct)} – {_fmt(hi, pct=pct)}" if lo is not None and hi is not None else NA
+
+
+def _est(est: Mapping | None, pct: bool = False) -> str:
+    """``0.953 (95% CI 0.940 – 0.966)`` or n/a."""
+    if not est or _num(est.get("value")) is None:
+        return NA
+    ci = _ci(est, pct)
+    return _fmt(est["value"], pct=pct) + ("" if ci == NA else f" (95% CI {ci})")
+
+
+def _text(value: Any, default: str = "not recorded") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)) or value == "":
+        return default
+    return str(value)
+
+
+def _duration(seconds: Any) -> str:
+    s = _num(seconds)
+    if s is None:
+        return "not recorded"
+    hours, rem = divmod(int(round(s)), 3600)
+    return f"{hours} h {rem // 60:02d} min" if hours else f"{rem // 60} min {rem % 60:02d} s"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
+def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> str:
+    """MODEL_CARD.md text from ``card_metrics`` output (plus ``metrics["calibration"]``) and run facts in ``info``.
+
+    ``info`` keys, all optional (missing ones render as "not recorded"): name, version, export_format, checkpoint,
+    date, model_config, preprocess, run_config, epoch (of the checkpoint), epochs_trained, training_seconds,
+    images_per_s, device, history (list of {epoch, val_accuracy, val_macro_f1, val_dice}), data ({root, n_train,
+    n_val, val_by_class}). ``metrics["calibration"]``: temperature, ece_before / ece_after (estimates),
+    refer_threshold, target_accuracy.
+    """
+    mc, pp = info.get("model_config") or {}, info.get("preprocess") or {}
+    rc = info.get("run_config") or {}
+    optim, data_cfg, model_cfg, runtime = (rc.get(k) or {} for k in ("optim", "data", "model", "runtime"))
+    cls = metrics.get("classification") or {}
+    seg = metrics.get("segmentation") or {}
+    pg = metrics.get("pointing_game") or {}
+    sc = metrics.get("shortcut") or {}
+    refer = metrics.get("refer") or {}
+    cal = metrics.get("calibration") or {}
+    data = info.get("data") or {}
+    name = _text(info.get("name"), "braintumor")
+    size = pp.get("image_size")
+
+    out = [f"# Model card: {name} (version {_text(info.get('version'))})", ""]
+    out += [f"Generated {_text(info.get('date'), date.today().isoformat())} by `braintumor.train.model_card` from "
+            f"`{_text(info.get('checkpoint'))}`. Every number below is measured on **our validation split** of the "
+            f"BRISC 2025 train split (n = {_text(metrics.get('n'))} slices), with {int(100 * metrics.get('ci_level', CI_LEVEL))}% "
+            f"percentile bootstrap confidence intervals ({_text(metrics.get('n_boot'))} resamples of slices, seed "
+            f"{_text(metrics.get('seed'))}).", ""]
+
+    out += ["## Model details", ""]
+    out += [f"- Architecture: multi-task U-Net — one timm encoder shared by a classification head "
+            f"({_text(mc.get('num_classes'), str(len(metrics.get('classes') or CLASSES)))} classes: "
+            f"{', '.join(metrics.get('classes') or CLASSES)}) and a U-Net decoder that predicts the tumour mask at "
+            f"1/{_text(mc.get('mask_stride'))} resolution and upsamples; decoder channels "
+            f"{_text(mc.get('decoder_channels'))}; dropout {_text(mc.get('dropout'))}.",
+            f"- Encoder: `{_text(mc.get('encoder'))}` (pretrained initialisation: {_text(model_cfg.get('pretrained'))}).",
+            f"- Input: one greyscale slice, {_text(size)} × {_text(size)} px, uint8; normalisation "
+            f"(x − {_text(pp.get('mean'))}) / {_text(pp.get('std'))} happens inside the model graph.",
+            f"- Preprocessing (saved with the weights, shared by training, export and serving): geometry "
+            f"`{_text(pp.get('geometry'))}` (crop to the head's bounding box at grey level > "
+            f"{_text(pp.get('foreground_threshold'))} with margin {_text(pp.get('crop_margin'))}, pad to square, resize); "
+            f"masks binarised at {_text(pp.get('mask_threshold'))}; preprocessing version {_text(pp.get('version'))}.",
+            f"- Outputs: class probabilities (temperature-scaled), a tumour probability map, a `refer` flag when the "
+            f"top probability is below the refer threshold, and Grad-CAM maps.",
+            f"- Model version: {_text(info.get('version'))}; export format: {_text(info.get('export_format'))}.", ""]
+
+    out += ["## Intended use", "",
+            "- **Research and decision support only. This model is NOT a medical device** and has no regulatory "
+            "clearance (no CE mark, no FDA clearance).",
+            "- It must not be used for diagnosis, treatment or triage without a qualified radiologist reviewing every "
+            "image; its output is a second opinion to be checked, never a finding.",
+            "- In scope: single 2D T1-weighted contrast-enhanced MRI slices like those of BRISC 2025 (glioma, "
+            "meningioma, pituitary tumour, no tumour). Out of scope: other sequences, 3D volumes, other pathologies, "
+            "children, images from scanners or sites unlike the training data.",
+            "- Cases flagged `refer` should go to a human without a model suggestion being acted upon.", ""]
+
+    by_class = data.get("val_by_class") or sc.get("n_by_class") or {}
+    out += ["## Training data", "",
+            "- BRISC 2025 (Fateh et al. 2025, arXiv:2506.14318), licensed CC BY 4.0: 6,000 T1-weighted contrast-enhanced "
+            "MRI slices with expert tumour masks, four classes, three planes (axial, coronal, sagittal).",
+            f"- Trained on the official **train** split minus our validation split: {_text(data.get('n_train'))} slices "
+            f"for fitting, {_text(data.get('n_val'), _text(metrics.get('n')))} for validation "
+            f"({', '.join(f'{k} {v}' for k, v in by_class.items()) or 'per-class counts not recorded'}).",
+            "- Validation split: stratified by class and imaging plane; byte-identical duplicate images are grouped so "
+            "every copy lands on the same side. It was used for checkpoint selection and for fitting the temperature "
+            "and refer threshold, so its numbers are slightly optimistic.",
+            "- The official **test** split was never used for training, model selection or calibration.", ""]
+
+    hist = info.get("history") or []
+    out += ["## Training recipe, hardware and time", "",
+            f"- Alternating multi-task trainer: AdamW (lr {_text(optim.get('lr'))}, weight decay "
+            f"{_text(optim.get('weight_decay'))}), batch size {_text(optim.get('batch_size'))}, warm-up "
+            f"{_text(optim.get('warmup_epochs'))} epochs then cosine decay; one segmentation step after every "
+            f"{_text(optim.get('seg_every'))} classification steps with weight λ_seg = {_text(optim.get('lambda_seg'))} "
+            f"and BCE/Dice {_text(optim.get('bce_weight'))}/{_text(optim.get('dice_weight'))}; label smoothing "
+            f"{_text(optim.get('label_smoothing'))}; class-balanced sampling.",
+            f"- Epochs: {_text(info.get('epochs_trained'))} trained of {_text(optim.get('epochs'))} planned; released "
+            f"checkpoint from epoch {_text(info.get('epoch'))} (best validation score = "
+            f"{_text(optim.get('score_dice_weight'))}·Dice + rest·accuracy).",
+            f"- Data options: image size {_text(data_cfg.get('image_size'))}, validation fraction "
+            f"{_text(data_cfg.get('val_fraction'))}, share of empty masks in segmentation batches "
+            f"{_text(data_cfg.get('seg_empty_fraction'))}, seed {_text(runtime.get('seed'))}.",
+            f"- Hardware: {_text(info.get('device'))}.",
+            f"- Training time: {_duration(info.get('training_seconds'))} (sum of epoch times, validation excluded); "
+            f"throughput {_fmt(info.get('images_per_s'), 1)} training images/s (median over epochs).", ""]
+    if hist:
+        out += ["Learning curve (validation split):", ""]
+        out += _table(["epoch", "accuracy", "macro-F1", "Dice"],
+                      [[_text(h.get("epoch")), _fmt(h.get("val_accuracy")), _fmt(h.get("val_macro_f1")),
+                        _fmt(h.get("val_dice"))] for h in hist])
+        out += [""]
+
+    ece_after = cal.get("ece_after") or cls.get("ece")
+    out += ["## Calibration", ""]
+    if _num(cal.get("temperature")) is not None:
+        out += [f"- Temperature scaling fitted on the validation split: T = {_fmt(cal.get('temperature'))}.",
+                f"- ECE (15 equal-width bins on the top probability): {_est(cal.get('ece_before'))} before, "
+                f"{_est(ece_after)} after."]
+    else:
+        out += [f"- No temperature was fitted (T = 1); ECE {_est(ece_after)}."]
+    if refer:
+        target = _num(cal.get("target_accuracy"))
+        out += [f"- Refer threshold on the top calibrated probability: {_fmt(refer.get('threshold'), 4)}"
+                + (f" (chosen for ≥ {_fmt(target, pct=True)} accuracy on accepted validation cases)." if target else "."),
+                f"- Refer rate: {_est(refer.get('refer_rate'), pct=True)} ({_text(refer.get('n_referred'))} of "
+                f"{_text(metrics.get('n'))} slices); accuracy of the accepted: "
+                f"{_est(refer.get('accepted_accuracy'), pct=True)} (n = {_text((refer.get('accepted_accuracy') or {}).get('n'))})."]
+    else:
+        out += ["- No refer threshold was set."]
+    out += [""]
+
+    rows = [["Accuracy", _fmt((cls.get("accuracy") or {}).get("value")), _ci(cls.get("accuracy")), _text(metrics.get("n"))],
+            ["Macro-F1", _fmt((cls.get("macro_f1") or {}).get("value")), _ci(cls.get("macro_f1")), _text(metrics.get("n"))],
+            ["ROC-AUC (macro one-vs-rest)", _fmt((cls.get("roc_auc_ovr") or {}).get("value")), _ci(cls.get("roc_auc_ovr")),
+             _text(metrics.get("n"))],
+            ["ECE (calibrated)", _fmt((cls.get("ece") or {}).get("value")), _ci(cls.get("ece")), _text(metrics.get("n"))]]
+    for cname, est in (cls.get("per_class_recall") or {}).items():
+        rows.append([f"Recall: {cname}", _fmt(est.get("value")), _ci(est), _text(est.get("n"))])
+    for key, label in (("dice", "Dice (tumour slices)"), ("iou", "IoU (tumour slices)"),
+                       ("empty_fp_rate", "False-positive mask rate (no-tumour-mask slices)")):
+        est = seg.get(key) or {}
+        rows.append([label, _fmt(est.get("value")), _ci(est), _text(est.get("n"))])
+    out += ["## Validation metrics", ""]
+    out += _table(["Metric", "Value", "95% CI", "n"], rows)
+    out += ["", f"Masks are thresholded at {_text(seg.get('threshold'))}; Dice and IoU are means over slices with a "
+            f"non-empty ground-truth mask, computed at the model's {_text(size)} px input resolution.", ""]
+
+    out += ["## Explanation faithfulness (Grad-CAM pointing game)", ""]
+    if pg:
+        out += [f"- Share of validation tumour slices whose Grad-CAM peak (map of the TRUE class, ReLU, bilinearly "
+                f"upsampled to {_text(size)} px) lies inside the true mask dilated by {_text(pg.get('dilation_px'))} px: "
+                f"**{_est(pg, pct=True)}** (n = {_text(pg.get('n'))}).",
+                "- A hit says the map points at the tumour, not that the decision used only the tumour.", ""]
+    else:
+        out += ["- Not measured (no class activation maps given).", ""]
+
+    ns, sq, gap = sc.get("non_square") or {}, sc.get("square") or {}, sc.get("gap") or {}
+    out += ["## Shortcut check", "",
+            "In BRISC 2025, no_tumor images come in many sizes and aspect ratios while glioma images all share one size, "
+            "so canvas shape can predict the label. Preprocessing crops to the head and pads to square to remove it; "
+            "this checks whether no_tumor recall still depends on the original image being square.", ""]
+    out += _table(["no_tumor slices", "n", "recalled", "recall (95% CI)"],
+                  [["non-square original", _text(ns.get("n")), _text(ns.get("n_recalled")), _est(ns)],
+                   ["square original", _text(sq.get("n")), _text(sq.get("n_recalled")), _est(sq)]])
+    nsc = sc.get("non_square_by_class") or {}
+    out += ["", f"- Recall gap (square − non-square): {_est(gap)}. A CI that covers 0 shows no measurable shortcut.",
+            f"- Non-square originals per class in the validation split: "
+            f"{', '.join(f'{k} {v}' for k, v in nsc.items()) or 'not recorded'}.", ""]
+
+    acc = (cls.get("accuracy") or {}).get("value")
+    iou = (seg.get("iou") or {}).get("value")
+    out += ["## Comparison with published BRISC 2025 results", "",
+            "Published numbers are on the authors' official **TEST** split; ours are on **OUR VALIDATION** split (the "
+            "test split is kept unseen). The splits, and for segmentation the metric definitions, differ: read this as "
+            "context, not a ranking.", ""]
+    ours = {"accuracy": (_fmt(acc, pct=True), "accuracy"),
+            "weighted mIoU": (_fmt(iou, pct=True), "mean IoU over tumour slices (not class-weighted mIoU)")}
+    out += _table(["Task", "Published model (THEIR TEST split)", "Published", "Ours (OUR VALIDATION split)", "Our metric"],
+                  [[p["task"], p["model"], f"{p['metric']} {100 * p['value']:.1f}%", ours[p["metric"]][0],
+                    ours[p["metric"]][1]] for p in PUBLISHED])
+    out += [""]
+
+    init = "Trained from scratch" if not model_cfg.get("pretrained") else "Fine-tuned from pretrained weights"
+    out += ["## Known limitations", "",
+            f"- {init} on {_text(info.get('device'))} in {_duration(info.get('training_seconds'))} of training: "
+            f"{_text(info.get('epochs_trained'))} epochs is a short schedule; more epochs, ImageNet initialisation "
+            "and larger inputs would likely help.",
+            f"- Input is {_text(size)} px: small tumours and fine mask borders lose detail; Dice at full resolution "
+            "may differ.",
+            "- Residual resolution and JPEG cues: no_tumor images come in 47 different sizes versus 1 for glioma, so "
+            "interpolation texture and compression artefacts left after crop-and-resize may still carry a shortcut "
+            "the squareness check above cannot see.",
+            "- Single-slice 2D model: no volume context, no other MRI sequences.",
+            "- One public dataset assembled from a few sources; no external or prospective validation, no patient-level "
+            "split information (slices of one patient may sit in both train and validation), no subgroup analysis "
+            "(age, sex, scanner).",
+            "- Validation metrics come from the split used for checkpoint selection and calibration; expect slightly "
+            "lower numbers on unseen data.", ""]
+
+    out += ["## Citation", "", "If you use this model or the data, cite the BRISC 2025 dataset:", "", f"> {CITATION}", "",
+            "```bibtex", BIBTEX, "```", ""]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- glue (torch)
+
+
+def read_history(path: str | Path) -> dict[str, Any]:
+    """Training time and throughput from history.csv: epochs, sum of epoch_seconds, median images/s, the val curve."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+
+    def col(name: str) -> list[float]:
+        return [float(r[name]) for r in rows if r.get(name) not in (None, "")]
+
+    keep = ("epoch", "val_accuracy", "val_macro_f1", "val_dice")
+    return {
+        "epochs_trained": len(rows),
+        "training_seconds": float(sum(col("epoch_seconds"))) if col("epoch_seconds") else None,
+        "images_per_s": statistics.median(col("train_images_per_s")) if col("train_images_per_s") else None,
+        "history": [{k: (int(r[k]) if k == "epoch" else float(r[k])) for k in keep if r.get(k) not in (None, "")}
+                    for r in rows],
+    }
+
+
+def _describe_device(runtime: Mapping[str, Any]) -> str:
+    device = runtime.get("device") or "not recorded"
+    threads = runtime.get("threads")
+    return f"device setting `{device}`" + (f", {threads} CPU threads" if threads else "")
+
+
+def _non_square(paths: Sequence[str]) -> np.ndarray:
+    from PIL import Image
+
+    flags = []
+    for path in paths:
+        with Image.open(path) as img:  # reads the header only
+            w, h = img.size
+        flags.append(w != h)
+    return np.array(flags, dtype=bool)
+
+
+def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Path, *, history_csv: str | Path | None = None,
+                     n_boot: int = 1000, progress: bool = True, info: Mapping[str, Any] | None = None,
+                     batch_size: int = 32) -> dict:
+    """Predict with ``checkpoint`` on its run's validation split of ``data``; write ``out_md`` and ``out_md``.json.
+
+    ``history_csv`` defaults to history.csv beside the checkpoint (skipped when absent). ``info`` overrides or adds
+    card facts the checkpoint cannot know (e.g. ``version``, ``export_format``, ``device``). Returns the metrics.
+    """
+    from .cache import decode_samples
+    from .evaluate import split_samples
+    from .predict import predict_arrays
+    from .preprocess import PreprocessConfig
+    from .samples import build_index
+    from .trainer.checkpoint import load_model
+
+    checkpoint, out_md = Path(checkpoint), Path(out_md)
+    model, state = load_model(checkpoint)
+    preprocess = PreprocessConfig.from_dict(state["preprocess"])
+    samples = split_samples(checkpoint, state, data, "val")
+    images, masks, samples, _ = decode_samples(samples, preprocess, progress=progress, desc="decoding val")
+    temperature = float(state.get("temperature", 1.0))
+    pred = predict_arrays(model, images, batch_size=batch_size, temperature=temperature, with_cams=True)
+    y = np.array([CLASSES.index(s.label) for s in samples])
+
+    metrics = card_metrics(y, pred["probs"], masks.astype(bool), pred["mask_probs"], pred["cams"],
+                           _non_square([s.image_path for s in samples]), refer_threshold=state.get("refer_threshold"),
+                           n_boot=n_boot, classes=CLASSES)
+    summary = state.get("calibration") or {}
+    uncalibrated = softmax(pred["logits"])
+    ece_before = bootstrap_ci(lambda i: expected_calibration_error(uncalibrated[i], y[i]), np.arange(len(y)),
+                              n_boot=n_boot, seed=metrics["seed"])
+    metrics["calibration"] = {
+        "temperature": temperature if summary else None,  # a checkpoint never calibrated holds T = 1 by default
+        "ece_before": _estimate(expected_calibration_error(uncalibrated, y), ece_before, len(y)),
+        "ece_after": metrics["classification"]["ece"],
+        "refer_threshold": state.get("refer_threshold"),
+        "target_accuracy": summary.get("target_accuracy"),
+        "fitted_on": summary.get("fitted_on"),
+    }
+
+    run_config = state.get("run_config") or {}
+    n_train_split = len(build_index(data).split("train"))
+    limit = (run_config.get("data") or {}).get("limit")
+    card_info: dict[str, Any] = {
+        "checkpoint": checkpoint.name, "epoch": state.get("epoch"), "model_config": state.get("model_config"),
+        "preprocess": state.get("preprocess"), "run_config": run_config,
+        "device": _describe_device(run_config.get("runtime") or {}),
+        "data": {"n_train": (min(limit, n_train_split) if limit else n_train_split) - len(samples), "n_val": len(samples),
+                 "val_by_class": {c: int((y == k).sum()) for k, c in enumerate(CLASSES)}},
+    }
+    history_csv = Path(history_csv) if history_csv else checkpoint.parent / "history.csv"
+    if history_csv.exists():
+        card_info.update(read_history(history_csv))
+    card_info.update(info or {})
+
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    out_md.write_text(render_model_card(metrics, card_info))
+    out_md.with_suffix(".json").write_text(json.dumps(to_jsonable({"metrics": metrics, "info": card_info}), indent=2) + "\n")
+    return metrics
