@@ -18,7 +18,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 ort = pytest.importorskip("onnxruntime")
 
 from braintumor.export import contract  # noqa: E402
-from braintumor.serving.triton_embedded import EmbeddedTriton, TritonStartError, free_port  # noqa: E402
+from braintumor.serving.triton_embedded import EmbeddedTriton, TritonServerError, free_port  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
@@ -137,7 +137,7 @@ def test_corrupted_model_refuses_to_load(repository, tmp_path):
     onnx_file.write_bytes(bytes(data))
 
     triton = EmbeddedTriton(broken, address="127.0.0.1", startup_timeout=60, **_ports())
-    with pytest.raises(TritonStartError, match="exited with code") as info:
+    with pytest.raises(TritonServerError, match="exited with code") as info:
         triton.start()
     assert "sha256" in str(info.value), "the error must carry the server's reason"
     assert not triton.is_running()

@@ -1,5 +1,5 @@
 """Export on a tiny synthetic run: ONNX parity, dynamic batch, config.pbtxt vs Triton's protobuf, manifest, python
-backend model, TensorRT's clear error and profile logic."""
+backend model, TensorRT's clear error and profile logic, fp16 weight storage."""
 
 import importlib.util
 import json
@@ -421,3 +421,99 @@ def test_exported_model_scores_like_its_checkpoint(checkpoint, repository, tmp_p
         assert ort[key] == pytest.approx(pt[key], abs=1e-6), key
     assert ort["ece"] == pytest.approx(pt["ece"], abs=1e-4)
     assert (tmp_path / "ort" / "report.html").stat().st_size > 10_000
+
+
+@pytest.fixture(scope="module")
+def resnet18_onnx(tmp_path_factory):
+    """A real-size resnet18 U-Net full graph at 64 px (random init): its layers are far above min_elements."""
+    from braintumor.export.onnx_export import export_onnx
+    from braintumor.train.factory import build_model
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", preprocess={"image_size": 64}).eval()
+    graph = build_graphs(model, {"temperature": 1.0})["full"]
+    return graph, export_onnx(graph, tmp_path_factory.mktemp("r18") / "fp32.onnx", 64)
+
+
+def test_fp16_storage_halves_the_file_and_keeps_fp32_compute(resnet18_onnx, tmp_path):
+    import onnx
+
+    from braintumor.export.fp16_storage import FP16_PARITY_TOLERANCES, store_weights_fp16
+    from braintumor.export.onnx_export import check_onnx
+
+    graph, fp32_path = resnet18_onnx
+    info = store_weights_fp16(fp32_path, tmp_path / "fp16.onnx", min_elements=1024)
+    assert 0.48 < info["bytes_after"] / info["bytes_before"] < 0.52, info
+    assert info["bytes_after"] == (tmp_path / "fp16.onnx").stat().st_size and info["converted"] > 20
+    assert not list(tmp_path.glob("*.data")), "weights must stay inside the .onnx file"
+
+    model = check_onnx(tmp_path / "fp16.onnx")
+    inits = {i.name: i for i in model.graph.initializer}
+    casts = [n for n in model.graph.node if n.op_type == "Cast" and n.input[0] in inits]
+    assert len(casts) == info["converted"]
+    consumed = {name for n in model.graph.node for name in n.input}
+    for cast in casts:
+        assert inits[cast.input[0]].data_type == onnx.TensorProto.FLOAT16
+        assert onnx.helper.get_attribute_value(cast.attribute[0]) == onnx.TensorProto.FLOAT
+        assert cast.output[0] in consumed and cast.output[0] not in inits  # same name the layers used before
+    for init in inits.values():  # what stays fp32 is small
+        if init.data_type == onnx.TensorProto.FLOAT:
+            assert np.prod(init.dims) < 1024, init.name
+
+    images = parity_images({"image_size": 64}, None, count=2)
+    got = run_session(onnx_session(tmp_path / "fp16.onnx"), images)
+    assert all(v.dtype == np.float32 for v in got.values())
+    report = compare(got, run_torch(graph, images), tolerances=FP16_PARITY_TOLERANCES)
+    assert [p.name for p in report] == list(contract.FULL_OUTPUTS)
+    assert max(p.max_abs for p in report) > 0, "weights were not rounded"
+
+
+def test_fp16_storage_in_place_skips_small_and_out_of_range_weights(tmp_path):
+    """Toy graph y = x @ a @ b: a is converted, b (beyond fp16's range) and the small c stay fp32; exact maths."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from braintumor.export.fp16_storage import store_weights_fp16
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(64, 32)).astype(np.float32)
+    b = np.full((32, 32), 1e5, np.float32) * np.eye(32, dtype=np.float32)
+    c = rng.normal(size=(32,)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "a"], ["h"]), helper.make_node("MatMul", ["h", "b"], ["g"]),
+         helper.make_node("Add", ["g", "c"], ["y"])], "toy",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 32])],
+        [numpy_helper.from_array(a, "a"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(c, "c")])
+    path = tmp_path / "toy.onnx"
+    onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+    info = store_weights_fp16(path, min_elements=1024)
+    assert (info["converted"], info["skipped_out_of_range"], info["kept_fp32"]) == (1, 1, 1)
+    assert info["weight_bytes_after"] == a.size * 2 + b.nbytes + c.nbytes
+    stored = {i.name: i.data_type for i in onnx.load(str(path)).graph.initializer}
+    assert stored == {"a__fp16": TensorProto.FLOAT16, "b": TensorProto.FLOAT, "c": TensorProto.FLOAT}
+    x = rng.normal(size=(3, 64)).astype(np.float32)
+    y = onnx_session(path).run(["y"], {"x": x})[0]
+    a16 = a.astype(np.float16).astype(np.float32)
+    np.testing.assert_allclose(y, (x @ a16) @ b + c, rtol=1e-5)
+
+
+def test_cli_weights_fp16_export_proves_parity_and_records_storage(checkpoint, repository, tmp_path, capsys):
+    from braintumor.export.fp16_storage import FP16_PARITY_TOLERANCES
+
+    args = _export_parser().parse_args(["export", "--checkpoint", str(checkpoint[0]), "--out", str(tmp_path),
+                                        "--weights-fp16", "--parity-data", str(checkpoint[1]), "--parity-count", "4",
+                                        "--no-progress"])
+    assert args.weights_fp16 and args.func(args) == 0
+    assert "parity class_probs" in capsys.readouterr().out
+    for key, outputs in (("brain_tumor", contract.FULL_OUTPUTS), ("brain_tumor_classifier", contract.CLASSIFIER_OUTPUTS)):
+        folder = tmp_path / key / "1"
+        meta = json.loads((folder / "metadata.json").read_text())
+        assert meta["weights_storage"] == "float16"
+        parity = meta["parity"]["onnxruntime_vs_pytorch"]
+        assert [(p["name"], p["atol"], p["rtol"]) for p in parity] == [(n, *FP16_PARITY_TOLERANCES[n]) for n in outputs]
+        assert [p["name"] for p in meta["parity"]["onnxruntime_fp32_weights_vs_pytorch"]] == list(outputs)
+        verify_manifest(folder)
+    out, published = repository
+    assert json.loads((published[0].folder / "metadata.json").read_text())["weights_storage"] == "float32"

@@ -1,8 +1,10 @@
-"""Embedded Triton without a running server: locating the wheel, backend directory, environment, ports, repository."""
+"""Embedded Triton without the real server: locating the wheel, backend directory, environment, ports, repository,
+and the process lifecycle (readiness, early exit, timeout, group stop) against a fake tritonserver script."""
 
 import socket
 import sys
 import sysconfig
+import time
 from pathlib import Path
 
 import pytest
@@ -57,7 +59,7 @@ def test_backend_dir_is_rebuilt_when_the_wheel_changed(tmp_path):
 
 def test_missing_stub_names_the_python_versions_it_has(tmp_path):
     install = _fake_install(tmp_path / "site", pythons=("3.10", "3.12"))
-    with pytest.raises(te.TritonStartError, match=r"no python backend stub for Python 3\.11 \(it has 3\.10, 3\.12\)"):
+    with pytest.raises(te.TritonServerError, match=r"no python backend stub for Python 3\.11 \(it has 3\.10, 3\.12\)"):
         te.assemble_backend_dir(install, tmp_path / "cache", python=(3, 11))
 
 
@@ -95,7 +97,7 @@ def test_find_triton_locates_the_installed_wheel():
 
 def test_find_triton_without_the_wheel_says_what_to_install(monkeypatch):
     monkeypatch.setattr(te.importlib.util, "find_spec", lambda name: None)
-    with pytest.raises(te.TritonStartError, match="pip install nvidia-pytriton"):
+    with pytest.raises(te.TritonServerError, match="pip install nvidia-pytriton"):
         te.find_triton()
 
 
@@ -105,7 +107,7 @@ def test_numpy_2_is_refused(monkeypatch, version, ok):
     if ok:
         te.check_numpy()
     else:
-        with pytest.raises(te.TritonStartError, match="numpy<2"):
+        with pytest.raises(te.TritonServerError, match="numpy<2"):
             te.check_numpy()
 
 
@@ -162,7 +164,9 @@ def test_command_line(tmp_path):
     assert opts["--http-address"] == opts["--grpc-address"] == opts["--metrics-address"] == "127.0.0.1"
     assert opts["--exit-on-error"] == opts["--strict-readiness"] == "true"
     assert opts["--model-control-mode"] == "none" and opts["--exit-timeout-secs"] == "3"
-    assert triton.http_url == "localhost:8000" and triton.metrics_url == "http://localhost:8002/metrics"
+    assert triton.http_url == "127.0.0.1:8000" and triton.metrics_url == "http://127.0.0.1:8002/metrics"
+    assert te.EmbeddedTriton(tmp_path, 1, 2, 3, address="10.0.0.5").grpc_url == "10.0.0.5:2"
+    assert te.EmbeddedTriton(tmp_path, 1, 2, 3).grpc_url == "127.0.0.1:2"  # 0.0.0.0: connect over loopback
 
     explicit = te.EmbeddedTriton(tmp_path, load_models=["a", "b"]).command(Path("t"), Path("b"), Path("r"))
     assert explicit[explicit.index("--model-control-mode") + 1] == "explicit"
@@ -183,3 +187,111 @@ def test_cli_missing_repository_is_one_line_error(tmp_path, capsys):
     assert main(["triton", "--model-repository", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("braintumor triton: error: model repository") and "Traceback" not in err
+
+
+# -- lifecycle against a fake tritonserver: a script that serves /v2/health/ready and forks a "stub" child -----------
+FAKE_SERVER = '''#!{python}
+import argparse, http.server, os, signal, subprocess, sys, time
+p = argparse.ArgumentParser()
+p.add_argument("--http-port", type=int)
+p.add_argument("--mode", default="ok")
+args, _ = p.parse_known_args()
+print("fake tritonserver starting", flush=True)
+if args.mode == "fail":
+    print("error: creating server: Internal - failed to load all models", flush=True)
+    sys.exit(1)
+# a child that ignores SIGTERM, like a python stub that is slow to go: only SIGKILL of the group ends it
+stub = subprocess.Popen([sys.executable, "-c",
+                         "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)",
+                         "fake_stub_marker"])
+if args.mode == "never_ready":
+    time.sleep(600)
+
+class Ready(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/v2/health/ready" else 404)
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+
+server = http.server.HTTPServer(("127.0.0.1", args.http_port), Ready)
+signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # exits, leaving the stub behind
+server.serve_forever()
+'''
+
+
+@pytest.fixture
+def fake_triton(tmp_path, monkeypatch):
+    install = _fake_install(tmp_path / "site")
+    install.binary.write_text(FAKE_SERVER.format(python=sys.executable))
+    install.binary.chmod(0o755)
+    monkeypatch.setattr(te, "find_triton", lambda: install)
+    monkeypatch.setattr(te, "check_numpy", lambda: None)
+    repo = _model(tmp_path / "repo")
+
+    def make(mode="ok", **kwargs):
+        return te.EmbeddedTriton(repo, te.free_port(), te.free_port(), te.free_port(), address="127.0.0.1",
+                                 cache_dir=tmp_path / "cache", extra_args=["--mode", mode], **kwargs)
+
+    return make
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+    except (OSError, StopIteration):
+        return False
+    return "zombie" not in state
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and _alive(int(proc.name)):
+                members.append(int(proc.name))
+    return members
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_stop_kills_the_whole_process_group(fake_triton):
+    with fake_triton() as triton:
+        assert triton.is_running()
+        pgid = triton.pid
+        deadline = time.monotonic() + 5
+        while len(_group_members(pgid)) < 2 and time.monotonic() < deadline:  # the fake stub is up
+            time.sleep(0.05)
+        assert len(_group_members(pgid)) >= 2
+        assert "fake tritonserver starting" in triton.log_tail()
+    assert not triton.is_running()
+    deadline = time.monotonic() + 5
+    while _group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _group_members(pgid) == [], "a stub outlived stop()"
+
+
+def test_early_exit_raises_with_the_log_tail(fake_triton):
+    triton = fake_triton("fail")
+    with pytest.raises(te.TritonServerError, match=r"exited with code 1(.|\n)*failed to load all models"):
+        triton.start()
+    assert not triton.is_running()
+
+
+def test_not_ready_in_time_raises_and_stops(fake_triton):
+    triton = fake_triton("never_ready", startup_timeout=1.0)
+    with pytest.raises(te.TritonServerError, match=r"not ready after 1 s"):
+        triton.start()
+    assert not triton.is_running()
+
+
+def test_echo_streams_the_server_log(fake_triton):
+    import io
+
+    stream = io.StringIO()
+    with fake_triton(echo=stream):
+        pass
+    assert "fake tritonserver starting" in stream.getvalue()
