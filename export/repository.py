@@ -4,7 +4,7 @@ Layout (one version shown)::
 
     <out>/<name>/config.pbtxt
     <out>/<name>/<version>/model.onnx      (+ model.py for the python variant, model.plan for tensorrt_plan)
-    <out>/<name>/<version>/metadata.json   classes, preprocessing, temperature, tensors, parity
+    <out>/<name>/<version>/metadata.json   classes, preprocessing, temperature, tensors, parity, weights_storage
     <out>/<name>/<version>/manifest.json   sha256 of every file above
 
 A version folder is written under a temporary name and renamed when complete, so a polling Triton never sees half
@@ -34,7 +34,18 @@ from .contract import (
     output_specs,
 )
 from .manifest import sha256_file, write_manifest
-from .onnx_export import OPSET, OutputParity, check_parity, export_onnx, parity_images
+from .onnx_export import (
+    OPSET,
+    OutputParity,
+    check_onnx,
+    check_parity,
+    compare,
+    export_onnx,
+    onnx_session,
+    parity_images,
+    run_session,
+    run_torch,
+)
 from .triton_config import TritonOptions, model_config, model_parameters
 
 PYTHON_BACKEND_MODEL = Path(__file__).parent / "python_backend" / "model.py"
@@ -54,6 +65,8 @@ class ExportOptions:
     parity_data: str | Path | None = None  # BRISC-layout root for real parity images; None: synthetic slices
     parity_count: int = 8
     trt_opt_batch: int = 8
+    # Store weights as float16 behind Cast nodes (fp32 compute): halves model.onnx; parity uses fp16 tolerances.
+    weights_fp16: bool = False
 
     @property
     def variant(self) -> str:
@@ -140,7 +153,11 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
             step(f"{model_name}: export ONNX")
             onnx_path = export_onnx(graphs[graph_key], tmp / ONNX_FILE, image_size, opset=options.opset)
             step(f"{model_name}: parity ONNX Runtime vs PyTorch")
+            # The fp32 graph proves the exporter at the tight tolerance first, so the fp16 one cannot hide a bug.
             parity = check_parity(graphs[graph_key], onnx_path, images)
+            fp32_parity: list[OutputParity] = []
+            if options.weights_fp16:
+                fp32_parity, parity = parity, _fp16_parity(graphs[graph_key], onnx_path, images)
             trt_parity: list[OutputParity] = []
             if variant == "tensorrt_plan":
                 from .tensorrt import BatchProfile, build_engine, check_engine_parity
@@ -159,8 +176,11 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
                 "refer_threshold": state.get("refer_threshold"), "image_size": image_size, "cam_size": grid,
                 "inputs": [asdict(input_spec(image_size))],
                 "outputs": [asdict(s) for s in output_specs(image_size, len(classes), grid, classifier=classifier)],
+                "weights_storage": "float16" if options.weights_fp16 else "float32",
                 "parity": {"onnxruntime_vs_pytorch": [asdict(p) for p in parity],
-                           "tensorrt_vs_onnxruntime": [asdict(p) for p in trt_parity]},
+                           "tensorrt_vs_onnxruntime": [asdict(p) for p in trt_parity],
+                           **({"onnxruntime_fp32_weights_vs_pytorch": [asdict(p) for p in fp32_parity]}
+                              if options.weights_fp16 else {})},
                 **provenance,
             }
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
@@ -174,6 +194,17 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
         sizes = {p.name: p.stat().st_size for p in sorted(final.iterdir()) if p.is_file()}
         published.append(ModelExport(model_name, version, final, sizes, parity, trt_parity))
     return published
+
+
+def _fp16_parity(graph, onnx_path: Path, images) -> list[OutputParity]:
+    """Rewrite ``onnx_path`` with fp16-stored weights, then checker -> ONNX Runtime -> PyTorch at fp16 tolerances."""
+    from .fp16_storage import FP16_PARITY_TOLERANCES, store_weights_fp16
+
+    store_weights_fp16(onnx_path)
+    check_onnx(onnx_path)
+    outputs = run_session(onnx_session(onnx_path), images)
+    return compare(outputs, run_torch(graph, images), tolerances=FP16_PARITY_TOLERANCES,
+                   what="ONNX Runtime (fp16-stored weights) vs PyTorch")
 
 
 def _write_text_atomic(path: Path, text: str) -> None:

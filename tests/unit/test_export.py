@@ -507,8 +507,9 @@ def test_cli_weights_fp16_export_proves_parity_and_records_storage(checkpoint, r
                                         "--no-progress"])
     assert args.weights_fp16 and args.func(args) == 0
     assert "parity class_probs" in capsys.readouterr().out
-    for key, outputs in (("brain_tumor", contract.FULL_OUTPUTS), ("brain_tumor_classifier", contract.CLASSIFIER_OUTPUTS)):
-        folder = tmp_path / key / "1"
+    for name, outputs in zip(("brain_tumor", "brain_tumor_classifier"),
+                             (contract.FULL_OUTPUTS, contract.CLASSIFIER_OUTPUTS)):
+        folder = tmp_path / name / "1"
         meta = json.loads((folder / "metadata.json").read_text())
         assert meta["weights_storage"] == "float16"
         parity = meta["parity"]["onnxruntime_vs_pytorch"]
