@@ -78,14 +78,21 @@ class Geometry:
 
 
 def decode_image(source: bytes | str | Path) -> DecodedImage:
-    """Decode JPEG/PNG bytes or a file to greyscale uint8. Raises ImageDecodeError, never returns zeros."""
+    """Decode JPEG/PNG/DICOM bytes or a file to greyscale uint8. Raises ImageDecodeError, never returns zeros.
+
+    DICOM goes to :mod:`.dicom` (windowing, MONOCHROME1); use ``dicom.decode_any`` to also get its pixel spacing.
+    """
     name = str(source) if isinstance(source, (str, Path)) else "image bytes"
     try:
         data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
     except OSError as exc:
         raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
     if not data:
-        raise ImageDecodeError(f"{name}: empty file; send a JPEG or PNG slice")
+        raise ImageDecodeError(f"{name}: empty file; send a JPEG, PNG or DICOM slice")
+    from . import dicom  # imported here: dicom builds on this module
+
+    if dicom.is_dicom(data):
+        return dicom.decode_dicom(data, name)[0]
     old_limit = Image.MAX_IMAGE_PIXELS
     try:
         Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -98,7 +105,7 @@ def decode_image(source: bytes | str | Path) -> DecodedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageDecodeError(f"{name}: image is too large ({exc}); at most {MAX_PIXELS} pixels") from exc
     except Image.UnidentifiedImageError as exc:
-        raise ImageDecodeError(f"{name}: not a readable image; send a JPEG or PNG slice") from exc
+        raise ImageDecodeError(f"{name}: not a readable image; send a JPEG, PNG or DICOM slice") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc}); re-export the slice") from exc
     finally:

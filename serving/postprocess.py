@@ -1,0 +1,211 @@
+"""Model outputs for one image -> the answer a hospital system gets: label, refer, tumour area, mask and heatmap PNGs.
+
+Torch-free (numpy + Pillow). Every map goes back onto the original image through the preprocessing's own
+:class:`Geometry`, so areas and overlays are in the pixels the caller sent.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from ..export.contract import CAM, CLASS_PROBS, MASK_PROB
+from ..train.naming import NO_TUMOR
+from ..train.preprocess import DecodedImage, Geometry, PreprocessConfig, invert_geometry
+
+MIN_STD = 2.0  # grey levels; below this the image is blank or near-constant
+MIN_FOREGROUND = 0.01  # fraction of pixels above the foreground threshold; below this the image is mostly blank
+FOREGROUND_THRESHOLD = PreprocessConfig.foreground_threshold
+HEATMAP_ALPHA = 0.5  # overlay opacity of the hottest heatmap pixel; cold pixels leave the slice untouched
+MASK_COLOUR = (255, 0, 0)
+
+
+def _jet() -> np.ndarray:
+    """256-entry 'jet' colormap (dark blue -> cyan -> yellow -> dark red), the Grad-CAM convention."""
+    x = np.linspace(0.0, 1.0, 256)
+    rgb = np.stack([np.clip(1.5 - np.abs(4.0 * x - c), 0.0, 1.0) for c in (3.0, 2.0, 1.0)], axis=-1)
+    return np.rint(rgb * 255).astype(np.uint8)
+
+
+JET = _jet()
+
+
+@dataclass(frozen=True, eq=False)
+class AnalysisResult:
+    """One image's answer. Arrays and PNGs are in the original image geometry (``original_shape`` = H, W)."""
+
+    label: str
+    probabilities: dict[str, float]
+    refer: bool
+    refer_reason: list[str]  # why a human should read this slice; empty when refer is False
+    tumor_area_px: int  # tumour pixels of the mask, in original image pixels
+    tumor_area_mm2: float | None  # when the pixel spacing is known (DICOM PixelSpacing)
+    # The mask is reported as predicted, even when the classifier says otherwise: True when the label is
+    # no_tumor but the mask is not empty, or a tumour label comes with an empty mask.
+    mask_label_disagree: bool
+    original_shape: tuple[int, int]
+    mask_png: bytes = field(repr=False)  # L mode, 0 background / 255 tumour
+    heatmap_png: bytes = field(repr=False)  # RGB, jet-coloured Grad-CAM of ``label``
+    overlay_png: bytes | None = field(default=None, repr=False)  # RGB slice + heatmap + red mask outline
+    mask: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0/1
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0..255
+
+
+def postprocess(
+    outputs: Mapping[str, np.ndarray],
+    geometry: Geometry,
+    decoded: DecodedImage,
+    *,
+    classes: Sequence[str],
+    refer_threshold: float | None,
+    pixel_spacing_mm: tuple[float, float] | None = None,
+    mask_threshold: float = 0.5,
+    want_overlay: bool = False,
+    modality: str | None = None,
+    foreground_threshold: int = FOREGROUND_THRESHOLD,
+) -> AnalysisResult:
+    """Turn the model outputs of ONE image (batch dimension 1 or none) into an :class:`AnalysisResult`.
+
+    ``refer`` is True when the top probability is under ``refer_threshold`` or :func:`out_of_distribution`
+    finds a reason; each reason is one sentence in ``refer_reason``.
+    """
+    probs = _one(outputs, CLASS_PROBS, 1).astype(np.float64)
+    if probs.shape != (len(classes),):
+        raise ValueError(f"{CLASS_PROBS} has {probs.shape[0]} classes but the model metadata lists {len(classes)}")
+    if not np.isfinite(probs).all():
+        raise ValueError(f"{CLASS_PROBS} contains NaN or infinity")
+    index = int(np.argmax(probs))
+    label = classes[index]
+
+    mask = mask_to_original(_one(outputs, MASK_PROB, 2), geometry, mask_threshold)
+    heat = gradcam_heatmap(_one(outputs, CAM, 3), index, geometry)
+    area = int(mask.sum())
+    area_mm2 = None
+    if pixel_spacing_mm is not None:
+        area_mm2 = float(area * pixel_spacing_mm[0] * pixel_spacing_mm[1])
+
+    reasons = []
+    top = float(probs[index])
+    # Compared in float32, the dtype on the wire, so a probability printed equal to the threshold is not "under" it.
+    if refer_threshold is not None and np.float32(top) < np.float32(refer_threshold):
+        reasons.append(f"max probability {top:.3f} is under the model's refer threshold {refer_threshold:.3f}")
+    reasons += out_of_distribution(decoded, modality=modality, foreground_threshold=foreground_threshold)
+
+    overlay_png = encode_png(overlay(decoded.pixels, mask, heat)) if want_overlay else None
+    return AnalysisResult(
+        label=label,
+        probabilities={c: round(float(p), 6) for c, p in zip(classes, probs)},  # float32 noise off the JSON
+        refer=bool(reasons),
+        refer_reason=reasons,
+        tumor_area_px=area,
+        tumor_area_mm2=area_mm2,
+        mask_label_disagree=(label == NO_TUMOR) == (area > 0),
+        original_shape=geometry.original_shape,
+        mask_png=encode_png(mask * np.uint8(255)),
+        heatmap_png=encode_png(colourise(heat)),
+        overlay_png=overlay_png,
+        mask=mask,
+        heatmap=heat,
+    )
+
+
+def out_of_distribution(
+    decoded: DecodedImage,
+    *,
+    modality: str | None = None,
+    foreground_threshold: int = FOREGROUND_THRESHOLD,
+    min_std: float = MIN_STD,
+    min_foreground: float = MIN_FOREGROUND,
+) -> list[str]:
+    """Reasons the image does not look like a brain MRI slice the model was trained on (empty: none found)."""
+    reasons = []
+    if decoded.is_colour:
+        reasons.append("colour photograph, not an MRI slice")
+    if modality is not None and modality.upper() != "MR":
+        reasons.append(f"DICOM modality {modality}, not MR")
+    pixels = decoded.pixels
+    std = float(pixels.std())
+    foreground = float((pixels > foreground_threshold).mean())
+    if std < min_std:
+        reasons.append(f"blank or near-constant image (grey-level standard deviation {std:.2f} < {min_std:g})")
+    elif foreground < min_foreground:  # a constant image is reported once, as near-constant
+        reasons.append(
+            f"mostly blank image: {foreground:.2%} of pixels are above grey level {foreground_threshold} "
+            f"(at least {min_foreground:.0%} expected)"
+        )
+    return reasons
+
+
+def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float = 0.5) -> np.ndarray:
+    """(size, size) probabilities -> (H, W) uint8 0/1 mask. Probabilities are resized bilinearly and then
+    thresholded, so an enlarged mask has smooth edges rather than model-pixel blocks."""
+    _check_square(mask_prob, geometry, MASK_PROB)
+    restored = invert_geometry(np.ascontiguousarray(mask_prob, dtype=np.float32), geometry)
+    return (restored >= threshold).astype(np.uint8)
+
+
+def gradcam_heatmap(cam: np.ndarray, class_index: int, geometry: Geometry) -> np.ndarray:
+    """(num_classes, h, w) bias-free CAMs -> (H, W) uint8 Grad-CAM of one class on the original image.
+
+    ReLU, bilinear upsampling to the model input size, min-max normalisation (a map with no positive
+    evidence is all zeros), then back through the geometry; the same steps as ``train.gradcam.grad_cam``.
+    """
+    if cam.ndim != 3 or not 0 <= class_index < cam.shape[0]:
+        raise ValueError(f"{CAM} of shape {cam.shape} has no map for class index {class_index}")
+    relu = np.maximum(np.ascontiguousarray(cam[class_index], dtype=np.float32), 0.0)
+    up = np.asarray(Image.fromarray(relu).resize((geometry.size, geometry.size), Image.BILINEAR), dtype=np.float32)
+    lo, hi = float(up.min()), float(up.max())
+    scaled = (up - lo) / max(hi - lo, 1e-12)
+    square = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
+    return invert_geometry(square, geometry)
+
+
+def colourise(heat: np.ndarray) -> np.ndarray:
+    """(H, W) uint8 -> (H, W, 3) uint8 through the jet table."""
+    return JET[heat]
+
+
+def overlay(pixels: np.ndarray, mask: np.ndarray, heat: np.ndarray) -> np.ndarray:
+    """The slice in grey, the heatmap blended in proportion to its heat, the mask's outline in red."""
+    grey = np.repeat(pixels[..., None].astype(np.float32), 3, axis=-1)
+    alpha = (HEATMAP_ALPHA / 255.0) * heat.astype(np.float32)[..., None]
+    out = np.rint(grey * (1.0 - alpha) + colourise(heat).astype(np.float32) * alpha).astype(np.uint8)
+    out[mask_outline(mask, max(1, round(min(mask.shape) / 256)))] = MASK_COLOUR
+    return out
+
+
+def mask_outline(mask: np.ndarray, width: int = 1) -> np.ndarray:
+    """Boolean (H, W): the mask's pixels within ``width`` steps (4-neighbourhood) of its edge."""
+    inner = mask.astype(bool)
+    for _ in range(width):
+        padded = np.pad(inner, 1)  # outside the image counts as background, so the mask closes at the border
+        inner = inner & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask.astype(bool) & ~inner
+
+
+def encode_png(arr: np.ndarray) -> bytes:
+    """uint8 (H, W) -> L PNG, (H, W, 3) -> RGB PNG. Fast compression: these PNGs are produced per request."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _one(outputs: Mapping[str, np.ndarray], name: str, ndim: int) -> np.ndarray:
+    """The output ``name`` for one image, without its batch dimension(s) of 1."""
+    if name not in outputs:
+        raise KeyError(f"model output {name!r} is missing; got {sorted(outputs)}")
+    arr = np.asarray(outputs[name])
+    while arr.ndim > ndim and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != ndim:
+        raise ValueError(f"model output {name!r} has shape {np.shape(outputs[name])}; expected one image")
+    return arr
+
+
+def _check_square(arr: np.ndarray, geometry: Geometry, name: str) -> None:
+    if arr.shape != (geometry.size, geometry.size):
+        raise ValueError(f"{name} of shape {arr.shape} does not match the model input size {geometry.size}")

@@ -1,0 +1,253 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from braintumor.serving.postprocess import (
+    JET, colourise, gradcam_heatmap, mask_outline, out_of_distribution, overlay, postprocess,
+)
+from braintumor.train.naming import CLASSES
+from braintumor.train.preprocess import DecodedImage, PreprocessConfig, preprocess
+
+NO_TUMOR_INDEX = CLASSES.index("no_tumor")
+
+
+def _slice(h=40, w=80) -> DecodedImage:
+    """A wide 'head' filling the frame, so pad geometry keeps it whole."""
+    rng = np.random.default_rng(0)
+    return DecodedImage(rng.integers(30, 200, (h, w), dtype=np.uint8), "L", False)
+
+
+def _outputs(size, probs=(0.9, 0.05, 0.03, 0.02), block=None, cam_peak=None, batch=True):
+    mask = np.zeros((size, size), np.float32)
+    if block is not None:
+        mask[block] = 1.0
+    cam = np.zeros((len(CLASSES), 8, 8), np.float32)
+    if cam_peak is not None:
+        cls, y, x = cam_peak
+        cam[cls, y, x] = 3.0
+        cam[cls, 0, 0] = -2.0  # negative evidence is cut by the ReLU
+        cam[(cls + 1) % len(CLASSES), 7 - y, 7 - x] = 9.0  # another class peaks elsewhere
+    out = {"class_probs": np.asarray(probs, np.float32), "mask_prob": mask, "cam": cam}
+    if batch:
+        out = {"class_probs": out["class_probs"][None], "mask_prob": mask[None, None], "cam": cam[None]}
+    return out
+
+
+def _run(decoded, outputs, geometry, **kw):
+    kw.setdefault("refer_threshold", 0.8)
+    return postprocess(outputs, geometry, decoded, classes=CLASSES, **kw)
+
+
+def _png(data: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return img
+
+
+# pad geometry on a 40x80 slice at size 40: the 80x80 square (20 rows of padding above and below) is
+# halved, so model rows [14:18] are square rows [28:36] = original rows [8:16], model cols [10:20] = [20:40].
+PAD = PreprocessConfig(image_size=40, geometry="pad")
+
+
+def test_mask_maps_back_to_the_original_geometry_with_exact_area():
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    assert geom.pad[:2] == (20, 20) and geom.size == 40
+    result = _run(decoded, _outputs(40, block=(slice(14, 18), slice(10, 20))), geom)
+    expected = np.zeros((40, 80), np.uint8)
+    expected[8:16, 20:40] = 1
+    np.testing.assert_array_equal(result.mask, expected)
+    assert result.tumor_area_px == 160 and result.tumor_area_mm2 is None
+    assert result.original_shape == (40, 80)
+    np.testing.assert_array_equal(np.asarray(_png(result.mask_png)), expected * 255)
+
+
+def test_area_in_mm2_from_pixel_spacing():
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    result = _run(decoded, _outputs(40, block=(slice(14, 18), slice(10, 20))), geom, pixel_spacing_mm=(0.5, 0.8))
+    assert result.tumor_area_px == 160
+    assert result.tumor_area_mm2 == pytest.approx(64.0)
+
+
+def test_mask_threshold_applies_to_probabilities():
+    decoded = _slice(32, 32)
+    _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
+    outputs = _outputs(32)
+    outputs["mask_prob"][0, 0, 4:8, 4:8] = 0.6
+    assert _run(decoded, outputs, geom).tumor_area_px == 16
+    assert _run(decoded, outputs, geom, mask_threshold=0.7).tumor_area_px == 0
+
+
+@pytest.mark.parametrize(
+    "probs, threshold, refer, reason",
+    [
+        ((0.61, 0.2, 0.1, 0.09), 0.83, True, "max probability 0.610 is under the model's refer threshold 0.830"),
+        ((0.9, 0.05, 0.03, 0.02), 0.83, False, None),
+        ((0.83, 0.07, 0.05, 0.05), 0.83, False, None),  # at the threshold is confident enough
+        ((0.4, 0.3, 0.2, 0.1), None, False, None),  # no threshold in the metadata: only OOD refers
+    ],
+)
+def test_refer_by_threshold(probs, threshold, refer, reason):
+    decoded = _slice(32, 32)
+    _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
+    result = _run(decoded, _outputs(32, probs=probs), geom, refer_threshold=threshold)
+    assert result.refer is refer
+    assert result.refer_reason == ([reason] if reason else [])
+    assert result.label == CLASSES[int(np.argmax(probs))]
+    assert result.probabilities == pytest.approx(dict(zip(CLASSES, probs)))
+
+
+def _blank_with_specks():
+    pixels = np.zeros((64, 64), np.uint8)
+    pixels[0, :10] = 200  # 10 / 4096 = 0.24% foreground, std well above 2
+    return pixels
+
+
+@pytest.mark.parametrize(
+    "decoded, modality, fragments",
+    [
+        (DecodedImage(np.full((32, 32), 90, np.uint8), "RGB", True), None,
+         ["colour photograph, not an MRI slice", "blank or near-constant image"]),
+        (DecodedImage(np.full((32, 32), 90, np.uint8), "L", False), None, ["blank or near-constant image"]),
+        (DecodedImage(np.zeros((32, 32), np.uint8), "L", False), None, ["blank or near-constant image"]),
+        (DecodedImage(_blank_with_specks(), "L", False), None, ["mostly blank image: 0.24% of pixels"]),
+        (_slice(32, 32), "CT", ["DICOM modality CT, not MR"]),
+        (_slice(32, 32), "MR", []),
+        (_slice(32, 32), None, []),
+    ],
+)
+def test_out_of_distribution_reasons_and_refer(decoded, modality, fragments):
+    reasons = out_of_distribution(decoded, modality=modality)
+    assert len(reasons) == len(fragments)
+    for reason, fragment in zip(reasons, fragments):
+        assert reason.startswith(fragment)
+    _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
+    result = _run(decoded, _outputs(32, probs=(0.97, 0.01, 0.01, 0.01)), geom, modality=modality)
+    assert result.refer is bool(fragments) and result.refer_reason == reasons
+
+
+def test_pngs_decode_to_the_original_size_and_modes():
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    outputs = _outputs(40, block=(slice(14, 18), slice(10, 20)), cam_peak=(0, 3, 3))
+    result = _run(decoded, outputs, geom, want_overlay=True)
+    for data, mode in ((result.mask_png, "L"), (result.heatmap_png, "RGB"), (result.overlay_png, "RGB")):
+        img = _png(data)
+        assert img.format == "PNG" and img.mode == mode and img.size == (80, 40)
+    assert set(np.unique(np.asarray(_png(result.mask_png)))) <= {0, 255}
+    np.testing.assert_array_equal(np.asarray(_png(result.heatmap_png)), JET[result.heatmap])
+    assert _run(decoded, _outputs(40), geom).overlay_png is None
+
+
+def test_heatmap_peak_lands_where_the_cam_peak_was():
+    # resize geometry 64x64 -> 32: CAM cell (y, x) of the 8x8 grid covers original pixels [8y:8y+8, 8x:8x+8].
+    decoded = _slice(64, 64)
+    _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
+    probs = np.full(len(CLASSES), 0.05)
+    probs[2] = 0.85
+    result = _run(decoded, _outputs(32, probs=probs, cam_peak=(2, 2, 5)), geom)
+    assert result.label == CLASSES[2]
+    heat = result.heatmap
+    assert heat.shape == (64, 64) and heat.max() == 255 and heat.min() == 0
+    peak_y, peak_x = np.unravel_index(np.argmax(heat), heat.shape)
+    assert 16 <= peak_y < 24 and 40 <= peak_x < 48
+    hot = np.argwhere(heat == 255)
+    assert hot.min(0).tolist() >= [16, 40] and hot.max(0).tolist() < [24, 48]
+    assert tuple(np.asarray(_png(result.heatmap_png))[peak_y, peak_x]) == tuple(JET[255])
+    assert heat[:8, :8].max() == 0  # the negative cell is cut to zero, not a cold spot below zero
+
+
+def test_heatmap_of_a_chosen_class_and_of_no_evidence():
+    decoded = _slice(64, 64)
+    _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
+    cam = _outputs(32, cam_peak=(2, 2, 5), batch=False)["cam"]
+    other = gradcam_heatmap(cam, 3, geom)  # class 3 peaks at the mirrored cell (5, 2)
+    y, x = np.unravel_index(np.argmax(other), other.shape)
+    assert 40 <= y < 48 and 16 <= x < 24
+    np.testing.assert_array_equal(gradcam_heatmap(-np.ones((4, 8, 8), np.float32), 0, geom), 0)
+
+
+def test_heatmap_follows_the_crop_of_crop_pad():
+    pixels = np.zeros((64, 96), np.uint8)
+    pixels[16:48, 32:64] = 120  # head box 32x32 at rows 16..48, cols 32..64
+    cfg = PreprocessConfig(image_size=32, geometry="crop_pad", crop_margin=0)
+    _, geom = preprocess(pixels, cfg)
+    assert geom.crop == (16, 48, 32, 64) and geom.pad == (0, 0, 0, 0)
+    heat = gradcam_heatmap(_outputs(32, cam_peak=(0, 0, 7), batch=False)["cam"], 0, geom)
+    y, x = np.unravel_index(np.argmax(heat), heat.shape)
+    assert 16 <= y < 20 and 60 <= x < 64  # top-right cell of the head box, not of the whole image
+    assert heat[:16].max() == 0 and heat[:, :32].max() == 0  # outside the crop the model saw nothing
+
+
+@pytest.mark.parametrize(
+    "label_index, block, area, disagree",
+    [
+        (NO_TUMOR_INDEX, (slice(4, 8), slice(4, 8)), 64, True),  # mask kept as predicted, flagged
+        (NO_TUMOR_INDEX, None, 0, False),
+        (0, (slice(4, 8), slice(4, 8)), 64, False),
+        (0, None, 0, True),  # a tumour label without a mask disagrees too
+    ],
+)
+def test_mask_label_disagreement(label_index, block, area, disagree):
+    decoded = _slice(64, 64)
+    _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
+    probs = np.full(len(CLASSES), 0.02)
+    probs[label_index] = 0.94
+    result = _run(decoded, _outputs(32, probs=probs, block=block), geom)
+    assert result.label == CLASSES[label_index]
+    assert result.tumor_area_px == area and result.mask_label_disagree is disagree
+    assert int(np.asarray(_png(result.mask_png)).astype(bool).sum()) == area
+
+
+def test_batch_dimension_is_optional():
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    kw = dict(block=(slice(14, 18), slice(10, 20)), cam_peak=(0, 3, 3))
+    a = _run(decoded, _outputs(40, batch=True, **kw), geom)
+    b = _run(decoded, _outputs(40, batch=False, **kw), geom)
+    np.testing.assert_array_equal(a.mask, b.mask)
+    np.testing.assert_array_equal(a.heatmap, b.heatmap)
+    assert a.mask_png == b.mask_png and a.heatmap_png == b.heatmap_png
+
+
+def test_contract_mismatches_raise():
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    outputs = _outputs(40)
+    with pytest.raises(ValueError, match="3 classes"):
+        _run(decoded, {**outputs, "class_probs": np.ones((1, 3), np.float32) / 3}, geom)
+    with pytest.raises(KeyError, match="'cam' is missing"):
+        _run(decoded, {k: v for k, v in outputs.items() if k != "cam"}, geom)
+    with pytest.raises(ValueError, match="model input size 40"):
+        _run(decoded, {**outputs, "mask_prob": np.zeros((1, 1, 32, 32), np.float32)}, geom)
+    with pytest.raises(ValueError, match="expected one image"):
+        _run(decoded, {**outputs, "cam": np.zeros((2, 4, 8, 8), np.float32)}, geom)
+    with pytest.raises(ValueError, match="NaN"):
+        _run(decoded, {**outputs, "class_probs": np.array([np.nan, 0, 0, 1], np.float32)}, geom)
+
+
+def test_mask_outline_and_overlay():
+    mask = np.zeros((7, 7), np.uint8)
+    mask[1:6, 1:6] = 1
+    ring = mask_outline(mask)
+    assert ring.sum() == 16 and not ring[2:5, 2:5].any() and ring[1, 1:6].all()
+    edge = np.zeros((7, 7), np.uint8)
+    edge[:3, :3] = 1  # touches the border: the border closes it
+    assert mask_outline(edge).sum() == 8
+    pixels = np.full((7, 7), 100, np.uint8)
+    heat = np.zeros((7, 7), np.uint8)
+    heat[3, 3] = 255
+    out = overlay(pixels, mask, heat)
+    assert out.shape == (7, 7, 3) and out.dtype == np.uint8
+    assert (out[ring] == (255, 0, 0)).all()
+    assert tuple(out[0, 0]) == (100, 100, 100)  # no heat, no mask: the slice as it is
+    assert tuple(out[3, 3]) == tuple(np.rint(0.5 * 100 + 0.5 * JET[255].astype(float)).astype(int))
+
+
+def test_jet_table_runs_blue_to_red():
+    assert JET.shape == (256, 3) and JET.dtype == np.uint8
+    assert tuple(JET[0]) == (0, 0, 128) and tuple(JET[255]) == (128, 0, 0)
+    assert colourise(np.array([[0, 255]], np.uint8)).shape == (1, 2, 3)
