@@ -1,0 +1,69 @@
+"""The failures a caller can get from the serving pipeline, each with its HTTP status and gRPC code.
+
+Both front doors map these one way: HTTP answers ``http_status`` with ``{"error": kind, "detail": message}``,
+gRPC aborts with ``grpc_code``. Messages say what was wrong and what is accepted; they never echo image bytes.
+"""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    http_status = 500
+    grpc_code = "INTERNAL"  # grpc.StatusCode member name; grpc is not imported here
+    kind = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadInput(ServingError):
+    """The request or image is unusable (bad bytes, bad option): 400 / INVALID_ARGUMENT."""
+
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+    kind = "bad_input"
+
+
+class PayloadTooLarge(BadInput):
+    http_status = 413
+    kind = "payload_too_large"
+
+
+class UnsupportedMediaType(BadInput):
+    http_status = 415
+    kind = "unsupported_media_type"
+
+
+class Unauthenticated(ServingError):
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
+    kind = "unauthenticated"
+
+
+class NotFound(ServingError):
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+    kind = "not_found"
+
+
+class Busy(ServingError):
+    """Too many requests are already queued: 429 / RESOURCE_EXHAUSTED. Retry later."""
+
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    kind = "busy"
+
+
+class Unavailable(ServingError):
+    """Triton is down or the model is not loaded: 503 / UNAVAILABLE. Safe to retry."""
+
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+    kind = "unavailable"
+
+
+class DeadlineExceeded(ServingError):
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+    kind = "deadline_exceeded"

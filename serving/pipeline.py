@@ -1,0 +1,202 @@
+"""The one serving pipeline both front doors call: decode -> preprocess -> Triton -> postprocess (-> explanation).
+
+Decoding, preprocessing and postprocessing are CPU work and run in a thread so the event loop keeps serving;
+Triton calls go through the one reused :class:`TritonModel`. Admission is bounded: beyond ``max_in_flight``
+calls a request gets :class:`Busy` at once instead of queueing without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..train.dicom import DicomInfo, decode_any
+from ..train.preprocess import DecodedImage, Geometry, ImageDecodeError, preprocess
+from .errors import BadInput, Busy, ServingError
+from .postprocess import AnalysisResult, postprocess
+from .settings import ServeSettings
+from .triton_client import ModelInfo, TritonModel
+
+log = logging.getLogger("braintumor.serving")
+
+EXPLAIN_METHODS = ("gradcam", "lime", "shap")
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """One decoded and preprocessed request image."""
+
+    decoded: DecodedImage
+    dicom: DicomInfo | None
+    image: np.ndarray  # (S, S) uint8 model input
+    geometry: Geometry
+    sha256: str  # of the request bytes: the explanation cache key; never logged with patient data
+
+
+@dataclass(frozen=True)
+class ExplainOptions:
+    method: str
+    target: str | None = None  # class name; None = the predicted class
+    num_samples: int | None = None  # LIME perturbations
+    max_evals: int | None = None  # SHAP model evaluations
+
+
+class Pipeline:
+    def __init__(self, model: TritonModel, settings: ServeSettings | None = None, metrics=None) -> None:
+        self.model = model
+        self.settings = settings or ServeSettings()
+        self.metrics = metrics
+        self._in_flight = 0
+        self._explainer = None
+
+    @classmethod
+    def from_settings(cls, settings: ServeSettings, metrics=None) -> Pipeline:
+        model = TritonModel(settings.triton_url, settings.model_name, settings.model_version,
+                            timeout_s=settings.triton_timeout_s)
+        return cls(model, settings, metrics)
+
+    async def close(self) -> None:
+        if self._explainer is not None:
+            self._explainer.close()
+        await self.model.close()
+
+    async def ready(self) -> bool:
+        ok = await self.model.ready()
+        if not ok:
+            self.model.forget_info()  # Triton may come back with another version
+        return ok
+
+    async def info(self) -> ModelInfo:
+        return await self.model.info()
+
+    # -- admission ---------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _admitted(self):
+        if self._in_flight >= self.settings.max_in_flight:
+            raise Busy(f"{self._in_flight} requests are already in flight (limit {self.settings.max_in_flight}); "
+                       "retry after a short wait")
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- analysis ----------------------------------------------------------------------------------------
+
+    def prepare(self, data: bytes, info: ModelInfo) -> Prepared:
+        """Decode and preprocess one image; BadInput with the reason when it cannot be used."""
+        if not data:
+            raise BadInput("empty image: send the bytes of one JPEG, PNG or DICOM file")
+        if len(data) > self.settings.max_body_bytes:
+            raise BadInput(f"image of {len(data)} bytes is over the {self.settings.max_body_bytes}-byte limit")
+        try:
+            decoded, dicom = decode_any(data)
+            image, geometry = preprocess(decoded.pixels, info.preprocess)
+        except ImageDecodeError as exc:
+            raise BadInput(str(exc)) from exc
+        return Prepared(decoded, dicom, image, geometry, hashlib.sha256(data).hexdigest())
+
+    def _finish(self, prepared: Prepared, outputs: dict[str, np.ndarray], info: ModelInfo,
+                overlay: bool) -> AnalysisResult:
+        dicom = prepared.dicom
+        return postprocess(
+            outputs, prepared.geometry, prepared.decoded, classes=info.classes,
+            refer_threshold=info.refer_threshold,
+            pixel_spacing_mm=dicom.pixel_spacing_mm if dicom else None,
+            modality=dicom.modality if dicom else None,
+            want_overlay=overlay,
+            foreground_threshold=info.preprocess.foreground_threshold,
+        )
+
+    async def analyze(self, data: bytes, *, overlay: bool = False) -> AnalysisResult:
+        return (await self.analyze_many([data], overlay=overlay, raise_single=True))[0]
+
+    async def analyze_many(self, items: Sequence[bytes], *, overlay: bool = False,
+                           raise_single: bool = False) -> list[AnalysisResult | ServingError]:
+        """Analyze several images with ONE Triton request for all that decode; a bad image fails alone.
+
+        Each entry of the result is an AnalysisResult or the BadInput that image raised. Triton failures
+        (Unavailable, DeadlineExceeded) fail the whole call.
+        """
+        if len(items) > self.settings.max_batch_images:
+            raise BadInput(f"{len(items)} images in one batch; at most {self.settings.max_batch_images} are accepted")
+        async with self._admitted():
+            info = await self.info()
+            start = time.perf_counter()
+            prepared: list[Prepared | ServingError] = await asyncio.to_thread(self._prepare_all, items, info)
+            good = [p for p in prepared if isinstance(p, Prepared)]
+            if raise_single and not good:
+                raise prepared[0]
+            outputs = await self.model.infer(np.stack([p.image[None] for p in good])) if good else {}
+            results: list[AnalysisResult | ServingError] = await asyncio.to_thread(
+                self._finish_all, prepared, outputs, info, overlay)
+            if self.metrics is not None:
+                self.metrics.observe_results(results, time.perf_counter() - start)
+            return results
+
+    def _prepare_all(self, items: Sequence[bytes], info: ModelInfo) -> list[Prepared | ServingError]:
+        out: list[Prepared | ServingError] = []
+        for data in items:
+            try:
+                out.append(self.prepare(data, info))
+            except BadInput as exc:
+                out.append(exc)
+        return out
+
+    def _finish_all(self, prepared, outputs, info, overlay) -> list[AnalysisResult | ServingError]:
+        results, row = [], 0
+        for item in prepared:
+            if isinstance(item, ServingError):
+                results.append(item)
+                continue
+            one = {name: value[row:row + 1] for name, value in outputs.items()}
+            results.append(self._finish(item, one, info, overlay))
+            row += 1
+        return results
+
+    # -- explanations --------------------------------------------------------------------------------------
+
+    def check_explain(self, options: ExplainOptions, info: ModelInfo) -> ExplainOptions:
+        """Validate explanation options against the documented bounds; fill the defaults."""
+        s = self.settings
+        if options.method not in EXPLAIN_METHODS:
+            raise BadInput(f"unknown explanation method {options.method!r}; use one of {', '.join(EXPLAIN_METHODS)}")
+        if options.target is not None and options.target not in info.classes:
+            raise BadInput(f"unknown target class {options.target!r}; use one of {', '.join(info.classes)} "
+                           "or leave it empty for the predicted class")
+        num_samples = s.lime_num_samples if options.num_samples is None else int(options.num_samples)
+        if not 10 <= num_samples <= s.lime_max_samples:
+            raise BadInput(f"num_samples={num_samples} is outside 10..{s.lime_max_samples}")
+        max_evals = s.shap_max_evals if options.max_evals is None else int(options.max_evals)
+        if not 10 <= max_evals <= s.shap_max_max_evals:
+            raise BadInput(f"max_evals={max_evals} is outside 10..{s.shap_max_max_evals}")
+        return ExplainOptions(options.method, options.target, num_samples, max_evals)
+
+    async def explain(self, data: bytes, options: ExplainOptions):
+        """Explain one image's prediction (or ``options.target``): an :class:`~.explain.Explanation`."""
+        from .explain import Explainer
+
+        info = await self.info()
+        options = self.check_explain(options, info)
+        if self._explainer is None:
+            self._explainer = Explainer(self.model, self.settings)
+        async with self._admitted():
+            start = time.perf_counter()
+            prepared = await asyncio.to_thread(self.prepare, data, info)
+            outputs = await self.model.infer(prepared.image[None, None])
+            result = await self._explainer.explain(prepared, outputs, info, options)
+            if self.metrics is not None:
+                self.metrics.observe_explanation(options.method, time.perf_counter() - start, result.cached)
+            return result

@@ -1,0 +1,64 @@
+"""Serving settings: one frozen object read from ``BRAINTUMOR_*`` environment variables.
+
+The gateway runs inside BentoML's worker processes and the gRPC server in its own; both read the same variables,
+which `braintumor serve` sets for its children. Defaults are what a single CPU host wants.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
+from ..export.contract import DEFAULT_NAME
+
+PREFIX = "BRAINTUMOR_"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (host:port)
+    model_name: str = DEFAULT_NAME
+    model_version: str = ""  # "" = the newest ready version
+    api_key: str = ""  # "" = no authentication; else callers send it as `x-api-key` / `authorization: Bearer`
+    max_body_bytes: int = 20 * 1024 * 1024  # largest accepted request / gRPC message
+    max_batch_images: int = 64  # images per /analyze_batch request or per AnalyzeStream window
+    max_in_flight: int = 64  # pipeline calls running or queued at once; more get Busy (429 / RESOURCE_EXHAUSTED)
+    triton_timeout_s: float = 30.0  # per Triton call
+    lime_num_samples: int = 300  # documented defaults: quality at bounded cost (see README, explanations)
+    lime_max_samples: int = 2000
+    shap_max_evals: int = 300
+    shap_max_max_evals: int = 2000
+    explain_batch_size: int = 32  # perturbed images per Triton request (the classifier's max_batch_size)
+    explain_cache_size: int = 128  # explanations kept, keyed by image hash and options (LRU)
+    explain_workers: int = 2  # concurrent LIME/SHAP computations
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServeSettings:
+        env = os.environ if env is None else env
+        values = {}
+        for f in fields(cls):
+            raw = env.get(PREFIX + f.name.upper())
+            if raw is None or raw == "":
+                continue
+            kind = type(f.default)
+            try:
+                values[f.name] = kind(raw)
+            except ValueError as exc:
+                raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        positive = ("max_body_bytes", "max_batch_images", "max_in_flight", "lime_num_samples", "lime_max_samples",
+                    "shap_max_evals", "shap_max_max_evals", "explain_batch_size", "explain_workers")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
+        if self.triton_timeout_s <= 0:
+            raise ValueError(f"{PREFIX}TRITON_TIMEOUT_S must be > 0, got {self.triton_timeout_s}")
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that reproduce these settings in a child process."""
+        return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}

@@ -1,0 +1,183 @@
+"""The gateway's one connection to Triton: tritonclient's gRPC asyncio client, created once and reused.
+
+It reads the model's metadata (classes, preprocessing, refer threshold) from the model config parameters that
+`braintumor export` writes, so an external Triton (`--triton-url`) needs no local copy of the repository, and it
+turns Triton's failures into :class:`~.errors.Unavailable` / :class:`~.errors.DeadlineExceeded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..export.contract import (
+    CLASS_PROBS,
+    FULL_OUTPUTS,
+    INPUT_NAME,
+    PARAM_CAM_SIZE,
+    PARAM_CLASSES,
+    PARAM_PREPROCESS,
+    PARAM_REFER_THRESHOLD,
+    PARAM_TEMPERATURE,
+    classifier_name,
+)
+from ..train.preprocess import PreprocessConfig
+from .errors import DeadlineExceeded, Unavailable
+
+_UNAVAILABLE = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What serving needs to know about the deployed model; read from Triton, not from local files."""
+
+    name: str
+    version: str
+    classes: tuple[str, ...]
+    preprocess: PreprocessConfig
+    temperature: float
+    refer_threshold: float | None
+    cam_size: int
+    max_batch_size: int
+
+    @classmethod
+    def from_config(cls, config: dict, version: str = "") -> ModelInfo:
+        """From Triton's model config (JSON form); a clear error if the model was not exported by braintumor."""
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        missing = [k for k in (PARAM_CLASSES, PARAM_PREPROCESS) if not params.get(k)]
+        if missing:
+            raise Unavailable(f"model {config.get('name')!r} has no {missing} parameters in its config.pbtxt; "
+                              "serve a repository written by `braintumor export`")
+        refer = params.get(PARAM_REFER_THRESHOLD)
+        return cls(
+            name=config["name"],
+            version=version,
+            classes=tuple(json.loads(params[PARAM_CLASSES])),
+            preprocess=PreprocessConfig.from_dict(json.loads(params[PARAM_PREPROCESS])),
+            temperature=float(json.loads(params.get(PARAM_TEMPERATURE) or "1.0")),
+            refer_threshold=float(json.loads(refer)) if refer else None,
+            cam_size=int(json.loads(params.get(PARAM_CAM_SIZE) or "0")),
+            max_batch_size=int(config.get("max_batch_size", 1)) or 1,
+        )
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version, "classes": list(self.classes),
+                "refer_threshold": self.refer_threshold, "temperature": self.temperature,
+                "image_size": self.preprocess.image_size, "geometry": self.preprocess.geometry}
+
+
+class TritonModel:
+    """Async access to the full model and its classifier-only twin on one Triton server."""
+
+    def __init__(self, url: str, model_name: str, model_version: str = "", timeout_s: float = 30.0) -> None:
+        self.url = url
+        self.model_name = model_name
+        self.classifier_name = classifier_name(model_name)
+        self.model_version = model_version
+        self.timeout_s = timeout_s
+        self._client = None
+        self._info: ModelInfo | None = None
+        self._lock = asyncio.Lock()
+
+    def _connection(self):
+        if self._client is None:
+            from tritonclient.grpc import aio as grpcaio
+
+            self._client = grpcaio.InferenceServerClient(self.url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.close()
+
+    async def ready(self) -> bool:
+        """True when Triton answers, and both the model and the classifier are loaded."""
+        try:
+            client = self._connection()
+            return bool(await client.is_server_ready(client_timeout=2.0)
+                        and await client.is_model_ready(self.model_name, self.model_version, client_timeout=2.0)
+                        and await client.is_model_ready(self.classifier_name, self.model_version, client_timeout=2.0))
+        except Exception:  # noqa: BLE001 - any failure to answer means "not ready"
+            return False
+
+    async def info(self) -> ModelInfo:
+        """The model's metadata, fetched once (and again after Triton comes back with a new version)."""
+        if self._info is not None:
+            return self._info
+        async with self._lock:
+            if self._info is None:
+                from tritonclient.utils import InferenceServerException
+
+                client = self._connection()
+                try:
+                    response = await client.get_model_config(self.model_name, self.model_version, as_json=True,
+                                                              client_timeout=self.timeout_s)
+                    metadata = await client.get_model_metadata(self.model_name, self.model_version, as_json=True,
+                                                               client_timeout=self.timeout_s)
+                except InferenceServerException as exc:
+                    raise _translate(exc, f"model {self.model_name!r}") from exc
+                versions = metadata.get("versions") or [""]
+                self._info = ModelInfo.from_config(response["config"], version=str(max(versions, key=_version_key)))
+        return self._info
+
+    def forget_info(self) -> None:
+        self._info = None
+
+    async def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        """Full model on a (N, 1, S, S) uint8 batch -> {class_probs, mask_prob, cam}; split at max_batch_size."""
+        info = await self.info()
+        parts = [await self._infer(self.model_name, chunk, FULL_OUTPUTS)
+                 for chunk in _chunks(images, info.max_batch_size)]
+        return {name: np.concatenate([p[name] for p in parts]) for name in FULL_OUTPUTS}
+
+    async def classify(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Classifier-only model on a (N, 1, S, S) uint8 batch -> (N, num_classes) calibrated probabilities.
+
+        Chunks are sent concurrently, so Triton's dynamic batcher can run them back to back.
+        """
+        info = await self.info()
+        size = min(batch_size or info.max_batch_size, info.max_batch_size)
+        parts = await asyncio.gather(*(self._infer(self.classifier_name, chunk, (CLASS_PROBS,))
+                                       for chunk in _chunks(images, size)))
+        return np.concatenate([p[CLASS_PROBS] for p in parts])
+
+    async def _infer(self, model: str, images: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
+        from tritonclient.grpc import InferInput, InferRequestedOutput
+        from tritonclient.utils import InferenceServerException
+
+        batch = np.ascontiguousarray(images, dtype=np.uint8)
+        tensor = InferInput(INPUT_NAME, list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(batch)
+        try:
+            result = await self._connection().infer(
+                model, [tensor], model_version=self.model_version,
+                outputs=[InferRequestedOutput(name) for name in outputs], client_timeout=self.timeout_s)
+        except InferenceServerException as exc:
+            raise _translate(exc, f"inference on {model!r}") from exc
+        except asyncio.TimeoutError as exc:
+            raise DeadlineExceeded(f"Triton did not answer {model!r} within {self.timeout_s:g} s") from exc
+        return {name: result.as_numpy(name) for name in outputs}
+
+
+def _translate(exc, what: str):
+    status = str(exc.status() or "")
+    if status == "StatusCode.DEADLINE_EXCEEDED":
+        return DeadlineExceeded(f"{what}: Triton did not answer in time")
+    if status in _UNAVAILABLE or "connect" in str(exc).lower() or "unavailable" in str(exc).lower():
+        return Unavailable(f"{what}: Triton is not reachable or the model is not loaded ({exc.message()}); "
+                           "retry when /readyz says ready")
+    return Unavailable(f"{what} failed in Triton: {exc.message()}")
+
+
+def _chunks(images: np.ndarray, size: int):
+    for start in range(0, len(images), size):
+        yield images[start:start + size]
+
+
+def _version_key(version: str):
+    return (0, int(version)) if str(version).isdigit() else (1, str(version))
+
