@@ -84,9 +84,17 @@ class TritonModel:
 
     def _connection(self):
         if self._client is None:
+            from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE
             from tritonclient.grpc import aio as grpcaio
 
-            self._client = grpcaio.InferenceServerClient(self.url)
+            self._client = grpcaio.InferenceServerClient(self.url, channel_args=[
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
+                ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
+                # Reconnect within about a second after Triton comes back (gRPC's default backoff grows to 120 s).
+                ("grpc.initial_reconnect_backoff_ms", 200),
+                ("grpc.min_reconnect_backoff_ms", 200),
+                ("grpc.max_reconnect_backoff_ms", 1000),
+            ])
         return self._client
 
     async def close(self) -> None:
