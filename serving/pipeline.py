@@ -20,6 +20,7 @@ import numpy as np
 from ..train.dicom import DicomInfo, decode_any
 from ..train.preprocess import DecodedImage, Geometry, ImageDecodeError, preprocess
 from .errors import BadInput, Busy, ServingError
+from .explain import Explainer
 from .postprocess import AnalysisResult, postprocess
 from .settings import ServeSettings
 from .triton_client import ModelInfo, TritonModel
@@ -49,12 +50,14 @@ class ExplainOptions:
 
 
 class Pipeline:
-    def __init__(self, model: TritonModel, settings: ServeSettings | None = None, metrics=None) -> None:
+    def __init__(self, model: TritonModel, settings: ServeSettings | None = None, metrics=None, *,
+                 warm_explainers: bool = True) -> None:
         self.model = model
         self.settings = settings or ServeSettings()
         self.metrics = metrics
         self._in_flight = 0
-        self._explainer = None
+        # Created with the pipeline (a lifecycle object, not per request); warming imports lime/shap off the loop.
+        self._explainer = Explainer(model, self.settings, warm=warm_explainers)
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, metrics=None) -> Pipeline:
@@ -63,8 +66,7 @@ class Pipeline:
         return cls(model, settings, metrics)
 
     async def close(self) -> None:
-        if self._explainer is not None:
-            self._explainer.close()
+        self._explainer.close()
         await self.model.close()
 
     async def ready(self) -> bool:
@@ -186,14 +188,16 @@ class Pipeline:
 
     async def explain(self, data: bytes, options: ExplainOptions):
         """Explain one image's prediction (or ``options.target``): an :class:`~.explain.Explanation`."""
-        from .explain import Explainer
-
         info = await self.info()
         options = self.check_explain(options, info)
-        if self._explainer is None:
-            self._explainer = Explainer(self.model, self.settings)
+        start = time.perf_counter()
+        # A repeated request is answered from the cache before any decoding or inference.
+        hit = self._explainer.lookup(hashlib.sha256(data).hexdigest(), info, options)
+        if hit is not None:
+            if self.metrics is not None:
+                self.metrics.observe_explanation(options.method, time.perf_counter() - start, True)
+            return hit
         async with self._admitted():
-            start = time.perf_counter()
             prepared = await asyncio.to_thread(self.prepare, data, info)
             outputs = await self.model.infer(prepared.image[None, None])
             result = await self._explainer.explain(prepared, outputs, info, options)
