@@ -1,0 +1,284 @@
+"""The HTTP gateway's front guard (pure ASGI): API-key auth, body size and content-type checks, multipart sanity,
+request metrics, and one error shape ``{"error": kind, "detail": message}`` for every refusal on an API route.
+
+BentoML 1.4 has no request-size limit (``api_server.max_request_size`` was removed), answers malformed multipart
+with a 500, and shapes its own errors three ways; so each request to an API route is checked here, before BentoML
+parses anything, and BentoML's own error bodies are rewritten into the shape the gRPC door and the SDK share.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .errors import BadInput, PayloadTooLarge, ServingError, Unauthenticated, UnsupportedMediaType
+from .settings import ServeSettings
+
+# Always open, also when an API key is set: probes, Prometheus, and BentoML's docs (Swagger UI + OpenAPI).
+OPEN_PATHS = frozenset({"/", "/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/schema.json"})
+OPEN_PREFIXES = ("/static_content/", "/assets/")
+BODY_TYPES = ("application/json", "multipart/form-data")
+MAX_FORM_VALUE_BYTES = 1024 * 1024  # Starlette's limit for a non-file multipart part (beyond it BentoML answers 500)
+
+# The kind of an error answer that BentoML or Starlette produced (not a ServingError), by status.
+_KINDS = {400: "bad_input", 401: "unauthenticated", 404: "not_found", 405: "method_not_allowed",
+          413: "payload_too_large", 415: "unsupported_media_type", 429: "busy", 503: "unavailable",
+          504: "deadline_exceeded"}
+
+
+@dataclass(frozen=True)
+class BodyRoute:
+    """What one POST route accepts; ``usage`` ends every refusal so the caller knows how to fix the request."""
+
+    endpoint: str  # metrics label
+    files: Mapping[str, bool]  # multipart file field -> several allowed
+    fields: frozenset[str]  # other fields: JSON keys or multipart text parts
+    usage: str
+
+
+def error_body(kind: str, detail: str) -> bytes:
+    return json.dumps({"error": kind, "detail": detail}).encode()
+
+
+class GatewayMiddleware:
+    def __init__(self, app, routes: Mapping[str, BodyRoute], endpoints: Mapping[str, str],
+                 metrics=None, settings: ServeSettings | None = None) -> None:
+        """``routes``: POST routes with a body; ``endpoints``: every API path -> metrics label (body-less too)."""
+        self.app = app
+        self.routes = dict(routes)
+        self.endpoints = {**{p: r.endpoint for p, r in routes.items()}, **endpoints}
+        self.settings = settings or ServeSettings.from_env()
+        self._metrics = metrics
+
+    @property
+    def metrics(self):
+        return self._metrics() if callable(self._metrics) else self._metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        seen = {"status": 500, "seconds": None}
+
+        async def counted(message) -> None:
+            if message["type"] == "http.response.start":
+                seen["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                seen["seconds"] = time.perf_counter() - start  # background work (BentoML tasks) runs after this
+            await send(message)
+
+        try:
+            body = None
+            try:
+                self._authenticate(scope)
+                # The key goes no further: BentoML stores task requests, headers included, in its task database.
+                scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ())
+                                              if k.lower() not in (b"x-api-key", b"authorization")]}
+                route = self.routes.get(path)
+                if route is not None and scope["method"] == "POST":
+                    body = await self._read_body(scope, receive, route)
+            except ServingError as exc:
+                await _answer(exc, counted)
+                return
+            usage = self.routes[path].usage if path in self.routes else None
+            await self.app(scope, _replay(body) if body is not None else receive, _uniform_errors(counted, usage))
+        finally:
+            endpoint = self.endpoints.get(path)
+            if endpoint is not None and self.metrics is not None:
+                seconds = seen["seconds"] if seen["seconds"] is not None else time.perf_counter() - start
+                self.metrics.observe_request(endpoint, str(seen["status"]), seconds)
+
+    # -- checks --------------------------------------------------------------------------------------------
+
+    def _authenticate(self, scope) -> None:
+        key = self.settings.api_key
+        if not key:
+            return
+        headers = _headers(scope)
+        given = headers.get("x-api-key", "")
+        auth = headers.get("authorization", "")
+        if not given and auth[:7].lower() == "bearer ":
+            given = auth[7:].strip()
+        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+            raise Unauthenticated("missing or wrong API key: send it as the `x-api-key` header or as "
+                                  "`authorization: Bearer <key>`")
+
+    async def _read_body(self, scope, receive, route: BodyRoute) -> bytes:
+        """The whole body, within the size limit, of an accepted content type; multipart parts checked."""
+        headers = _headers(scope)
+        limit = self.settings.max_body_bytes
+        media = headers.get("content-type", "").split(";")[0].strip().lower()
+        if media and media not in BODY_TYPES:
+            raise UnsupportedMediaType(f"content type {media!r} is not accepted; {route.usage}")
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the {limit}-byte limit "
+                                  "(BRAINTUMOR_MAX_BODY_BYTES); send fewer or smaller images per request")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise BadInput("the client disconnected before the request body was complete")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over the {limit}-byte limit (BRAINTUMOR_MAX_BODY_BYTES); "
+                                      "send fewer or smaller images per request")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        if media == "multipart/form-data":
+            _check_multipart(headers["content-type"], body, route)
+        elif body and not media:
+            raise UnsupportedMediaType(f"the request has a body but no content type; {route.usage}")
+        return body
+
+
+def _check_multipart(content_type: str, body: bytes, route: BodyRoute) -> None:
+    """Reject what BentoML would answer with a 500 or silently ignore: no boundary, unparsable parts, unknown or
+    repeated fields, a file where a value belongs, an oversized value. Only part headers are kept, not data."""
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise BadInput(f"multipart body without a boundary in its content type; {route.usage}")
+    parts: list[dict] = []
+    header: dict[str, bytes] = {}
+
+    def on_part_begin() -> None:
+        parts.append({"disposition": b"", "size": 0})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["field"] = header.get("field", b"") + data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] = header.get("value", b"") + data[start:end]
+
+    def on_header_end() -> None:
+        if header.get("field", b"").lower() == b"content-disposition":
+            parts[-1]["disposition"] = header.get("value", b"")
+        header.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["size"] += end - start
+
+    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
+                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
+                                        "on_part_data": on_part_data})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as exc:
+        raise BadInput(f"malformed multipart body ({exc}); {route.usage}") from exc
+    if not parts:
+        raise BadInput(f"multipart body without any part; {route.usage}")
+    counts: dict[str, int] = {}
+    for part in parts:
+        _, opts = parse_options_header(part["disposition"])
+        name = opts.get(b"name", b"").decode("utf-8", "replace")
+        if not name:
+            raise BadInput(f"a multipart part has no field name; {route.usage}")
+        counts[name] = counts.get(name, 0) + 1
+        if name in route.files:
+            if counts[name] > 1 and not route.files[name]:
+                raise BadInput(f"field {name!r} holds one file, got several; {route.usage}")
+        elif name in route.fields:
+            if b"filename" in opts:
+                raise BadInput(f"field {name!r} takes a plain form value, not a file; {route.usage}")
+            if part["size"] > MAX_FORM_VALUE_BYTES:
+                raise BadInput(f"form value {name!r} is over {MAX_FORM_VALUE_BYTES} bytes; send images as file "
+                               f"parts; {route.usage}")
+        else:
+            raise BadInput(f"unknown field {name!r}; {route.usage}")
+
+
+# -- ASGI helpers ----------------------------------------------------------------------------------------------
+
+def _headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+async def _answer(error: ServingError, send) -> None:
+    body = error_body(error.kind, error.message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if error.http_status == 401:
+        headers.append((b"www-authenticate", b'Bearer realm="braintumor"'))
+    await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _uniform_errors(send, usage: str | None):
+    """Pass answers through; rewrite an error body that is not already ``{"error": str, "detail": str}``."""
+    held: dict = {}
+
+    async def wrapped(message) -> None:
+        if message["type"] == "http.response.start":
+            if message["status"] < 400:
+                await send(message)
+                return
+            held["start"], held["body"] = message, b""
+            return
+        if message["type"] != "http.response.body" or "start" not in held:
+            await send(message)
+            return
+        held["body"] += message.get("body", b"")
+        if message.get("more_body"):
+            return
+        start, body = held.pop("start"), held.pop("body")
+        body = _rewrite(start["status"], body, usage)
+        headers = [(k, v) for k, v in start.get("headers", []) if k.lower() not in (b"content-length", b"content-type")]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return wrapped
+
+
+def _rewrite(status: int, body: bytes, usage: str | None = None) -> bytes:
+    try:
+        data = json.loads(body) if body else None
+    except ValueError:
+        data = body.decode("utf-8", "replace").strip() or None
+    if isinstance(data, dict) and isinstance(data.get("error"), str) and isinstance(data.get("detail"), str):
+        return body  # already ours
+    kind = _KINDS.get(status, "internal" if status >= 500 else "bad_request")
+    if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
+        data = data[0]  # BentoMLException with a 4xx: BentoML answers [{"error": message}]
+    if isinstance(data, dict) and isinstance(data.get("detail"), list):  # pydantic validation errors
+        detail = "; ".join(_validation_message(e) for e in data["detail"] if isinstance(e, dict))
+    elif isinstance(data, dict):
+        detail = str(data.get("error") or data.get("detail") or "")
+    else:
+        detail = str(data or "")
+    if status >= 500 and kind == "internal":
+        detail = "an unexpected error occurred; it is logged on the server"
+    elif status == 400 and usage:
+        detail = f"{detail}; {usage}" if detail else usage
+    return error_body(kind, detail or f"HTTP {status}")
+
+
+def _validation_message(error: dict) -> str:
+    where = ".".join(str(part) for part in error.get("loc", ()) if part != "body")
+    message = str(error.get("msg", "invalid value"))
+    return f"{where}: {message}" if where else message

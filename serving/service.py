@@ -1,0 +1,278 @@
+"""The HTTP gateway: a BentoML service over the one serving :class:`Pipeline`.
+
+    bentoml serve braintumor.serving.service:BrainTumorGateway --port 3000     (Triton at BRAINTUMOR_TRITON_URL)
+
+POST /analyze, /analyze_batch, /explain (also a BentoML task: /explain/submit, /explain/status, /explain/get);
+GET /model; /healthz (liveness), /readyz (Triton ready and the model loaded), /metrics, Swagger UI at / and
+OpenAPI at /docs.json. Auth, body limits and the error shape live in :mod:`.http_middleware`.
+
+Imports are absolute so that ``bentoml serve serving.service:BrainTumorGateway`` also works from the repo root.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import os
+import typing
+from pathlib import Path
+
+import bentoml
+from pydantic import ConfigDict, Field, field_validator
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from braintumor.serving.errors import BadInput, ServingError
+from braintumor.serving.http_middleware import BodyRoute, GatewayMiddleware
+from braintumor.serving.metrics import Metrics
+from braintumor.serving.pipeline import EXPLAIN_METHODS, ExplainOptions, Pipeline
+from braintumor.serving.results import analysis_to_dict, explanation_to_dict
+from braintumor.serving.settings import ServeSettings
+
+log = logging.getLogger("braintumor.serving.http")
+
+FORMATS = "a JPEG, PNG or DICOM slice"
+ANALYZE_USAGE = ('send multipart/form-data with the file in field "image" (optional field "overlay": true|false), '
+                 f'or JSON {{"image_base64": "<base64 of the file>", "overlay": false}}; the file is {FORMATS}')
+BATCH_USAGE = ('send multipart/form-data with one file field "images" per image (optional "overlay"), or JSON '
+               '{"images_base64": ["<base64>", ...], "overlay": false}; at most BRAINTUMOR_MAX_BATCH_IMAGES images '
+               f"(default 64), each {FORMATS}")
+EXPLAIN_USAGE = ('send multipart/form-data with the file in field "image" and the fields "method" '
+                 f'({"|".join(EXPLAIN_METHODS)}), optional "target" (a class name), "num_samples" (LIME), '
+                 '"max_evals" (SHAP); or the same as JSON with the file base64-encoded in "image_base64"')
+TIMEOUT_S = 600  # a synchronous LIME/SHAP call may take minutes on a CPU host; /explain/submit holds nothing open
+
+
+class _Input(bentoml.IODescriptor):
+    # File fields are typed `Path = None`, not `Path | None`: BentoML 1.4 turns only a bare Path (or list[Path]) into
+    # an upload (`X | None` is not patched; `Optional[Path]` fails to build, FileSchema being unhashable).
+    # Unknown fields are refused by name; inputs are never echoed in validation errors or logs (patient data).
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    @field_validator("image", "images", mode="before", check_fields=False)
+    @classmethod
+    def _file_not_text(cls, value):
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) for v in values):
+            raise ValueError('a file field takes a multipart file; in JSON send the bytes base64-encoded in '
+                             '"image_base64" / "images_base64"')
+        return value
+
+
+class AnalyzeInput(_Input):
+    image: Path = Field(None, description=f"{FORMATS} (multipart file)")
+    image_base64: str | None = Field(None, description="the same file base64-encoded (JSON)")
+    overlay: bool = Field(False, description="also return overlay_png: the slice with heatmap and mask outline")
+
+
+class AnalyzeBatchInput(_Input):
+    images: list[Path] = Field(None, description=f"one multipart file per image, each {FORMATS}")
+    images_base64: list[str] | None = Field(None, description="the same files base64-encoded (JSON)")
+    overlay: bool = Field(False, description="also return overlay_png for each image")
+
+
+class ExplainInput(_Input):
+    image: Path = Field(None, description=f"{FORMATS} (multipart file)")
+    image_base64: str | None = Field(None, description="the same file base64-encoded (JSON)")
+    method: str = Field("gradcam", description=f"one of {', '.join(EXPLAIN_METHODS)}")
+    target: str | None = Field(None, description="class to explain; empty: the predicted class")
+    num_samples: int | None = Field(None, description="LIME perturbations (BRAINTUMOR_LIME_MAX_SAMPLES bounds it)")
+    max_evals: int | None = Field(None, description="SHAP evaluations (BRAINTUMOR_SHAP_MAX_MAX_EVALS bounds it)")
+
+
+def _body_route(endpoint: str, spec: type[_Input], usage: str) -> BodyRoute:
+    def several(annotation) -> bool:
+        return any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
+
+    files = {name: several(spec.model_fields[name].annotation) for name in spec.multipart_fields}
+    return BodyRoute(endpoint, files, frozenset(spec.model_fields) - set(files), usage)
+
+
+BODY_ROUTES = {
+    "/analyze": _body_route("analyze", AnalyzeInput, ANALYZE_USAGE),
+    "/analyze_batch": _body_route("analyze_batch", AnalyzeBatchInput, BATCH_USAGE),
+    "/explain": _body_route("explain", ExplainInput, EXPLAIN_USAGE),
+    "/explain/submit": _body_route("explain_submit", ExplainInput, EXPLAIN_USAGE),
+}
+OTHER_ENDPOINTS = {"/explain/status": "explain_status", "/explain/get": "explain_get",
+                   "/explain/retry": "explain_retry", "/explain/cancel": "explain_cancel", "/model": "model"}
+
+_metrics: Metrics | None = None
+
+
+def gateway_metrics() -> Metrics:
+    """One set per worker process, made on first use: BentoML sets PROMETHEUS_MULTIPROC_DIR in the worker after
+    importing this module, and prometheus_client must be imported after that (bentoml.metrics only defers it,
+    and is deprecated in 1.4)."""
+    global _metrics
+    if _metrics is None:
+        import prometheus_client
+
+        _metrics = Metrics(prometheus_client, "http")
+    return _metrics
+
+
+def error_response(error: ServingError) -> JSONResponse:
+    headers = {"retry-after": "1"} if error.http_status in (429, 503) else None
+    return JSONResponse({"error": error.kind, "detail": error.message}, status_code=error.http_status, headers=headers)
+
+
+def decode_base64(text: str, field: str) -> bytes:
+    """Bytes of a base64 field; a ``data:...;base64,`` prefix and line breaks are accepted."""
+    if text.startswith("data:") and "," in text[:200]:
+        text = text.split(",", 1)[1]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise BadInput(f"{field} is not valid base64 ({exc}); send the file's bytes base64-encoded "
+                       "(standard alphabet, with padding)") from exc
+
+
+async def _one_image(image: Path | None, image_base64: str | None, usage: str) -> bytes:
+    if image is not None and image_base64 is not None:
+        raise BadInput('send the image once: either the multipart file "image" or JSON "image_base64"')
+    if image is not None:
+        return await asyncio.to_thread(image.read_bytes)
+    if image_base64 is not None:
+        return decode_base64(image_base64, "image_base64")
+    raise BadInput(f"no image in the request; {usage}")
+
+
+async def _model(request) -> JSONResponse:
+    gateway = bentoml.get_current_service()
+    try:
+        info = await gateway.pipeline.info()
+    except ServingError as exc:
+        return error_response(exc)
+    return JSONResponse(info.to_dict())
+
+
+# GET routes: BentoML API routes are POST only. Mounted at "/" as a passive mount: only /model matches here.
+extra_routes = Starlette(routes=[Route("/model", _model, methods=["GET"])])
+
+
+@bentoml.asgi_app(extra_routes, path="/")
+@bentoml.service(name="braintumor", workers=int(os.environ.get("BRAINTUMOR_HTTP_WORKERS", "1")),
+                 traffic={"timeout": TIMEOUT_S})
+class BrainTumorGateway:
+    """Brain MRI tumour classification, segmentation and explanation (BRISC 2025) over NVIDIA Triton."""
+
+    def __init__(self) -> None:
+        # Runs once per worker; connects lazily, so the gateway starts (not ready) while Triton is still down.
+        self.settings = ServeSettings.from_env()
+        self.metrics = gateway_metrics()
+        self.pipeline = Pipeline.from_settings(self.settings, self.metrics)
+
+    async def __is_ready__(self) -> bool:
+        """Readiness (/readyz): Triton answers, both models are loaded and their braintumor metadata is readable."""
+        if not await self.pipeline.ready():
+            return False
+        try:
+            await self.pipeline.info()
+        except ServingError as exc:
+            log.warning("not ready: %s", exc.message)
+            return False
+        return True
+
+    @bentoml.on_shutdown
+    async def shutdown(self) -> None:
+        await self.pipeline.close()
+
+    @bentoml.api(route="/analyze", input_spec=AnalyzeInput)
+    async def analyze(self, image: Path | None = None, image_base64: str | None = None,
+                      overlay: bool = False) -> dict:
+        """Classify one slice, segment the tumour and explain the label with Grad-CAM.
+
+        Multipart (field `image`) or JSON (`image_base64`). Answers label, probabilities, refer (+ reasons),
+        tumour area, mask and heatmap PNGs (base64), and the model version. Errors: 400/413/415 with a message
+        saying what to fix, 429 when busy, 503 while Triton is down (retry when /readyz is ready).
+        """
+
+        async def work():
+            data = await _one_image(image, image_base64, ANALYZE_USAGE)
+            result = await self.pipeline.analyze(data, overlay=overlay)
+            return analysis_to_dict(result, (await self.pipeline.info()).to_dict())
+
+        return await self._answer("analyze", work())
+
+    @bentoml.api(route="/analyze_batch", input_spec=AnalyzeBatchInput)
+    async def analyze_batch(self, images: list[Path] | None = None, images_base64: list[str] | None = None,
+                            overlay: bool = False) -> dict:
+        """Analyze several slices in one Triton request. `results` has one entry per image, in order: the
+        /analyze answer, or `{"error": kind, "detail": message}` for an image that cannot be used."""
+
+        async def work():
+            if images is not None and images_base64 is not None:
+                raise BadInput('send the images once: either multipart files "images" or JSON "images_base64"')
+            if not images and not images_base64:
+                raise BadInput(f"no images in the request; {BATCH_USAGE}")
+            count = len(images or images_base64)
+            if count > self.settings.max_batch_images:
+                raise BadInput(f"{count} images in one batch; at most {self.settings.max_batch_images} are accepted")
+            items: list[bytes | ServingError] = []
+            for k, item in enumerate(images or images_base64):
+                try:
+                    items.append(await asyncio.to_thread(item.read_bytes) if isinstance(item, Path)
+                                 else decode_base64(item, f"images_base64[{k}]"))
+                except BadInput as exc:
+                    self.metrics.observe_error(exc)  # the pipeline counts the errors of the images it sees
+                    items.append(exc)
+            good = [item for item in items if isinstance(item, bytes)]
+            analysed = iter(await self.pipeline.analyze_many(good, overlay=overlay) if good else [])
+            info = (await self.pipeline.info()).to_dict()
+            results = []
+            for item in items:
+                result = next(analysed) if isinstance(item, bytes) else item
+                results.append({"error": result.kind, "detail": result.message} if isinstance(result, ServingError)
+                               else analysis_to_dict(result))
+            return {"model": {"name": info["name"], "version": info["version"]}, "results": results}
+
+        return await self._answer("analyze_batch", work())
+
+    @bentoml.task(route="/explain", input_spec=ExplainInput)
+    async def explain(self, image: Path | None = None, image_base64: str | None = None, method: str = "gradcam",
+                      target: str | None = None, num_samples: int | None = None,
+                      max_evals: int | None = None) -> dict:
+        """Explain one slice's prediction (or `target`) with gradcam (fast), lime or shap (seconds).
+
+        POST /explain answers when done; POST /explain/submit answers a task_id at once, then
+        GET /explain/status?task_id= and GET /explain/get?task_id= give the state and the result.
+        Results are cached by image and options, so a repeated request is instant.
+        """
+
+        async def work():
+            info = await self.pipeline.info()
+            # Options first: a bad method or bound is a 400 before any image work (and a task fails at once).
+            options = self.pipeline.check_explain(ExplainOptions(method, target or None, num_samples, max_evals),
+                                                  info)
+            data = await _one_image(image, image_base64, EXPLAIN_USAGE)
+            explanation = await self.pipeline.explain(data, options)
+            return explanation_to_dict(explanation, info.to_dict())
+
+        return await self._answer("explain", work())
+
+    async def _answer(self, endpoint: str, work) -> dict | JSONResponse:
+        """The endpoint's answer, or its error as ``{"error": kind, "detail": message}`` with the error's status.
+
+        Returned, not raised: BentoML hides the message of any exception with a 5xx status, and a 503 must say
+        that Triton is down. Nothing about the image (name, bytes) is logged.
+        """
+        try:
+            return await work
+        except ServingError as exc:
+            self.metrics.observe_error(exc)
+            if exc.http_status >= 500:
+                log.warning("%s: %s", endpoint, exc.message)
+            return error_response(exc)
+        except Exception:
+            log.exception("%s failed unexpectedly", endpoint)
+            error = ServingError("an unexpected error occurred; it is logged on the server")
+            self.metrics.observe_error(error)
+            return error_response(error)
+
+
+BrainTumorGateway.add_asgi_middleware(GatewayMiddleware, routes=BODY_ROUTES, endpoints=OTHER_ENDPOINTS,
+                                      metrics=gateway_metrics)
