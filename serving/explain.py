@@ -176,8 +176,8 @@ class Explainer:
         self._cache: OrderedDict[tuple, Explanation] = OrderedDict()
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        if warm:
-            self._pool.submit(warm_up).add_done_callback(_log_failure)
+        if warm:  # a daemon thread, not the pool: a process stopping during warm-up must not wait for it
+            threading.Thread(target=_warm_up_logged, name="explain-warm-up", daemon=True).start()
 
     def close(self) -> None:
         self._closed.set()  # running computations stop at their next model call
@@ -277,10 +277,11 @@ class _Stopped(RuntimeError):
     """Raised in a worker thread when its explanation was cancelled or the explainer closed."""
 
 
-def _log_failure(future: concurrent.futures.Future) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("explainer warm-up failed; the first LIME/SHAP request will show the error",
-                  exc_info=future.exception())
+def _warm_up_logged() -> None:
+    try:
+        warm_up()
+    except Exception:  # noqa: BLE001 - logged; the first LIME/SHAP request will raise it again where it is seen
+        log.exception("explainer warm-up failed; the first LIME/SHAP request will show the error")
 
 
 class CountingClassify:
