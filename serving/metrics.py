@@ -1,7 +1,8 @@
 """Prometheus metrics shared by both front doors, defined once.
 
-The HTTP gateway builds them on ``bentoml.metrics`` (BentoML's multiprocess-safe wrapper, exported on its own
-``/metrics``); the gRPC server builds them on ``prometheus_client`` and serves them on its metrics port. Names
+Both build them on ``prometheus_client``: the HTTP gateway inside each BentoML worker, after BentoML has set the
+multiprocess directory, so BentoML's own ``/metrics`` exports them (``bentoml.metrics`` is deprecated in 1.4); the
+gRPC server serves them on its metrics port. Names
 and labels are the same, so one dashboard reads both (label ``frontend`` = ``http`` or ``grpc``).
 """
 
@@ -16,7 +17,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 class Metrics:
     def __init__(self, prom, frontend: str, registry=None) -> None:
-        """``prom`` is ``bentoml.metrics`` or the ``prometheus_client`` module."""
+        """``prom`` is the ``prometheus_client`` module (or anything with its Counter/Histogram/Gauge API)."""
         self.frontend = frontend
         kw = {"registry": registry} if registry is not None else {}
         self.requests = prom.Counter(

@@ -7,7 +7,6 @@ that is saved inside every checkpoint and exported model, so the pixels a model 
 from __future__ import annotations
 
 import io
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -93,23 +92,24 @@ def decode_image(source: bytes | str | Path) -> DecodedImage:
 
     if dicom.is_dicom(data):
         return dicom.decode_dicom(data, name)[0]
-    old_limit = Image.MAX_IMAGE_PIXELS
     try:
-        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                mode = img.mode
-                pixels, is_colour = _to_grey(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        with Image.open(io.BytesIO(data)) as img:
+            # Checked on the header, before any pixel is decoded; an explicit check rather than swapping Pillow's
+            # global MAX_IMAGE_PIXELS, which would race between the serving threads.
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageDecodeError(f"{name}: image is too large ({img.width}x{img.height}); at most "
+                                       f"{MAX_PIXELS} pixels (a brain MRI slice is usually under 1024x1024)")
+            img.load()
+            mode = img.mode
+            pixels, is_colour = _to_grey(img)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{name}: image is too large ({exc}); at most {MAX_PIXELS} pixels") from exc
     except Image.UnidentifiedImageError as exc:
         raise ImageDecodeError(f"{name}: not a readable image; send a JPEG, PNG or DICOM slice") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc}); re-export the slice") from exc
-    finally:
-        Image.MAX_IMAGE_PIXELS = old_limit
     if pixels.shape[0] < 8 or pixels.shape[1] < 8:
         raise ImageDecodeError(f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]}; at least 8x8 pixels needed")
     return DecodedImage(pixels, mode, is_colour)

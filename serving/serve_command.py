@@ -1,0 +1,144 @@
+"""CLI subcommand `braintumor serve`: Triton + the BentoML HTTP gateway + the gRPC API, up together, down together.
+
+Starts the embedded Triton on the bundled model (or uses ``--triton-url``), then the gateway (``bentoml serve``)
+and the gRPC server as child processes sharing the ``BRAINTUMOR_*`` settings, waits until all three are ready,
+prints the URLs, and on Ctrl-C / SIGTERM — or when any of them dies — stops every one of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .triton_commands import default_model_repository
+
+GATEWAY_TARGET = "braintumor.serving.service:BrainTumorGateway"
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from .settings import ServeSettings
+    from .supervisor import ChildProcess, grpc_serving, http_ready, wait_until
+    from .triton_embedded import EmbeddedTriton, TritonServerError, check_ports
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("braintumor.serve")
+    settings = ServeSettings.from_env()
+    own_ports = {"gateway HTTP": args.http_port, "gRPC API": args.grpc_port, "gRPC metrics": args.grpc_metrics_port}
+    check_ports(own_ports, args.host)
+
+    stop_signals: list[int] = []
+    triton = None
+    children: list[ChildProcess] = []
+    # BentoML keeps task results (LIME/SHAP via /explain/submit) in a store; one per run, removed at the end,
+    # so two `serve` instances never share results and nothing of a patient's request outlives the run.
+    result_store = tempfile.mkdtemp(prefix="braintumor-tasks-")
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stop_signals.append(signum)
+        if triton is not None:
+            triton._abort.set()  # stop waiting for Triton's readiness (same package: serve owns the launcher)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    client_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
+    try:
+        if args.triton_url:
+            triton_url = args.triton_url
+            log.info("using the external Triton at %s (no embedded Triton started)", triton_url)
+        else:
+            if args.model_repository is None:
+                raise ValueError("no model repository: pass --model-repository DIR or --triton-url HOST:PORT")
+            triton = EmbeddedTriton(args.model_repository, args.triton_http_port, args.triton_grpc_port,
+                                    args.triton_metrics_port, address=args.host, startup_timeout=args.startup_timeout,
+                                    echo=sys.stderr if args.verbose else None)
+            triton.start()
+            triton_url = triton.grpc_url
+        settings = replace(settings, triton_url=triton_url)
+        env = {**os.environ, **settings.to_env(), "BRAINTUMOR_HTTP_WORKERS": str(args.workers),
+               "BENTOML_RESULT_STORE": os.path.join(result_store, "task_result.db")}
+
+        children.append(ChildProcess("HTTP gateway", [
+            sys.executable, "-m", "bentoml", "serve", GATEWAY_TARGET, "--host", args.host,
+            "--port", str(args.http_port)], env).start())
+        children.append(ChildProcess("gRPC API", [
+            sys.executable, "-m", "braintumor.serving.cli", "grpc-server", "--host", args.host,
+            "--port", str(args.grpc_port), "--metrics-port", str(args.grpc_metrics_port),
+            "--triton-url", triton_url], env).start())
+
+        gateway = f"http://{client_host}:{args.http_port}"
+        grpc_target = f"{client_host}:{args.grpc_port}"
+        abort = lambda: bool(stop_signals)  # noqa: E731
+        wait_until(lambda: http_ready(f"{gateway}/readyz"), args.startup_timeout, children, "the HTTP gateway",
+                   abort=abort)
+        wait_until(lambda: grpc_serving(grpc_target), args.startup_timeout, children, "the gRPC API", abort=abort)
+
+        lines = [
+            "braintumor is ready",
+            f"  HTTP gateway   {gateway}  (POST /analyze, /analyze_batch, /explain; docs at /, /metrics)",
+            f"  gRPC API       {grpc_target}  (braintumor.v1.BrainTumor; health + reflection; "
+            f"metrics http://{client_host}:{args.grpc_metrics_port}/metrics)",
+        ]
+        if triton is not None:
+            lines.append(f"  Triton         http://{triton.http_url}  gRPC {triton.grpc_url}  "
+                         f"metrics {triton.metrics_url}")
+        else:
+            lines.append(f"  Triton         {triton_url} (external)")
+        lines.append("Ctrl-C stops everything.")
+        print("\n".join(lines), flush=True)
+
+        while not stop_signals:
+            dead = [c for c in children if not c.alive()]
+            if triton is not None and not triton.is_running():
+                raise RuntimeError(f"Triton died; last log lines:\n{triton.log_tail()}")
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exit_code()}")
+            time.sleep(0.5)
+        log.info("%s received; stopping", signal.Signals(stop_signals[0]).name)
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (RuntimeError, TritonServerError) as exc:
+        print(f"braintumor serve: error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        for child in reversed(children):  # front doors first, then the model server they call
+            code = child.stop()
+            log.info("%s stopped (exit code %s)", child.name, code)
+        if triton is not None:
+            triton.stop()
+        shutil.rmtree(result_store, ignore_errors=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    default_repo = default_model_repository()
+    p = sub.add_parser(
+        "serve", help="start Triton, the HTTP gateway and the gRPC API on the bundled model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Start the embedded Triton on the model repository (or use --triton-url), the BentoML HTTP "
+                    "gateway and the gRPC API; wait until all are ready and print their URLs; Ctrl-C or SIGTERM "
+                    "stops all of them. Settings such as BRAINTUMOR_API_KEY (turns authentication on) are read "
+                    "from the environment; see the README.")
+    p.add_argument("--http-port", type=int, default=3000, help="port of the HTTP gateway (BentoML)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="port of the gRPC API (braintumor.v1)")
+    p.add_argument("--grpc-metrics-port", type=int, default=50052, help="port of the gRPC server's Prometheus /metrics")
+    p.add_argument("--triton-http-port", type=int, default=8000, help="embedded Triton's HTTP port")
+    p.add_argument("--triton-grpc-port", type=int, default=8001, help="embedded Triton's gRPC port")
+    p.add_argument("--triton-metrics-port", type=int, default=8002, help="embedded Triton's Prometheus metrics port")
+    p.add_argument("--model-repository", type=Path, default=default_repo,
+                   help="Triton model repository for the embedded Triton (default: the bundled release model)")
+    p.add_argument("--triton-url", default=None,
+                   help="HOST:PORT of an already running Triton's gRPC endpoint; then no Triton is started")
+    p.add_argument("--workers", type=int, default=1, help="HTTP gateway worker processes")
+    p.add_argument("--host", default="0.0.0.0", help="address every server binds to (127.0.0.1: this host only)")
+    p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each part to be ready")
+    p.add_argument("--verbose", action="store_true", help="echo Triton's log")
+    p.set_defaults(func=_serve)
