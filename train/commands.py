@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -58,7 +59,8 @@ def _train(args: argparse.Namespace) -> int:
         config_file = Path(args.out) / "config.yaml"  # resume with the run's own resolved config
     cfg = resolve_config(config_file, overrides)
     best = run_training(cfg, args.data, args.out, resume=args.resume)
-    print(f"done: {best} (history: {Path(args.out) / 'history.csv'})")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(f"done: {best} (history: {Path(args.out) / 'history.csv'})")
     return 0
 
 
@@ -102,24 +104,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (counted) instead of failing")
     p.set_defaults(func=_prepare)
 
-    p = sub.add_parser("train", help="train the multi-task model with the alternating trainer", formatter_class=fmt)
+    p = sub.add_parser(
+        "train", help="train the multi-task model with the alternating trainer", formatter_class=fmt,
+        description="Train the multi-task model. Multi-GPU: `torchrun --nproc_per_node N -m braintumor.serving.cli "
+                    "train ...` runs one process per GPU (DistributedDataParallel, NCCL; gloo on CPU); each rank "
+                    "trains on its own shard of the batches and rank 0 alone validates and writes the run folder.")
     p.add_argument("--data", required=True, help="dataset root (BRISC layout) or a cache from prepare-data")
     p.add_argument("--out", required=True, help="run folder: last.pt, best.pt, config.yaml, history.csv, val_split.csv")
     p.add_argument("--config", help="YAML file with data/model/optim/runtime sections; flags override it")
     p.add_argument("--image-size", type=int, help="input side in pixels (config default 128)")
     p.add_argument("--epochs", type=int, help="total epochs (config default 10)")
-    p.add_argument("--batch-size", type=int, help="batch size for both tasks (config default 32)")
+    p.add_argument("--batch-size", type=int,
+                   help="batch size for both tasks, per process: under torchrun the global batch is nproc x this and "
+                        "an epoch has correspondingly fewer steps; the lr is not rescaled (config default 32)")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate (config default 3e-4)")
     p.add_argument("--encoder", help="timm encoder: resnet18 (default), resnet34, resnet50")
     p.add_argument("--pretrained", help="'true' for timm's local weight cache or a path to a local weights file")
     p.add_argument("--limit", type=int, help="use only N training slices (stratified), for quick runs")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (config default 0)")
     p.add_argument("--cache-dir", help="where the decoded cache goes (default ~/.cache/braintumor or $BRAINTUMOR_CACHE)")
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N; under torchrun auto/cuda mean cuda:LOCAL_RANK")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--seed", type=int, help="random seed (config default 0)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable files (counted) instead of failing")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from last.pt (also under torchrun, with the same number of processes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
     p.set_defaults(func=_train)
 

@@ -6,6 +6,7 @@ the same whether it runs straight through or after ``--resume``, with any number
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 
 import albumentations as A
@@ -86,3 +87,28 @@ class ShuffleSampler(_EpochSampler):
     def __iter__(self):
         rng = self._rng()
         return self._with_seeds(rng.permutation(self.rows), rng)
+
+
+class ShardedSampler(Sampler):
+    """Rank ``rank``'s share of an epoch sampler under DistributedDataParallel.
+
+    Every rank draws the same global sequence (same seed and epoch) and keeps every ``world_size``-th element
+    starting at its rank, so the shards are disjoint and, batch by batch, their union is the batch of
+    ``world_size * batch_size`` a single process would draw. The tail is dropped so every rank has the same
+    length (and therefore the same number of batches: the task schedule must match on every rank).
+    """
+
+    def __init__(self, sampler: _EpochSampler, rank: int, world_size: int):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.sampler, self.rank, self.world_size = sampler, rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.world_size
+
+    def __iter__(self):
+        stop = len(self) * self.world_size
+        return itertools.islice(iter(self.sampler), self.rank, stop, self.world_size)

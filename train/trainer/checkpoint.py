@@ -19,15 +19,22 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda_device"] = torch.cuda.current_device()  # the generator this process advanced
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore a saved RNG state. With a CUDA ``device`` (a torchrun rank), only that device's generator is set,
+    from the generator the saving process used: every rank runs the same random stream (same seed, same draws),
+    so rank 0's saved state is every rank's state, but rank r's stream lives on cuda:r."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if device is not None and device.type == "cuda" and "cuda_device" in state:
+            torch.cuda.set_rng_state(state["cuda"][state["cuda_device"]], device)
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: str | Path, *, model, run_config: dict, epoch: int, optimizer=None, scheduler=None,

@@ -1,13 +1,35 @@
-"""Per-task training steps: each runs only the encoder and its own head, with its own loss."""
+"""Per-task training steps: each runs only the encoder and its own head, with its own loss.
+
+Steps call ``net(image, task)`` (a :class:`TaskForward`), never the model's methods directly: DistributedDataParallel
+only sees calls to ``forward``, and it must see every step to synchronise its gradients.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ..losses import classification_loss, segmentation_loss
+from .schedule import CLS, SEG
+
+
+class TaskForward(nn.Module):
+    """``forward(image, task)``: the encoder and the one head of ``task`` (the logits of that head only)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor, task: str) -> torch.Tensor:
+        features = self.model.forward_features(image)
+        if task == CLS:
+            return self.model.classify(features)
+        if task == SEG:
+            return self.model.segment(features)
+        raise ValueError(f"unknown task {task!r}; expected {CLS!r} or {SEG!r}")
 
 
 @dataclass
@@ -36,7 +58,8 @@ class TaskStep:
             except StopIteration:
                 self._iter = None
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, net: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """``net`` is a :class:`TaskForward` (possibly inside DistributedDataParallel)."""
         raise NotImplementedError
 
 
@@ -44,8 +67,8 @@ class TaskStep:
 class ClassificationStep(TaskStep):
     label_smoothing: float = 0.0
 
-    def loss(self, model, batch):
-        logits = model.classify(model.forward_features(batch["image"]))
+    def loss(self, net, batch):
+        logits = net(batch["image"], CLS)
         loss = classification_loss(logits, batch["label"], label_smoothing=self.label_smoothing)
         acc = (logits.argmax(1) == batch["label"]).float().mean()
         return self.weight * loss, {"cls_loss": loss.item(), "cls_acc": acc.item()}
@@ -56,7 +79,7 @@ class SegmentationStep(TaskStep):
     bce_weight: float = 0.5
     dice_weight: float = 0.5
 
-    def loss(self, model, batch):
-        logits = model.segment(model.forward_features(batch["image"]))
+    def loss(self, net, batch):
+        logits = net(batch["image"], SEG)
         loss = segmentation_loss(logits, batch["mask"].float(), bce_weight=self.bce_weight, dice_weight=self.dice_weight)
         return self.weight * loss, {"seg_loss": loss.item()}
