@@ -1,0 +1,214 @@
+"""What the SDK returns: :class:`Analysis`, :class:`Explanation`, :class:`Health`, built from either wire format
+(HTTP JSON with base64 PNGs, or the gRPC messages with PNG bytes), so both protocols give equal objects."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+def _b64decode(text: str | None) -> bytes:
+    return base64.b64decode(text) if text else b""
+
+
+def _b64encode(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode("ascii") if data else None
+
+
+def _write(path: str | os.PathLike, data: bytes, what: str) -> Path:
+    if not data:
+        raise ValueError(f"this result has no {what} (the request did not ask for it)")
+    target = Path(path)
+    target.write_bytes(data)
+    return target
+
+
+def _png_array(data: bytes, what: str) -> np.ndarray:
+    from PIL import Image
+
+    if not data:
+        raise ValueError(f"this result has no {what}")
+    with Image.open(io.BytesIO(data)) as picture:
+        return np.asarray(picture)
+
+
+def _model_fields(model) -> dict:
+    """(name, version) of the answering model from a JSON dict or a ModelRef message; None where absent."""
+    if model is None:
+        return {"model_name": None, "model_version": None}
+    get = model.get if isinstance(model, dict) else (lambda key: getattr(model, key, ""))
+    return {"model_name": get("name") or None, "model_version": get("version") or None}
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """One slice's answer. Every PNG, area and size is in the geometry of the image that was sent."""
+
+    label: str
+    probabilities: dict[str, float]
+    refer: bool
+    refer_reason: str | None  # the reasons joined with "; " (see refer_reasons); None when refer is False
+    tumor_area_px: int
+    tumor_area_mm2: float | None  # set only when the pixel spacing is known (DICOM PixelSpacing)
+    mask_png: bytes = field(repr=False)  # greyscale PNG: 255 tumour, 0 background
+    heatmap_png: bytes = field(repr=False)  # RGB PNG: Grad-CAM of `label`
+    overlay_png: bytes | None = field(repr=False)  # RGB PNG, only when the call asked for overlay=True
+    model_name: str | None
+    model_version: str | None
+    refer_reasons: tuple[str, ...] = ()
+    mask_label_disagree: bool = False  # label no_tumor with a non-empty mask, or a tumour label with an empty mask
+    image_height: int = 0
+    image_width: int = 0
+
+    @classmethod
+    def from_json(cls, body: dict, model: dict | None = None) -> Analysis:
+        """From the HTTP gateway's /analyze body (or one /analyze_batch result with the batch's ``model``)."""
+        reasons = tuple(body.get("refer_reason") or ())
+        return cls(
+            label=body["label"],
+            probabilities={k: float(v) for k, v in body["probabilities"].items()},
+            refer=bool(body["refer"]),
+            refer_reason="; ".join(reasons) or None,
+            tumor_area_px=int(body["tumor_area_px"]),
+            tumor_area_mm2=None if body.get("tumor_area_mm2") is None else float(body["tumor_area_mm2"]),
+            mask_png=_b64decode(body.get("mask_png")),
+            heatmap_png=_b64decode(body.get("heatmap_png")),
+            overlay_png=_b64decode(body.get("overlay_png")) or None,
+            **_model_fields(body.get("model", model)),
+            refer_reasons=reasons,
+            mask_label_disagree=bool(body.get("mask_label_disagree", False)),
+            image_height=int(body.get("image_height", 0)),
+            image_width=int(body.get("image_width", 0)),
+        )
+
+    @classmethod
+    def from_message(cls, message) -> Analysis:
+        """From a gRPC ``braintumor.v1.AnalyzeResponse``."""
+        reasons = tuple(message.refer_reason)
+        return cls(
+            label=message.label,
+            probabilities=dict(message.probabilities),
+            refer=message.refer,
+            refer_reason="; ".join(reasons) or None,
+            tumor_area_px=int(message.tumor_area_px),
+            tumor_area_mm2=message.tumor_area_mm2 if message.HasField("tumor_area_mm2") else None,
+            mask_png=message.mask_png,
+            heatmap_png=message.heatmap_png,
+            overlay_png=message.overlay_png or None,
+            **_model_fields(message.model if message.HasField("model") else None),
+            refer_reasons=reasons,
+            mask_label_disagree=message.mask_label_disagree,
+            image_height=message.image_height,
+            image_width=message.image_width,
+        )
+
+    def save_mask(self, path: str | os.PathLike) -> Path:
+        return _write(path, self.mask_png, "mask PNG")
+
+    def save_heatmap(self, path: str | os.PathLike) -> Path:
+        return _write(path, self.heatmap_png, "heatmap PNG")
+
+    def save_overlay(self, path: str | os.PathLike) -> Path:
+        if not self.overlay_png:
+            raise ValueError("this result has no overlay: call analyze(..., overlay=True) to get one")
+        return _write(path, self.overlay_png, "overlay PNG")
+
+    def mask_array(self) -> np.ndarray:
+        """The tumour mask as a bool array of the sent image's (height, width)."""
+        return _png_array(self.mask_png, "mask PNG") > 127
+
+    def to_dict(self, images: bool = False) -> dict:
+        """JSON-safe fields (one CSV/JSONL row); ``images=True`` adds the PNGs base64-encoded."""
+        out = {
+            "label": self.label,
+            "probabilities": dict(self.probabilities),
+            "refer": self.refer,
+            "refer_reason": self.refer_reason,
+            "tumor_area_px": self.tumor_area_px,
+            "tumor_area_mm2": self.tumor_area_mm2,
+            "mask_label_disagree": self.mask_label_disagree,
+            "image_height": self.image_height,
+            "image_width": self.image_width,
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+        }
+        if images:
+            out.update(mask_png=_b64encode(self.mask_png), heatmap_png=_b64encode(self.heatmap_png),
+                       overlay_png=_b64encode(self.overlay_png))
+        return out
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """An explanation heatmap for ``target`` made by ``method`` (gradcam, lime or shap)."""
+
+    method: str
+    target: str  # the class explained
+    heatmap_png: bytes = field(repr=False)  # RGB PNG, jet colours (red = most evidence for target)
+    overlay_png: bytes | None = field(default=None, repr=False)  # the slice with the heatmap blended in
+    label: str = ""  # the predicted class
+    probabilities: dict[str, float] = field(default_factory=dict)
+    num_samples: int = 0  # model evaluations made (LIME samples, SHAP evaluations); 0 for Grad-CAM
+    seconds: float = 0.0  # time the explanation took (the first computation's when cached)
+    cached: bool = False
+    image_height: int = 0
+    image_width: int = 0
+    model_name: str | None = None
+    model_version: str | None = None
+
+    @classmethod
+    def from_json(cls, body: dict) -> Explanation:
+        return cls(
+            method=body["method"], target=body["target"],
+            heatmap_png=_b64decode(body.get("heatmap_png")), overlay_png=_b64decode(body.get("overlay_png")) or None,
+            label=body.get("label") or "",
+            probabilities={k: float(v) for k, v in (body.get("probabilities") or {}).items()},
+            num_samples=int(body.get("num_samples") or 0), seconds=float(body.get("seconds") or 0.0),
+            cached=bool(body.get("cached")), image_height=int(body.get("image_height", 0)),
+            image_width=int(body.get("image_width", 0)), **_model_fields(body.get("model")),
+        )
+
+    @classmethod
+    def from_message(cls, message) -> Explanation:
+        return cls(
+            method=message.method, target=message.target, heatmap_png=message.heatmap_png,
+            overlay_png=message.overlay_png or None, label=message.label,
+            probabilities=dict(message.probabilities), num_samples=message.num_samples, seconds=message.seconds,
+            cached=message.cached, image_height=message.image_height, image_width=message.image_width,
+            **_model_fields(message.model if message.HasField("model") else None),
+        )
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the heatmap PNG."""
+        return _write(path, self.heatmap_png, "heatmap PNG")
+
+    def save_overlay(self, path: str | os.PathLike) -> Path:
+        return _write(path, self.overlay_png or b"", "overlay PNG")
+
+    def heatmap_array(self) -> np.ndarray:
+        """The heatmap as an (H, W, 3) uint8 RGB array."""
+        return _png_array(self.heatmap_png, "heatmap PNG")
+
+    def to_dict(self, images: bool = False) -> dict:
+        out = {"method": self.method, "target": self.target, "label": self.label,
+               "probabilities": dict(self.probabilities), "num_samples": self.num_samples, "seconds": self.seconds,
+               "cached": self.cached, "image_height": self.image_height, "image_width": self.image_width,
+               "model_name": self.model_name, "model_version": self.model_version}
+        if images:
+            out.update(heatmap_png=_b64encode(self.heatmap_png), overlay_png=_b64encode(self.overlay_png))
+        return out
+
+
+@dataclass(frozen=True)
+class Health:
+    """``live``: the server answers; ``ready``: its model is loaded and Triton is up; ``model``: the model's info
+    (name, version, classes, ...) when ready, else None."""
+
+    live: bool
+    ready: bool
+    model: dict | None = None

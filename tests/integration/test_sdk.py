@@ -1,0 +1,174 @@
+"""The SDK against the real front doors on the embedded Triton with the tiny model: the gRPC server in-process and
+the BentoML gateway as `bentoml serve`, both with an API key. Both protocols give the same answers; arrays, paths and
+bytes give the same answers; the key is sent; a wrong key is AuthenticationError, also for every image of a stream."""
+
+import asyncio
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tritonclient.grpc.aio")
+pytest.importorskip("bentoml")
+httpx = pytest.importorskip("httpx")
+
+from PIL import Image  # noqa: E402
+
+from braintumor.clients import (AuthenticationError, BrainTumorClient, InvalidInputError,  # noqa: E402
+                                UnavailableError)
+from braintumor.serving.grpc_server import serve_grpc  # noqa: E402
+from braintumor.serving.settings import ServeSettings  # noqa: E402
+from braintumor.serving.triton_embedded import free_port  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+KEY = "sdk-test-key"
+GATEWAY = "braintumor.serving.service:BrainTumorGateway"
+CLASSES = {"glioma", "meningioma", "pituitary", "no_tumor"}
+
+
+@pytest.fixture(scope="module")
+def grpc_target(tiny_triton):
+    """`serve_grpc` with an API key in a thread with its own event loop (as `braintumor grpc-server` runs it)."""
+    port, ready, state = free_port(), threading.Event(), {}
+
+    def run():
+        async def main():
+            state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            await serve_grpc(ServeSettings(triton_url=tiny_triton.grpc_url, api_key=KEY), port, host="127.0.0.1",
+                             metrics_port=None, ready_event=ready, stop_event=state["stop"], grace=1.0)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            state["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(30) and "error" not in state, f"gRPC server did not start: {state.get('error')!r}"
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def http_url(tiny_triton, tmp_path_factory):
+    """`bentoml serve` of the gateway with an API key in its own process group; waits for /readyz."""
+    home = tmp_path_factory.mktemp("sdk_gateway")
+    port = free_port()
+    env = {**os.environ, "BENTOML_HOME": str(home), "BRAINTUMOR_TRITON_URL": tiny_triton.grpc_url,
+           "BRAINTUMOR_API_KEY": KEY}
+    with open(home / "gateway.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", GATEWAY, "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log_text = (home / "gateway.log").read_text(errors="replace")
+                pytest.fail(f"gateway did not become ready:\n{log_text[-3000:]}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(params=["grpc", "http"])
+def client(request, grpc_target, http_url):
+    url = grpc_target if request.param == "grpc" else http_url
+    with BrainTumorClient(url, protocol=request.param, api_key=KEY, timeout=60) as sdk:
+        yield sdk
+
+
+def _pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+def test_analyze_path_bytes_and_array(client, slice_jpeg, tmp_path):
+    path = tmp_path / "slice.jpg"
+    path.write_bytes(slice_jpeg)
+    from_bytes, from_path = client.analyze(slice_jpeg, overlay=True), client.analyze(path)
+    assert from_bytes.label in CLASSES and from_bytes.model_name == "brain_tumor"
+    assert from_bytes.probabilities == pytest.approx(from_path.probabilities, abs=1e-6)
+    assert from_bytes.mask_array().shape == _pixels(slice_jpeg).shape
+    assert from_bytes.overlay_png.startswith(b"\x89PNG") and from_path.overlay_png is None
+    # The decoded pixels sent as an array (a lossless PNG) are the same image the server decoded from the JPEG.
+    from_array = client.analyze(_pixels(slice_jpeg))
+    assert from_array.probabilities == pytest.approx(from_bytes.probabilities, abs=1e-5)
+
+
+def test_both_protocols_agree(grpc_target, http_url, slice_jpeg):
+    with BrainTumorClient(grpc_target, api_key=KEY) as over_grpc, \
+            BrainTumorClient(http_url, protocol="http", api_key=KEY) as over_http:
+        a, b = over_grpc.analyze(slice_jpeg), over_http.analyze(slice_jpeg)
+        assert over_grpc.model() | {"temperature": None} == over_http.model() | {"temperature": None}
+    assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
+    assert (a.label, a.tumor_area_px, a.refer, a.mask_png) == (b.label, b.tumor_area_px, b.refer, b.mask_png)
+
+
+def test_analyze_many_in_order_with_a_bad_image(client, slice_jpeg):
+    images = [slice_jpeg, slice_jpeg, b"not an image at all", slice_jpeg]
+    answers = list(client.analyze_many(images, concurrency=2))
+    assert [type(a).__name__ for a in answers] == ["Analysis", "Analysis", "InvalidInputError", "Analysis"]
+    assert "JPEG, PNG or DICOM" in answers[2].detail
+
+
+def test_explain_gradcam_and_health(client, slice_jpeg):
+    explanation = client.explain(slice_jpeg)
+    assert explanation.method == "gradcam" and explanation.target in CLASSES
+    assert explanation.heatmap_array().shape == (*_pixels(slice_jpeg).shape, 3)
+    health = client.health()
+    assert health.live and health.ready and health.model["name"] == "brain_tumor"
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_wrong_key_is_an_authentication_error(protocol, grpc_target, http_url, slice_jpeg):
+    url = grpc_target if protocol == "grpc" else http_url
+    with BrainTumorClient(url, protocol=protocol, api_key="wrong") as sdk:
+        with pytest.raises(AuthenticationError, match="API key"):
+            sdk.analyze(slice_jpeg)
+        answers = list(sdk.analyze_many([slice_jpeg] * 3))
+        assert sdk.health().ready  # the probes are open
+    assert all(isinstance(a, AuthenticationError) for a in answers), answers
+
+
+def test_nothing_listening_is_unavailable_after_retries(slice_jpeg):
+    with BrainTumorClient(f"127.0.0.1:{free_port()}", retries=1, timeout=5) as sdk:
+        with pytest.raises(UnavailableError):
+            sdk.analyze(slice_jpeg)
+        assert not sdk.health().live
+    with BrainTumorClient(f"127.0.0.1:{free_port()}", protocol="http", retries=1, timeout=5) as sdk:
+        with pytest.raises(UnavailableError):
+            sdk.analyze(slice_jpeg)
+
+
+def test_local_input_errors(client, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.jpg"):
+        client.analyze(tmp_path / "nowhere.jpg")
+    with pytest.raises(ValueError, match="2-D"):
+        client.analyze(np.zeros((4, 4, 4), np.uint8))
+    with pytest.raises(InvalidInputError):
+        client.analyze(np.zeros((2, 2), np.uint8))  # a valid array the server refuses: too small
