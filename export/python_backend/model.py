@@ -70,6 +70,9 @@ class TritonPythonModel:
         options.intra_op_num_threads = intra
         options.inter_op_num_threads = inter
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # No busy-waiting between ops: on a small CPU host the spinning threads take cores from the gateway and
+        # Triton (measured on 2 cores: stub CPU per image halved at concurrency 1, +15% /analyze throughput at 8).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU":
