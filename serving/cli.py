@@ -12,7 +12,7 @@ import sys
 # Layer modules that expose ``register(subparsers)``; import order is the help order.
 COMMAND_MODULES = ("braintumor.train.commands", "braintumor.export.commands", "braintumor.serving.triton_commands",
                    "braintumor.serving.grpc_commands", "braintumor.serving.serve_command",
-                   "braintumor.clients.score_commands")
+                   "braintumor.clients.score_commands", "braintumor.serving.loadtest_commands")
 
 # Errors that mean "the input or the request is wrong": shown as one clear line, exit code 2, no traceback.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)

@@ -1,0 +1,344 @@
+"""Load-test plumbing without a server: locust stats CSV -> summary, the memory-growth detector, load shapes,
+payload handling and the locustfile lookup."""
+
+from __future__ import annotations
+
+import importlib
+import io
+import os
+import random
+import sys
+from pathlib import Path
+
+import pytest
+from braintumor.serving import loadtest_commands as lt
+
+LOADTEST = Path(__file__).resolve().parents[2] / "loadtest"
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    sys.path.insert(0, str(LOADTEST))
+    try:
+        yield importlib.import_module("shapes")
+    finally:
+        sys.path.remove(str(LOADTEST))
+
+
+@pytest.fixture(scope="module")
+def payloads():
+    sys.path.insert(0, str(LOADTEST))
+    try:
+        yield importlib.import_module("payloads")
+    finally:
+        sys.path.remove(str(LOADTEST))
+
+
+# A stats CSV as locust 2.47 writes it (header copied from a real run; numbers made up).
+STATS_CSV = """\
+Type,Name,Request Count,Failure Count,Median Response Time,Average Response Time,Min Response Time,\
+Max Response Time,Average Content Size,Requests/s,Failures/s,50%,66%,75%,80%,90%,95%,98%,99%,99.9%,99.99%,100%
+POST,/analyze,34,0,490,462.1,165,754,9000.0,4.28,0.0,490,540,550,560,610,670,750,750,750,750,750
+POST,/explain gradcam,6,1,860,726.0,303,1083,12000.0,0.76,0.12,860,860,870,870,1100,1100,1100,1100,1100,1100,1100
+GET,/explain/get,0,0,0,0.0,0,0,0.0,0.0,0.0,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A
+,Aggregated,40,1,300,392.3,4,1083,9500.0,5.04,0.12,300,430,520,550,670,870,1100,1100,1100,1100,1100
+"""
+
+
+def test_read_stats_parses_rows_and_total(tmp_path):
+    path = tmp_path / "http_stats.csv"
+    path.write_text(STATS_CSV)
+    stats = lt.read_stats(path)
+    assert [s.name for s in stats] == ["/analyze", "/explain gradcam", "/explain/get", "total"]
+    analyze, gradcam, get, total = stats
+    assert (analyze.type, analyze.requests, analyze.failures, analyze.rps) == ("POST", 34, 0, 4.28)
+    assert (analyze.p50_ms, analyze.p95_ms, analyze.p99_ms, analyze.max_ms) == (490, 670, 750, 754)
+    assert gradcam.failures == 1
+    assert (get.p50_ms, get.p99_ms) == (None, None)  # "N/A": no requests of that name
+    assert (total.requests, total.failures, total.rps, total.p95_ms) == (40, 1, 5.04, 870)
+
+
+def test_read_stats_refuses_other_csv(tmp_path):
+    path = tmp_path / "x.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not a locust stats CSV"):
+        lt.read_stats(path)
+
+
+def test_format_table_and_failures(tmp_path):
+    path = tmp_path / "http_stats.csv"
+    path.write_text(STATS_CSV)
+    table = lt.format_table(lt.read_stats(path)).splitlines()
+    assert table[0] == "| request | reqs | fails | req/s | p50 ms | p95 ms | p99 ms |"
+    assert table[2] == "| POST /analyze | 34 | 0 | 4.28 | 490 | 670 | 750 |"
+    assert table[4] == "| GET /explain/get | 0 | 0 | 0.00 | - | - | - |"
+    assert table[-1] == "| **total** | 40 | 1 | 5.04 | 300 | 870 | 1100 |"
+    failures = tmp_path / "http_failures.csv"
+    failures.write_text('Method,Name,Error,Occurrences\nPOST,/explain gradcam,"HTTP 503: down",1\n')
+    assert lt.read_failures(failures) == [{"name": "/explain gradcam", "error": "HTTP 503: down", "occurrences": 1}]
+    assert lt.read_failures(tmp_path / "absent.csv") == []
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 90), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("1m5s", 65)])
+def test_parse_duration(text, seconds):
+    assert lt.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5 minutes", "1.5m"])
+def test_parse_duration_refuses(text):
+    with pytest.raises(ValueError, match="time span"):
+        lt.parse_duration(text)
+
+
+# -- memory growth --------------------------------------------------------------------------------------------
+
+def _series(minutes: float, every_s: float, slope_mb_per_min: float, noise_mb: float = 0.0, start: float = 500.0):
+    rng = random.Random(0)
+    times = [k * every_s for k in range(int(minutes * 60 / every_s) + 1)]
+    return times, [start + slope_mb_per_min * t / 60 + rng.uniform(-noise_mb, noise_mb) for t in times]
+
+
+def test_growth_slope_exact_on_a_line():
+    times, values = _series(20, 10, 3.0)
+    assert lt.growth_slope(times, values) == pytest.approx(3.0)
+
+
+def test_growth_slope_uses_only_the_second_half():
+    # warm-up: +200 MB over the first 10 minutes, then flat: a filling cache, not a leak
+    times = [k * 10.0 for k in range(121)]
+    values = [300 + min(t, 600) / 3 for t in times]
+    assert lt.growth_slope(times, values) == pytest.approx(0.0)
+
+
+def test_growth_slope_needs_three_points():
+    assert lt.growth_slope([0, 10, 20, 30], [1, 2, 3, 4]) is None  # second half: 2 points
+    assert lt.growth_slope([0, 10, 20, 30, 40, 50], [1, 2, 3, 4, 5, 6]) == pytest.approx(6.0)
+
+
+@pytest.mark.parametrize("slope, ok", [(0.0, True), (0.5, True), (5.0, False), (-3.0, True)])
+def test_rss_verdict_flat_vs_growing(slope, ok):
+    recorder = lt.RssRecorder(pid=0)
+    times, values = _series(20, 10, slope, noise_mb=3.0)
+    _, triton = _series(20, 10, 0.0, noise_mb=3.0, start=900.0)
+    for t, gateway, tri in zip(times, values, triton):
+        recorder.rows.append({"elapsed_s": t, **dict.fromkeys(lt.ROLES, 0.0), "gateway": gateway, "triton": tri,
+                              "total": gateway + tri, "processes": 3})
+    verdict = recorder.verdict(lt.MAX_GROWTH_MB_PER_MIN)
+    assert verdict["ok"] is ok
+    assert verdict["growing"] == ([] if ok else ["gateway", "total"])
+    assert set(verdict["slope_mb_per_min"]) == {"gateway", "triton", "total"}  # roles with no memory are left out
+    assert verdict["slope_mb_per_min"]["gateway"] == pytest.approx(slope, abs=0.5)
+    assert verdict["judged"] and verdict["second_half_s"] == 600
+
+
+def test_rss_verdict_does_not_judge_a_short_run():
+    recorder = lt.RssRecorder(pid=0)
+    times, values = _series(1, 5, 10.0)  # a 60 s run: the second half spans 30 s
+    for t, value in zip(times, values):
+        recorder.rows.append({"elapsed_s": t, **dict.fromkeys(lt.ROLES, 0.0), "gateway": value, "total": value,
+                              "processes": 1})
+    verdict = recorder.verdict(lt.MAX_GROWTH_MB_PER_MIN)
+    assert verdict["slope_mb_per_min"]["gateway"] == pytest.approx(10.0)
+    assert (verdict["judged"], verdict["ok"], verdict["growing"]) == (False, True, [])
+
+
+def test_rss_csv_columns(tmp_path):
+    recorder = lt.RssRecorder(pid=0)
+    recorder.rows.append({"elapsed_s": 0.0, **dict.fromkeys(lt.ROLES, 1.0), "total": 5.0, "processes": 5})
+    recorder.write(tmp_path / "rss.csv")
+    assert (tmp_path / "rss.csv").read_text().splitlines() == [
+        "elapsed_s,supervisor_mb,gateway_mb,grpc_mb,triton_mb,other_mb,total_mb,processes",
+        "0.0,1.0,1.0,1.0,1.0,1.0,5.0,5"]
+
+
+@pytest.mark.parametrize("cmdline, role", [
+    (["/v/bin/python", "-m", "braintumor.serving.cli", "serve", "--model-repository", "/m/triton_repo"], "supervisor"),
+    (["/v/bin/braintumor", "serve"], "supervisor"),
+    (["/v/bin/python", "-m", "bentoml", "serve", "braintumor.serving.service:BrainTumorGateway"], "gateway"),
+    (["/v/bin/python", "-m", "_bentoml_impl.worker.service", "--worker-id", "1"], "gateway"),
+    (["/v/bin/python", "-m", "braintumor.serving.cli", "grpc-server", "--port", "50051"], "grpc"),
+    (["/site/pytriton/tritonserver/bin/tritonserver", "--model-repository", "/r"], "triton"),
+    (["/tmp/backends/python/triton_python_backend_stub", "/r/brain_tumor/1/model.py"], "triton"),
+    (["/bin/sh", "-c", "sleep 1"], "other"),
+])
+def test_role_of(cmdline, role):
+    assert lt.role_of(cmdline) == role
+
+
+@pytest.mark.parametrize("url, port", [("http://127.0.0.1:3000", 3000), ("localhost:50051", 50051),
+                                       ("http://h:8080/", 8080), ("http://h", 80), ("https://h/x", 443)])
+def test_port_of(url, port):
+    assert lt.port_of(url) == port
+
+
+def test_sample_rss_of_this_process():
+    pytest.importorskip("psutil")
+
+    sample = lt.sample_rss(os.getpid())
+    assert sample["processes"] >= 1 and sample["total"] > 1.0
+
+
+@pytest.mark.parametrize("target", ["http", "grpc"])
+def test_check_ready_refuses_a_server_that_is_down(target):
+    pytest.importorskip("grpc_health")
+    from braintumor.serving.triton_embedded import free_port
+
+    url = f"http://127.0.0.1:{free_port()}" if target == "http" else f"127.0.0.1:{free_port()}"
+    with pytest.raises(ValueError, match=f"the {target} front door at .* is not ready"):
+        lt.check_ready(target, url)
+
+
+# -- shapes ---------------------------------------------------------------------------------------------------
+
+def _ticks(shape, until: float, every: float = 5.0):
+    return [shape.at(k * every) for k in range(int(until / every) + 1)]
+
+
+def test_step_shape_sequence(shapes):
+    shape = shapes.StepShape(users=8, spawn_rate=2.0, duration=40, steps=4)
+    assert _ticks(shape, 40) == [(2, 2.0), (2, 2.0), (4, 2.0), (4, 2.0), (6, 2.0), (6, 2.0), (8, 2.0), (8, 2.0),
+                                 None]
+
+
+def test_step_shape_rounds_up_and_caps_steps(shapes):
+    assert [u for u, _ in _ticks(shapes.StepShape(10, 1.0, 30, steps=3), 25)] == [4, 4, 7, 7, 10, 10]
+    assert [u for u, _ in _ticks(shapes.StepShape(2, 1.0, 40, steps=4), 35)] == [1, 1, 1, 1, 2, 2, 2, 2]
+
+
+def test_soak_shape_holds_then_stops(shapes):
+    assert _ticks(shapes.SoakShape(4, 2.0, 20), 25) == [(4, 2.0)] * 4 + [None, None]
+
+
+def test_make_shape(shapes, monkeypatch):
+    monkeypatch.setenv(shapes.STEPS_ENV, "2")
+    assert shapes.make_shape("step", 4, 1.0, 60) == shapes.StepShape(4, 1.0, 60, 2)
+    with pytest.raises(ValueError, match="step, soak"):
+        shapes.make_shape("ramp", 4, 1.0, 60)
+    with pytest.raises(ValueError, match="--run-time"):
+        shapes.make_shape("step", 4, 1.0, None)
+
+
+# -- payloads -------------------------------------------------------------------------------------------------
+
+def _jpeg(value: int) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((24, 20), value, np.uint8)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_payloads_read_once_and_spread(payloads, tmp_path):
+    for k in range(10):
+        (tmp_path / f"c{k % 2}").mkdir(exist_ok=True)
+        (tmp_path / f"c{k % 2}" / f"s{k:02d}.jpg").write_bytes(_jpeg(k * 20))
+    (tmp_path / "notes.txt").write_text("not an image")
+    picked = payloads.pick_files(tmp_path, 4)
+    assert [p.parent.name for p in picked] == ["c0", "c0", "c1", "c1"]
+    loaded = payloads.load_payloads(str(tmp_path), 3)
+    assert len(loaded) == 3 and payloads.load_payloads(str(tmp_path), 3) is loaded  # cached per process
+
+
+def test_payloads_clear_errors(payloads, tmp_path, monkeypatch):
+    monkeypatch.setenv(payloads.IMAGES_ENV, str(tmp_path / "missing"))
+    with pytest.raises(payloads.PayloadError, match="BRAINTUMOR_LOADTEST_IMAGES"):
+        payloads.image_folder()
+    with pytest.raises(payloads.PayloadError, match="no .jpg"):
+        payloads.pick_files(tmp_path, 4)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_unique_bytes_keep_the_pixels(payloads, fmt):
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.arange(24 * 20, dtype=np.uint8).reshape(24, 20)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format=fmt)
+    payload = payloads.Payload("x", buf.getvalue(), "image/png")
+    rng = random.Random(1)
+    first, second = payloads.unique_bytes(payload, rng), payloads.unique_bytes(payload, rng)
+    assert len({first, second, payload.data}) == 3
+    for data in (first, second):
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()  # PNG: a bad chunk CRC raises here
+            assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(payload.data))))
+
+
+def test_multipart_body_parses(payloads):
+    from email.parser import BytesParser
+    from email.policy import HTTP
+
+    payload = payloads.Payload("brisc_gl_ax.jpg", b"\xff\xd8data", "image/jpeg")
+    body, content_type = payloads.multipart({"method": "lime", "num_samples": "20"}, payload)
+    message = BytesParser(policy=HTTP).parsebytes(f"content-type: {content_type}\r\n\r\n".encode() + body)
+    parts = {part.get_param("name", header="content-disposition"): part for part in message.iter_parts()}
+    assert parts["method"].get_content() == "lime" and parts["num_samples"].get_content() == "20"
+    assert parts["image"].get_payload(decode=True) == b"\xff\xd8data"
+    assert parts["image"].get_filename() == "slice.jpg"  # BRISC names carry the class: never sent
+
+
+# -- locustfile lookup ----------------------------------------------------------------------------------------
+
+def test_find_locustfile(tmp_path, monkeypatch):
+    assert lt.find_locustfile("http") == LOADTEST / "locustfile_http.py"
+    assert lt.find_locustfile("grpc") == LOADTEST / "locustfile_grpc.py"
+    own = tmp_path / "mine.py"
+    own.write_text("")
+    assert lt.find_locustfile("http", own) == own
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lt.find_locustfile("http", tmp_path / "absent.py")
+    monkeypatch.setattr(lt, "__file__", str(tmp_path / "site-packages" / "braintumor" / "serving" / "x.py"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="--locustfile PATH"):
+        lt.find_locustfile("grpc")
+
+
+def test_locustfiles_import_cleanly(tmp_path):
+    """Both locustfiles load under locust (gevent patched, grpc made gevent-safe) and define one user each."""
+    pytest.importorskip("locust")
+    import subprocess
+
+    (tmp_path / "a.jpg").write_bytes(_jpeg(100))
+    code = ("from locust.util.load_locustfile import load_locustfile; import sys\n"
+            "for f in sys.argv[1:]:\n"
+            "    users, shapes = load_locustfile(f)\n"
+            "    print(sorted(users), [type(s).__name__ for s in shapes])\n")
+    env = {**os.environ, "BRAINTUMOR_LOADTEST_IMAGES": str(tmp_path), "BRAINTUMOR_LOADTEST_SHAPE": "step"}
+    out = subprocess.run([sys.executable, "-c", "import locust\n" + code, str(LOADTEST / "locustfile_http.py"),
+                          str(LOADTEST / "locustfile_grpc.py")], env=env, capture_output=True, text=True, timeout=120,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["['GatewayUser'] ['StepShape']", "['GrpcApiUser'] ['StepShape']"]
+
+
+# -- running locust under a hard timeout ----------------------------------------------------------------------
+
+def test_run_group_kills_a_hung_group(tmp_path):
+    """A run that ignores SIGTERM (as locust does with a gRPC channel left open) is killed with its children."""
+    import time
+
+    hang = ("import signal, subprocess, sys, time\n"
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+            "child = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+            "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(60)'])\n"
+            "print(child.pid, flush=True)\n"
+            "time.sleep(60)\n")
+    ticks = []
+    start = time.monotonic()
+    code, timed_out = lt.run_group([sys.executable, "-c", hang], dict(os.environ), 2.0, tmp_path / "log",
+                                   on_tick=lambda: ticks.append(1), tick_s=0.5)
+    assert timed_out and code == -9
+    assert time.monotonic() - start < 15
+    assert 3 <= len(ticks) <= 6
+    child = Path(f"/proc/{(tmp_path / 'log').read_text().split()[0]}/stat")
+    time.sleep(0.2)
+    assert not child.exists() or child.read_text().split(") ")[1][0] == "Z"  # gone, or a zombie awaiting its reaper
+
+
+def test_run_group_returns_the_exit_code(tmp_path):
+    code, timed_out = lt.run_group([sys.executable, "-c", "print('hi'); raise SystemExit(3)"], dict(os.environ), 30,
+                                   tmp_path / "log")
+    assert (code, timed_out) == (3, False)
+    assert (tmp_path / "log").read_text() == "hi\n"
