@@ -73,3 +73,13 @@ def slice_jpeg() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
+
+
+def pytest_collection_finish(session):
+    """Importing locust gevent-patches the interpreter and deadlocks every later in-process gRPC test; locust may run
+    only in subprocesses. Fail fast if a test module imported it."""
+    import sys
+
+    if "locust" in sys.modules:
+        raise pytest.UsageError("a test module imported locust into the pytest process (it monkey-patches it with "
+                                "gevent); check availability with importlib.util.find_spec instead")
