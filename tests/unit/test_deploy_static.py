@@ -281,6 +281,9 @@ def test_serve_extra_closure_has_no_torch():
         pytest.skip("braintumor is not installed; the closure is read from installed metadata")
     closure, missing = _requirement_closure("braintumor", {"serve"})
     assert {"bentoml", "nvidia-pytriton", "tritonclient", "onnxruntime"} <= closure  # it really walked the extra
+    # shap's Image masker imports cv2 only when it blurs, and shap does not declare it: a fresh `.[serve]` install
+    # once served LIME but failed every SHAP request with "No module named 'cv2'".
+    assert "opencv-python-headless" in closure, "the serve extra must install OpenCV for SHAP's blur masker"
     assert not closure & TORCH_FAMILY, f"the serve extra pulls {sorted(closure & TORCH_FAMILY)}"
     if missing:
         warnings.warn(f"not installed, so their own requirements were not walked: {sorted(missing)}", stacklevel=1)
