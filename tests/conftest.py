@@ -1,3 +1,10 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -83,3 +90,70 @@ def pytest_collection_finish(session):
     if "locust" in sys.modules:
         raise pytest.UsageError("a test module imported locust into the pytest process (it monkey-patches it with "
                                 "gevent); check availability with importlib.util.find_spec instead")
+
+
+# -- the HTTP gateway as deployed: `bentoml serve` in its own process group --------------------------------------
+GATEWAY_TARGET = "braintumor.serving.service:BrainTumorGateway"
+
+
+@dataclass
+class Gateway:
+    url: str
+    log: Path
+
+    def post(self, path: str, **kw):
+        import httpx
+
+        return httpx.post(self.url + path, timeout=60, **kw)
+
+    def get(self, path: str, **kw):
+        import httpx
+
+        return httpx.get(self.url + path, timeout=60, **kw)
+
+
+@contextmanager
+def _running_gateway(home: Path, triton_url: str, ready: bool = True, **env: str):
+    """`bentoml serve` on a free port in its own process group; waits for /readyz (or /healthz), kills the group."""
+    import httpx
+
+    from braintumor.serving.triton_embedded import free_port
+
+    home.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = home / "gateway.log"
+    # Own BENTOML_HOME: `bentoml serve` recreates the task database there, which another gateway may be using.
+    env = {**os.environ, "BENTOML_HOME": str(home), "BRAINTUMOR_TRITON_URL": triton_url, **env}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", GATEWAY_TARGET, "--host", "127.0.0.1",
+                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+    gateway = Gateway(f"http://127.0.0.1:{port}", log)
+    try:
+        probe = "/readyz" if ready else "/healthz"
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(gateway.url + probe, timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"gateway did not answer {probe}:\n{log.read_text(errors='replace')[-4000:]}")
+            time.sleep(0.2)
+        yield gateway
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def running_gateway():
+    """``running_gateway(home, triton_url, ready=True, **env)``: a context manager yielding a :class:`Gateway`."""
+    return _running_gateway

@@ -6,17 +6,10 @@ metrics move; the API key guards the API but not the probes; a Triton that is do
 import asyncio
 import base64
 import io
-import os
 import re
-import signal
 import struct
-import subprocess
-import sys
 import time
 import zlib
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,65 +26,15 @@ from braintumor.serving.triton_embedded import free_port  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
-TARGET = "braintumor.serving.service:BrainTumorGateway"
 MAX_BODY = 1_000_000
 MAX_BATCH = 4
+LIMITS = {"BRAINTUMOR_MAX_BODY_BYTES": str(MAX_BODY), "BRAINTUMOR_MAX_BATCH_IMAGES": str(MAX_BATCH)}
 PATIENT_FILE = "Doe^Jane_PID-98765.jpg"  # a file name that must never reach the logs
 
 
-@dataclass
-class Gateway:
-    url: str
-    log: Path
-
-    def post(self, path: str, **kw) -> httpx.Response:
-        return httpx.post(self.url + path, timeout=60, **kw)
-
-    def get(self, path: str, **kw) -> httpx.Response:
-        return httpx.get(self.url + path, timeout=60, **kw)
-
-
-@contextmanager
-def running_gateway(home: Path, triton_url: str, ready: bool = True, **env: str):
-    """`bentoml serve` on a free port in its own process group; waits for /readyz (or /healthz), kills the group."""
-    home.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    log = home / "gateway.log"
-    # Own BENTOML_HOME: `bentoml serve` recreates the task database there, which another gateway may be using.
-    env = {**os.environ, "BENTOML_HOME": str(home), "BRAINTUMOR_TRITON_URL": triton_url,
-           "BRAINTUMOR_MAX_BODY_BYTES": str(MAX_BODY), "BRAINTUMOR_MAX_BATCH_IMAGES": str(MAX_BATCH), **env}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", TARGET, "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    gateway = Gateway(f"http://127.0.0.1:{port}", log)
-    try:
-        probe = "/readyz" if ready else "/healthz"
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(gateway.url + probe, timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"gateway did not answer {probe}:\n{log.read_text(errors='replace')[-4000:]}")
-            time.sleep(0.2)
-        yield gateway
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
-
-
 @pytest.fixture(scope="module")
-def gateway(tiny_triton, tmp_path_factory):
-    with running_gateway(tmp_path_factory.mktemp("gateway"), tiny_triton.grpc_url) as gw:
+def gateway(tiny_triton, tmp_path_factory, running_gateway):
+    with running_gateway(tmp_path_factory.mktemp("gateway"), tiny_triton.grpc_url, **LIMITS) as gw:
         yield gw
 
 
@@ -345,8 +288,8 @@ def test_no_patient_data_in_logs(gateway, slice_jpeg):
         assert secret not in log
 
 
-def test_api_key_guards_the_api_not_the_probes(tiny_triton, tmp_path, slice_jpeg):
-    with running_gateway(tmp_path, tiny_triton.grpc_url, BRAINTUMOR_API_KEY="s3cret") as gw:
+def test_api_key_guards_the_api_not_the_probes(tiny_triton, tmp_path, slice_jpeg, running_gateway):
+    with running_gateway(tmp_path, tiny_triton.grpc_url, BRAINTUMOR_API_KEY="s3cret", **LIMITS) as gw:
         refused = gw.post("/analyze", files=_files(slice_jpeg))
         assert refused.status_code == 401 and refused.json()["error"] == "unauthenticated"
         assert "x-api-key" in refused.json()["detail"]
@@ -360,8 +303,8 @@ def test_api_key_guards_the_api_not_the_probes(tiny_triton, tmp_path, slice_jpeg
             assert gw.get(open_path).status_code == 200, open_path
 
 
-def test_triton_down_is_a_fast_503_and_not_ready(tmp_path, slice_jpeg):
-    with running_gateway(tmp_path, f"127.0.0.1:{free_port()}", ready=False) as gw:
+def test_triton_down_is_a_fast_503_and_not_ready(tmp_path, slice_jpeg, running_gateway):
+    with running_gateway(tmp_path, f"127.0.0.1:{free_port()}", ready=False, **LIMITS) as gw:
         assert gw.get("/readyz").status_code == 503
         t0 = time.monotonic()
         response = gw.post("/analyze", files=_files(slice_jpeg))

@@ -4,12 +4,7 @@ bytes give the same answers; the key is sent; a wrong key is AuthenticationError
 
 import asyncio
 import io
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -29,7 +24,6 @@ from braintumor.serving.triton_embedded import free_port  # noqa: E402
 pytestmark = pytest.mark.integration
 
 KEY = "sdk-test-key"
-GATEWAY = "braintumor.serving.service:BrainTumorGateway"
 CLASSES = {"glioma", "meningioma", "pituitary", "no_tumor"}
 
 
@@ -61,39 +55,10 @@ def grpc_target(tiny_triton):
 
 
 @pytest.fixture(scope="module")
-def http_url(tiny_triton, tmp_path_factory):
+def http_url(tiny_triton, tmp_path_factory, running_gateway):
     """`bentoml serve` of the gateway with an API key in its own process group; waits for /readyz."""
-    home = tmp_path_factory.mktemp("sdk_gateway")
-    port = free_port()
-    env = {**os.environ, "BENTOML_HOME": str(home), "BRAINTUMOR_TRITON_URL": tiny_triton.grpc_url,
-           "BRAINTUMOR_API_KEY": KEY}
-    with open(home / "gateway.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", GATEWAY, "--host", "127.0.0.1",
-                                 "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log_text = (home / "gateway.log").read_text(errors="replace")
-                pytest.fail(f"gateway did not become ready:\n{log_text[-3000:]}")
-            time.sleep(0.2)
-        yield url
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+    with running_gateway(tmp_path_factory.mktemp("sdk_gateway"), tiny_triton.grpc_url, BRAINTUMOR_API_KEY=KEY) as gw:
+        yield gw.url
 
 
 @pytest.fixture(params=["grpc", "http"])
