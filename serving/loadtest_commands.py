@@ -16,13 +16,14 @@ import json
 import math
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from .supervisor import stop_group
 
 TARGETS = {"http": ("locustfile_http.py", "http://127.0.0.1:3000"), "grpc": ("locustfile_grpc.py", "127.0.0.1:50051")}
 LOAD_DEFAULTS = {"users": 8, "spawn_rate": 2.0, "duration": "30s"}
@@ -37,6 +38,7 @@ MIN_JUDGED_SPAN_S = 240.0
 RSS_INTERVAL_S = 10.0
 STOP_TIMEOUT_S = 10  # locust lets running tasks finish for this long at the end (no half-done requests counted)
 START_MARGIN_S = 60  # on top of the run time and stop timeout before the hard kill
+KILL_GRACE_S = 5.0  # after the hard limit: SIGTERM to locust's group, then SIGKILL after this long
 ROLES = ("supervisor", "gateway", "grpc", "triton", "other")
 
 
@@ -100,21 +102,8 @@ def run_group(argv: Sequence[str], env: dict, timeout: float, log_path: Path,
                 time.sleep(0.2)
         finally:
             if proc.poll() is None:  # timed out, or interrupted (Ctrl-C): take the group down
-                _kill_group(proc)
+                stop_group(proc, KILL_GRACE_S, "locust")
     return proc.returncode, timed_out
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait_s in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 # -- the summary -------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ started (BentoML's workers, Triton's python stubs), so Ctrl-C or SIGTERM leaves 
 
 from __future__ import annotations
 
+import ctypes  # at import time: nothing should be imported in the child between fork and exec
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ class ChildProcess:
 
     def start(self) -> ChildProcess:
         self.process = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                        preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         return self
 
     @property
@@ -41,17 +42,21 @@ class ChildProcess:
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM the group (graceful), then SIGKILL what is left after ``timeout`` seconds."""
         process, self.process = self.process, None
-        if process is None:
-            return None
-        _signal_group(process.pid, signal.SIGTERM)
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("%s did not stop within %.0f s; killing it", self.name, timeout)
-            _signal_group(process.pid, signal.SIGKILL)
-            code = process.wait()
-        _signal_group(process.pid, signal.SIGKILL)  # workers or stubs left behind in its group
-        return code
+        return None if process is None else stop_group(process, timeout, self.name)
+
+
+def stop_group(process: subprocess.Popen, timeout: float, name: str) -> int:
+    """Stop a process started with ``start_new_session=True`` and everything in its group: SIGTERM, up to
+    ``timeout`` seconds, then SIGKILL; finally SIGKILL whatever it left in the group (workers, stubs)."""
+    signal_group(process.pid, signal.SIGTERM)
+    try:
+        code = process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        logger.warning("%s did not stop within %.0f s; killing it", name, timeout)
+        signal_group(process.pid, signal.SIGKILL)
+        code = process.wait()
+    signal_group(process.pid, signal.SIGKILL)
+    return code
 
 
 def wait_until(check: Callable[[], bool], timeout: float, children: Sequence[ChildProcess],
@@ -91,16 +96,17 @@ def grpc_serving(target: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _signal_group(pgid: int, sig: int) -> None:
+def signal_group(pgid: int, sig: int) -> None:
+    """``killpg`` that ignores a group already gone."""
     try:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the child gets SIGTERM if `braintumor serve` itself is killed with SIGKILL."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux ``preexec_fn``: SIGTERM the child if the process that started it dies, even by SIGKILL (no orphans)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # no glibc here (musl): the parent's stop() / process-group kill still applies
+        return

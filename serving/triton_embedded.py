@@ -7,7 +7,6 @@ environment, readiness, and a clean stop of the whole process group (server and 
 from __future__ import annotations
 
 import collections
-import ctypes
 import importlib.metadata
 import importlib.util
 import logging
@@ -26,6 +25,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Mapping, Sequence
+
+from .supervisor import die_with_parent, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -204,14 +205,6 @@ def check_repository(path: str | os.PathLike) -> Path:
     return repo
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: SIGTERM the server if the process that started it dies, even by SIGKILL (no orphaned server)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # no glibc here (musl): the parent's stop() / process-group kill still applies
-        return
-
-
 class EmbeddedTriton:
     """tritonserver as a child process group; a context manager that starts it, waits for readiness and stops it::
 
@@ -304,7 +297,7 @@ class EmbeddedTriton:
             cmd, env=build_env(install), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, errors="replace", bufsize=1,
             start_new_session=True,  # its own process group: stopping it reaches the python stubs too
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None)
         self._pump = threading.Thread(target=self._read_log, name="tritonserver-log", daemon=True)
         self._pump.start()
         try:
@@ -351,16 +344,8 @@ class EmbeddedTriton:
         if process is None:
             return None
         timeout = self.exit_timeout + 5.0 if timeout is None else timeout
-        pgid = process.pid  # start_new_session made it the group leader
-        _signal_group(pgid, signal.SIGTERM)
-        try:
-            code = process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            logger.warning("tritonserver did not stop within %.0f s; killing it", timeout)
-            _signal_group(pgid, signal.SIGKILL)
-            code = process.wait()
-        # the stubs normally exit with the server; anything left in the group must not outlive it
-        _signal_group(pgid, signal.SIGKILL)
+        # the stubs normally exit with the server; anything left in its group must not outlive it
+        code = stop_group(process, timeout, "tritonserver")
         if self._pump:
             self._pump.join(timeout=2)
         if process.stdout:
@@ -412,13 +397,6 @@ class EmbeddedTriton:
                 self.stop(timeout=5)
             except Exception:  # noqa: BLE001 - interpreter shutdown: modules may already be gone
                 logger.debug("stopping Triton from __del__ failed", exc_info=True)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def _http_ok(url: str) -> bool:
