@@ -64,6 +64,18 @@ class Unavailable(ServingError):
 
 
 class DeadlineExceeded(ServingError):
+    """Triton (or the call's own deadline) did not answer in time: 504 / DEADLINE_EXCEEDED."""
+
     http_status = 504
     grpc_code = "DEADLINE_EXCEEDED"
     kind = "deadline_exceeded"
+
+
+class UpstreamError(ServingError):
+    """Triton failed in a way a retry cannot fix (a model bug, a model not exported by braintumor): 500 / INTERNAL.
+
+    The front doors log it with its traceback; the SDK does not retry it."""
+
+    http_status = 500
+    grpc_code = "INTERNAL"
+    kind = "internal"

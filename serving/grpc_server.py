@@ -116,6 +116,8 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
             status = "OK"
             return response
         except ServingError as exc:
+            if exc.http_status == 500:  # an upstream bug (UpstreamError): its traceback, Triton's error chained
+                log.exception("%s: %s", rpc, exc.message)
             error = exc
         except Exception:  # noqa: BLE001 - logged, answered INTERNAL, the server keeps running
             log.exception("%s failed", rpc)
@@ -152,6 +154,8 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
                     context, self.pipeline.analyze(request.image, overlay=_wants_overlay(request)))
                 answer = _analysis_message(result, await self.pipeline.info(), request)
             except ServingError as exc:
+                if exc.http_status == 500:
+                    log.exception("AnalyzeStream item: %s", exc.message)
                 self.metrics.observe_error(exc)
                 answer = _error_message(request, exc.grpc_code, exc.message)
             except Exception:  # noqa: BLE001 - one image's bug must not end the others' stream

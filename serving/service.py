@@ -264,7 +264,9 @@ class BrainTumorGateway:
             return await work
         except ServingError as exc:
             self.metrics.observe_error(exc)
-            if exc.http_status >= 500:
+            if exc.http_status == 500:  # an upstream bug (UpstreamError): its traceback, Triton's error chained
+                log.exception("%s: %s", endpoint, exc.message)
+            elif exc.http_status >= 500:
                 log.warning("%s: %s", endpoint, exc.message)
             return error_response(exc)
         except Exception:

@@ -2,7 +2,8 @@
 
 It reads the model's metadata (classes, preprocessing, refer threshold) from the model config parameters that
 `braintumor export` writes, so an external Triton (`--triton-url`) needs no local copy of the repository, and it
-turns Triton's failures into :class:`~.errors.Unavailable` / :class:`~.errors.DeadlineExceeded`.
+turns Triton's failures into the precise serving error (:data:`TRITON_ERRORS`): unavailable -> 503, deadline ->
+504, a request Triton refused -> 400, anything else -> 500 (never retried).
 """
 
 from __future__ import annotations
@@ -25,9 +26,18 @@ from ..export.contract import (
     classifier_name,
 )
 from ..train.preprocess import PreprocessConfig
-from .errors import DeadlineExceeded, Unavailable
+from .errors import BadInput, DeadlineExceeded, ServingError, Unavailable, UpstreamError
 
-_UNAVAILABLE = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED", "StatusCode.UNKNOWN")
+# Triton's gRPC status (tritonclient's ``exc.status()`` is "StatusCode.<name>") -> the serving error it becomes.
+# Any other status, or none (a client-side failure), is an UpstreamError: 500 / INTERNAL, not retried.
+TRITON_ERRORS: dict[str, type[ServingError]] = {
+    "UNAVAILABLE": Unavailable,  # Triton down, starting or stopping; the connection refused or lost
+    "CANCELLED": Unavailable,  # Triton cancelled the call while shutting down
+    "NOT_FOUND": Unavailable,  # the model is not loaded (being reloaded or not in the repository): /readyz says so
+    "DEADLINE_EXCEEDED": DeadlineExceeded,
+    "INVALID_ARGUMENT": BadInput,  # Triton refused the request (shape, dtype, batch size)
+    "OUT_OF_RANGE": BadInput,
+}
 
 
 @dataclass(frozen=True)
@@ -45,23 +55,30 @@ class ModelInfo:
 
     @classmethod
     def from_config(cls, config: dict, version: str = "") -> ModelInfo:
-        """From Triton's model config (JSON form); a clear error if the model was not exported by braintumor."""
+        """From Triton's model config (JSON form); a clear error if the model was not exported by braintumor.
+
+        A model without braintumor's parameters is a deployment error that no retry fixes: UpstreamError (500).
+        """
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         missing = [k for k in (PARAM_CLASSES, PARAM_PREPROCESS) if not params.get(k)]
         if missing:
-            raise Unavailable(f"model {config.get('name')!r} has no {missing} parameters in its config.pbtxt; "
-                              "serve a repository written by `braintumor export`")
+            raise UpstreamError(f"model {config.get('name')!r} has no {missing} parameters in its config.pbtxt; "
+                                "serve a repository written by `braintumor export`")
         refer = params.get(PARAM_REFER_THRESHOLD)
-        return cls(
-            name=config["name"],
-            version=version,
-            classes=tuple(json.loads(params[PARAM_CLASSES])),
-            preprocess=PreprocessConfig.from_dict(json.loads(params[PARAM_PREPROCESS])),
-            temperature=float(json.loads(params.get(PARAM_TEMPERATURE) or "1.0")),
-            refer_threshold=float(json.loads(refer)) if refer else None,
-            cam_size=int(json.loads(params.get(PARAM_CAM_SIZE) or "0")),
-            max_batch_size=int(config.get("max_batch_size", 1)) or 1,
-        )
+        try:
+            return cls(
+                name=config["name"],
+                version=version,
+                classes=tuple(json.loads(params[PARAM_CLASSES])),
+                preprocess=PreprocessConfig.from_dict(json.loads(params[PARAM_PREPROCESS])),
+                temperature=float(json.loads(params.get(PARAM_TEMPERATURE) or "1.0")),
+                refer_threshold=float(json.loads(refer)) if refer else None,
+                cam_size=int(json.loads(params.get(PARAM_CAM_SIZE) or "0")),
+                max_batch_size=int(config.get("max_batch_size", 1)) or 1,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"model {config.get('name')!r} has unreadable braintumor parameters in its "
+                                f"config.pbtxt ({exc}); re-export it with `braintumor export`") from exc
 
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "classes": list(self.classes),
@@ -171,14 +188,19 @@ class TritonModel:
         return {name: result.as_numpy(name) for name in outputs}
 
 
-def _translate(exc, what: str):
-    status = str(exc.status() or "")
-    if status == "StatusCode.DEADLINE_EXCEEDED":
-        return DeadlineExceeded(f"{what}: Triton did not answer in time")
-    if status in _UNAVAILABLE or "connect" in str(exc).lower() or "unavailable" in str(exc).lower():
+def _translate(exc, what: str) -> ServingError:
+    """The serving error for a tritonclient ``InferenceServerException`` (see :data:`TRITON_ERRORS`)."""
+    status = str(exc.status() or "").removeprefix("StatusCode.")
+    kind = TRITON_ERRORS.get(status, UpstreamError)
+    if kind is Unavailable:
         return Unavailable(f"{what}: Triton is not reachable or the model is not loaded ({exc.message()}); "
                            "retry when /readyz says ready")
-    return Unavailable(f"{what} failed in Triton: {exc.message()}")
+    if kind is DeadlineExceeded:
+        return DeadlineExceeded(f"{what}: Triton did not answer in time ({exc.message()})")
+    if kind is BadInput:
+        return BadInput(f"{what}: Triton refused the request ({exc.message()}); check that the image is one "
+                        "JPEG, PNG or DICOM slice and the model is the one this server was exported for")
+    return UpstreamError(f"{what} failed in Triton ({status or 'no status'}): {exc.message()}")
 
 
 def _chunks(images: np.ndarray, size: int):
