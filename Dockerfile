@@ -84,7 +84,9 @@ CMD ["tritonserver", "--model-repository=/models", "--exit-on-error=true", "--st
 FROM gateway AS all-in-one
 COPY model_repository /models
 ENV BRAINTUMOR_TRITON_URL=127.0.0.1:8001
-EXPOSE 3000 50051 50052 8000 8001 8002
+# Triton (8000-8002) listens on the container's loopback only; it authenticates nobody. --host 0.0.0.0 makes `serve`
+# refuse to start without a key: docker run -e BRAINTUMOR_API_KEY=... -p 3000:3000 -p 50051:50051 braintumor
+EXPOSE 3000 50051 50052
 HEALTHCHECK --interval=15s --timeout=5s --start-period=180s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:3000/healthz', timeout=4)"]
 CMD ["braintumor", "serve", "--model-repository", "/models", "--host", "0.0.0.0", "--http-port", "3000", \

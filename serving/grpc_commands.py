@@ -13,7 +13,7 @@ API_KEY_ENV = "BRAINTUMOR_API_KEY"
 
 def _grpc_server(args: argparse.Namespace) -> int:
     from .grpc_server import serve_grpc
-    from .settings import ServeSettings
+    from .settings import ServeSettings, exposure_warning
 
     settings = ServeSettings.from_env()
     overrides = {}
@@ -25,6 +25,9 @@ def _grpc_server(args: argparse.Namespace) -> int:
     overrides["api_key"] = os.environ.get(args.api_key_env, "")
     settings = replace(settings, **overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    exposed = exposure_warning(args.host, settings.api_key)
+    if exposed:  # a warning, not a refusal: in a cluster a NetworkPolicy or a mesh may be what authenticates
+        logging.getLogger("braintumor.grpc").warning("%s", exposed)
     metrics_port = args.metrics_port if args.metrics_port > 0 else None
     asyncio.run(serve_grpc(settings, args.port, host=args.host, metrics_port=metrics_port, grace=args.grace))
     return 0
@@ -40,8 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "stream window, explanation budgets) come from the BRAINTUMOR_* environment variables. "
                     "SIGTERM or Ctrl-C stop it gracefully.")
     p.add_argument("--port", type=int, default=50051, help="port of the gRPC API")
-    p.add_argument("--host", default="0.0.0.0",
-                   help="address the gRPC API and the metrics endpoint bind to (127.0.0.1: this host only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the gRPC API and the metrics endpoint bind to (0.0.0.0: every interface; without "
+                        "an API key that logs a warning)")
     p.add_argument("--metrics-port", type=int, default=50052,
                    help="port of the Prometheus /metrics endpoint (braintumor_* metrics, frontend=\"grpc\"); 0: none")
     p.add_argument("--triton-url", default=argparse.SUPPRESS,

@@ -21,16 +21,26 @@ from pathlib import Path
 from .triton_commands import default_model_repository
 
 GATEWAY_TARGET = "braintumor.serving.service:BrainTumorGateway"
+# Triton has no authentication: the embedded one listens on loopback only, whatever --host the front doors get.
+TRITON_ADDRESS = "127.0.0.1"
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .settings import ServeSettings
+    from .settings import ServeSettings, exposure_warning
     from .supervisor import ChildProcess, grpc_serving, http_ready, wait_until
     from .triton_embedded import EmbeddedTriton, TritonServerError, check_ports
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("braintumor.serve")
     settings = ServeSettings.from_env()
+    exposed = exposure_warning(args.host, settings.api_key)
+    if exposed and not args.allow_unauthenticated:
+        print(f"braintumor serve: error: --host {args.host} without an API key would let anyone on the network use "
+              "the service; set BRAINTUMOR_API_KEY, bind to 127.0.0.1 (the default), or pass "
+              "--allow-unauthenticated if something in front authenticates", file=sys.stderr)
+        return 2
+    if exposed:
+        log.warning("%s\n%s\n%s", "!" * 100, exposed, "!" * 100)
     own_ports = {"gateway HTTP": args.http_port, "gRPC API": args.grpc_port, "gRPC metrics": args.grpc_metrics_port}
     check_ports(own_ports, args.host)
 
@@ -56,7 +66,8 @@ def _serve(args: argparse.Namespace) -> int:
             if args.model_repository is None:
                 raise ValueError("no model repository: pass --model-repository DIR or --triton-url HOST:PORT")
             triton = EmbeddedTriton(args.model_repository, args.triton_http_port, args.triton_grpc_port,
-                                    args.triton_metrics_port, address=args.host, startup_timeout=args.startup_timeout,
+                                    args.triton_metrics_port, address=TRITON_ADDRESS,
+                                    startup_timeout=args.startup_timeout,
                                     echo=sys.stderr if args.verbose else None)
             triton.start()
             triton_url = triton.grpc_url
@@ -138,7 +149,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--triton-url", default=None,
                    help="HOST:PORT of an already running Triton's gRPC endpoint; then no Triton is started")
     p.add_argument("--workers", type=int, default=1, help="HTTP gateway worker processes")
-    p.add_argument("--host", default="0.0.0.0", help="address every server binds to (127.0.0.1: this host only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the HTTP gateway and the gRPC API bind to (0.0.0.0: every interface, which needs "
+                        "BRAINTUMOR_API_KEY or --allow-unauthenticated); the embedded Triton always binds 127.0.0.1")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="start on a non-loopback --host without BRAINTUMOR_API_KEY (with a loud warning); only when "
+                        "something in front of the service authenticates callers")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each part to be ready")
     p.add_argument("--verbose", action="store_true", help="echo Triton's log")
     p.set_defaults(func=_serve)

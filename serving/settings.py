@@ -6,6 +6,7 @@ which `braintumor serve` sets for its children. Defaults are what a single CPU h
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -62,3 +63,23 @@ class ServeSettings:
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings in a child process."""
         return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this host can reach (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        return False
+
+
+def exposure_warning(host: str, api_key: str) -> str | None:
+    """The warning for binding ``host`` without an API key, or None when only this host can reach it or a key is set.
+    One rule for `serve` (which refuses without --allow-unauthenticated) and `grpc-server` (which warns)."""
+    if api_key or is_loopback(host):
+        return None
+    return (f"listening on {host or 'every interface'} WITHOUT an API key: anyone who can reach this host can send "
+            "images and read results. Set BRAINTUMOR_API_KEY, or bind to 127.0.0.1 and put an authenticating "
+            "proxy in front.")

@@ -44,7 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--http-port", type=int, default=8000, help="port of the KServe v2 HTTP/REST endpoint")
     p.add_argument("--grpc-port", type=int, default=8001, help="port of the KServe v2 gRPC endpoint")
     p.add_argument("--metrics-port", type=int, default=8002, help="port of the Prometheus /metrics endpoint")
-    p.add_argument("--address", default="0.0.0.0", help="address every endpoint binds to (127.0.0.1: this host only)")
+    p.add_argument("--address", default="127.0.0.1",
+                   help="address every endpoint binds to; Triton has no authentication, so think twice before 0.0.0.0")
     p.add_argument("--startup-timeout", type=float, default=120.0,
                    help="seconds to wait for /v2/health/ready before giving up")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (0: off)")

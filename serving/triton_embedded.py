@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,11 @@ BACKEND_LIB = "libtriton_python.so"
 BACKEND_UTILS = "triton_python_backend_utils.py"
 CACHE_ENV = "BRAINTUMOR_CACHE"  # where the assembled backend directory is kept (default ~/.cache/braintumor)
 CONFIG_FILE = "config.pbtxt"
+# Triton's admin APIs (change the log level, register shared memory, load models, trace, per-model statistics) need a
+# header whose value is a random secret made per start and given to no client, so nobody can use them; health,
+# metadata, model config and inference stay open to the front doors (on loopback by default).
+ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
+ADMIN_HEADER = "braintumor-admin-key"
 
 
 class TritonServerError(RuntimeError):
@@ -213,11 +219,13 @@ class EmbeddedTriton:
     """
 
     def __init__(self, model_repository: str | os.PathLike, http_port: int = 8000, grpc_port: int = 8001,
-                 metrics_port: int = 8002, *, address: str = "0.0.0.0", load_models: Sequence[str] | None = None,
+                 metrics_port: int = 8002, *, address: str = "127.0.0.1", load_models: Sequence[str] | None = None,
                  log_verbose: int = 0, startup_timeout: float = 120.0, exit_timeout: int = 5,
                  echo: IO[str] | None = None, cache_dir: Path | None = None,
-                 extra_args: Sequence[str] = ()) -> None:
-        """``load_models``: only these (``--model-control-mode explicit``); default all in the repository.
+                 extra_args: Sequence[str] = (), restrict_admin: bool = True) -> None:
+        """``address``: Triton authenticates nobody, so the default is loopback. ``restrict_admin``: lock
+        :data:`ADMIN_APIS` behind a per-start random key nobody is given.
+        ``load_models``: only these (``--model-control-mode explicit``); default all in the repository.
         ``echo``: a stream that receives the server's log lines as they come (the CLI passes stderr).
         ``exit_timeout``: on stop, seconds Triton waits for in-flight requests and open client connections (idle
         keep-alive ones included: close clients first for a fast stop) before it exits anyway with code 1."""
@@ -231,6 +239,7 @@ class EmbeddedTriton:
         self.echo = echo
         self.cache_dir = cache_dir
         self.extra_args = list(extra_args)
+        self.restrict_admin = bool(restrict_admin)
         self._process: subprocess.Popen[str] | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=400)
         self._pump: threading.Thread | None = None
@@ -273,6 +282,10 @@ class EmbeddedTriton:
                "--exit-on-error", "true", "--strict-readiness", "true",
                "--exit-timeout-secs", str(self.exit_timeout), "--log-verbose", str(self.log_verbose),
                "--allow-cpu-metrics", "true"]
+        if self.restrict_admin:
+            # In argv, so a local user who can list processes could read it; the APIs are on loopback as well.
+            restricted = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={secrets.token_urlsafe(32)}"
+            cmd += ["--http-restricted-api", restricted, "--grpc-restricted-protocol", restricted]
         if self.load_models:
             cmd += ["--model-control-mode", "explicit"]
             for name in self.load_models:

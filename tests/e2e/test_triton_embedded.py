@@ -117,6 +117,7 @@ def test_http_and_grpc_equal_onnxruntime(repository):
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-5)
 
         assert _inference_count(triton, name) - before == 2 * len(images)
+        _admin_apis_refused(http, grpc)
         # Triton waits --exit-timeout-secs for open client connections (even idle keep-alive ones) before exiting
         http.close()
         grpc.close()
@@ -124,6 +125,28 @@ def test_http_and_grpc_equal_onnxruntime(repository):
         code = triton.stop()
     assert code == 0, triton.log_tail()
     assert not _wait_gone(str(repository)), "tritonserver or a python stub outlived stop()"
+
+
+def _admin_apis_refused(http, grpc) -> None:
+    """Nobody can change the log level, read the repository index, register shared memory or read statistics
+    (issue 13: all of these answered anyone before); health, metadata and inference above still worked."""
+    from tritonclient.utils import InferenceServerException
+
+    calls = {
+        "HTTP logging": lambda: http.update_log_settings({"log_verbose_level": 2}),
+        "HTTP repository index": lambda: http.get_model_repository_index(),
+        "HTTP shared memory": lambda: http.register_system_shared_memory("probe", "/braintumor_probe", 64),
+        "HTTP statistics": lambda: http.get_inference_statistics(),
+        "HTTP trace": lambda: http.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]}),
+        "HTTP read log settings": lambda: http.get_log_settings(),
+        "gRPC logging": lambda: grpc.update_log_settings({"log_verbose_level": 2}),
+        "gRPC repository index": lambda: grpc.get_model_repository_index(),
+        "gRPC shared memory": lambda: grpc.register_system_shared_memory("probe", "/braintumor_probe", 64),
+    }
+    for what, call in calls.items():
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert "restricted" in str(refused.value).lower() or "403" in str(refused.value), (what, refused.value)
 
 
 def test_corrupted_model_refuses_to_load(repository, tmp_path):

@@ -173,7 +173,7 @@ def test_dockerfile_targets_ports_and_commands(stages, ports):
     assert {"build", "gateway", "triton", "all-in-one"} <= stages.keys()
     assert _exposed(stages, "gateway") == ports["gateway"] | ports["grpc"]
     assert _exposed(stages, "triton") == ports["triton"]
-    assert _exposed(stages, "all-in-one") == ports["gateway"] | ports["grpc"] | ports["triton"]
+    assert _exposed(stages, "all-in-one") == ports["gateway"] | ports["grpc"]  # its Triton is on loopback only
 
     from braintumor.serving.serve_command import GATEWAY_TARGET
 
@@ -312,6 +312,7 @@ def test_compose_ports_commands_and_wiring(compose, ports, port):
     for name in ("triton", "gateway", "grpc"):
         assert _container_ports(services[name]) == ports[name], name
     assert services["triton"]["build"]["target"] == "triton"
+    assert all(str(p).startswith("127.0.0.1:") for p in services["triton"]["ports"]), "Triton has no auth: loopback"
     assert services["gateway"]["build"]["target"] == services["grpc"]["build"]["target"] == "gateway"
     assert services["gateway"]["image"] == services["grpc"]["image"]
 
@@ -495,6 +496,27 @@ def test_k8s_services_select_their_pods_and_ports(k8s):
     triton_ports = {p["name"]: p["port"] for p in services[host]["spec"]["ports"]}
     assert triton_ports["grpc"] == int(port)
 
+
+def test_k8s_network_policy_lets_only_the_front_doors_reach_triton(k8s):
+    """Triton has no authentication: its gRPC port admits only the gateway and gRPC API pods, its HTTP port nobody
+    (probes come from the node), and only the read-only metrics port is open in the namespace."""
+    deployments = _deployments(k8s)
+    policy = k8s[("NetworkPolicy", "braintumor-triton")]["spec"]
+    triton_labels = deployments["triton"]["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= triton_labels.items()
+    assert policy["policyTypes"] == ["Ingress"]
+    container_ports = {p["name"] for p in deployments["triton"]["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    allowed: dict[str, list] = {}
+    for rule in policy["ingress"]:
+        for port in rule["ports"]:
+            assert port["port"] in container_ports
+            allowed.setdefault(port["port"], []).append(rule.get("from"))
+    assert set(allowed) == {"grpc", "metrics"}, "Triton's HTTP port (inference, admin APIs) must not be opened"
+    (grpc_from,) = allowed["grpc"]
+    sources = {name for name, doc in deployments.items()
+               if any(peer["podSelector"]["matchLabels"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+                      for peer in grpc_from)}
+    assert sources == {"gateway", "grpc"}
 
 def test_k8s_autoscaling_resources_and_security(k8s):
     deployments = {name: doc for (kind, name), doc in k8s.items() if kind == "Deployment"}

@@ -166,7 +166,23 @@ def test_command_line(tmp_path):
     assert opts["--model-control-mode"] == "none" and opts["--exit-timeout-secs"] == "3"
     assert triton.http_url == "127.0.0.1:8000" and triton.metrics_url == "http://127.0.0.1:8002/metrics"
     assert te.EmbeddedTriton(tmp_path, 1, 2, 3, address="10.0.0.5").grpc_url == "10.0.0.5:2"
-    assert te.EmbeddedTriton(tmp_path, 1, 2, 3).grpc_url == "127.0.0.1:2"  # 0.0.0.0: connect over loopback
+    assert te.EmbeddedTriton(tmp_path, 1, 2, 3, address="0.0.0.0").grpc_url == "127.0.0.1:2"  # connect over loopback
+    assert te.EmbeddedTriton(tmp_path).address == "127.0.0.1"  # Triton authenticates nobody: loopback by default
+
+    # The admin APIs need a header value nobody is given: random per start, never the same twice.
+    keys = set()
+    for _ in range(2):
+        cmd = te.EmbeddedTriton(tmp_path).command(Path("t"), Path("b"), Path("r"))
+        http, grpc = cmd[cmd.index("--http-restricted-api") + 1], cmd[cmd.index("--grpc-restricted-protocol") + 1]
+        assert http == grpc
+        apis, setting = http.split(":")
+        assert set(apis.split(",")) == {"model-repository", "shared-memory", "statistics", "trace", "logging"}
+        header, key = setting.split("=")
+        assert header == te.ADMIN_HEADER and len(key) >= 32
+        keys.add(key)
+    assert len(keys) == 2
+    assert "--http-restricted-api" not in te.EmbeddedTriton(tmp_path, restrict_admin=False).command(
+        Path("t"), Path("b"), Path("r"))
 
     explicit = te.EmbeddedTriton(tmp_path, load_models=["a", "b"]).command(Path("t"), Path("b"), Path("r"))
     assert explicit[explicit.index("--model-control-mode") + 1] == "explicit"
