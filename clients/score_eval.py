@@ -10,7 +10,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .brisc_layout import CLASSES, BriscLayout, true_label
-from .score import ResultsFile
+from .score_files import ResultsFile
 
 MASK_THRESHOLD = 128  # BRISC masks have soft edges; the service's masks are 0/255
 

@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 from braintumor.clients.aio import AsyncBrainTumorClient
-from braintumor.clients.score import ErrorsFile, ResultsFile, Scorer, discover, result_columns
+from braintumor.clients.score_discovery import discover
+from braintumor.clients.score_files import ErrorsFile, ResultsFile, result_columns
+from braintumor.clients.scorer import Scorer
 
 
 async def score_once(url: str, protocol: str, items, concurrency: int, workdir: Path) -> tuple[float, int]:

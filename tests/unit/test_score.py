@@ -9,8 +9,10 @@ import pytest
 
 from braintumor.clients.brisc_layout import detect_layout, label_from_name, true_label
 from braintumor.clients.results import Analysis
-from braintumor.clients.score import (ErrorsFile, Item, ResultsFile, ScoreOptions, UsageError, check_options,
-                                      discover, errors_path, result_columns, row_for, write_atomic)
+from braintumor.clients.score import ScoreOptions, check_options
+from braintumor.clients.score_discovery import Item, discover
+from braintumor.clients.score_files import ErrorsFile, ResultsFile, UsageError, errors_path, result_columns, write_atomic
+from braintumor.clients.scorer import row_for
 from braintumor.clients.score_eval import classification_report, confusion, dice
 
 CLASSES = ["glioma", "meningioma", "pituitary", "no_tumor"]
@@ -148,7 +150,7 @@ def test_write_atomic_leaves_no_temporary_file(tmp_path):
 
 
 def test_stale_temporaries_are_removed_and_nothing_else(tmp_path):
-    from braintumor.clients.score import remove_stale_temporaries
+    from braintumor.clients.score_files import remove_stale_temporaries
 
     for name in ("a/.x.png.123.tmp", ".y.png.9.tmp", "a/x.png", "a/.x.png", "notes.tmp"):
         _touch(tmp_path / name)
@@ -272,8 +274,8 @@ def test_score_command_has_help_for_every_option_and_imports_only_the_client_lay
     register(sub)
     parser = sub.choices["score"]
     assert all(a.help for a in parser._actions if a.dest != "help")
-    code = ("import sys, braintumor.clients.score, braintumor.clients.score_eval, braintumor.clients.score_commands, "
-            "braintumor.clients.aio; print(sorted(m for m in sys.modules if m.startswith('braintumor.') and not "
+    code = ("import sys, braintumor.clients.score, braintumor.clients.score_commands, braintumor.clients.aio; "
+            "print(sorted(m for m in sys.modules if m.startswith('braintumor.') and not "
             "m.startswith('braintumor.clients')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

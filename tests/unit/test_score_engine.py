@@ -295,7 +295,7 @@ def test_evaluate_on_a_brisc_split(toy, tmp_path, capsys):
 
 
 def test_masks_asked_for_after_a_run_without_them_is_refused(toy, tmp_path):
-    from braintumor.clients.score import UsageError
+    from braintumor.clients.score_files import UsageError
 
     root = _files(tmp_path / "in", ["glioma", "pituitary"])
     out = tmp_path / "r.jsonl"
