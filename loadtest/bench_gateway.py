@@ -40,7 +40,7 @@ def baseline_app(checkpoint: str):
     from braintumor.export.contract import FULL_OUTPUTS
     from braintumor.export.wrappers import build_graphs
     from braintumor.serving.postprocess import postprocess
-    from braintumor.serving.results import analysis_to_dict
+    from braintumor.serving.wire import analysis_to_dict
     from braintumor.train.dicom import decode_any
     from braintumor.train.preprocess import PreprocessConfig, preprocess
     from braintumor.train.trainer.checkpoint import load_model

@@ -29,7 +29,7 @@ from braintumor.serving.errors import BadInput, ServingError
 from braintumor.serving.http_middleware import BodyRoute, GatewayMiddleware
 from braintumor.serving.metrics import Metrics
 from braintumor.serving.pipeline import EXPLAIN_METHODS, ExplainOptions, Pipeline
-from braintumor.serving.results import analysis_to_dict, explanation_to_dict
+from braintumor.serving.wire import analysis_to_dict, error_to_dict, explanation_to_dict
 from braintumor.serving.settings import ServeSettings
 
 log = logging.getLogger("braintumor.serving.http")
@@ -117,7 +117,7 @@ def gateway_metrics() -> Metrics:
 
 def error_response(error: ServingError) -> JSONResponse:
     headers = {"retry-after": "1"} if error.http_status in (429, 503) else None
-    return JSONResponse({"error": error.kind, "detail": error.message}, status_code=error.http_status, headers=headers)
+    return JSONResponse(error_to_dict(error), status_code=error.http_status, headers=headers)
 
 
 def decode_base64(text: str, field: str) -> bytes:

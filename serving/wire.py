@@ -1,0 +1,122 @@
+"""The wire: one pipeline result -> the HTTP JSON body (PNGs as base64) and the gRPC message (PNGs as bytes), side by
+side, so a field added to one is visibly missing from the other. The SDK reads both back into equal results
+(clients/results.py); tests/integration compare the two doors on the same image.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from ..clients.v1 import braintumor_pb2 as pb
+from .errors import ServingError
+from .postprocess import AnalysisResult
+
+
+def b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+# -- analysis ----------------------------------------------------------------------------------------------------
+
+def analysis_to_dict(result: AnalysisResult, model: dict | None = None, *, images: bool = True) -> dict:
+    out = {
+        "label": result.label,
+        "probabilities": result.probabilities,
+        "refer": result.refer,
+        "refer_reason": list(result.refer_reason),
+        "tumor_area_px": result.tumor_area_px,
+        "tumor_area_mm2": result.tumor_area_mm2,
+        "mask_label_disagree": result.mask_label_disagree,
+        "image_height": result.original_shape[0],
+        "image_width": result.original_shape[1],
+    }
+    if images:
+        out["mask_png"] = b64(result.mask_png)
+        out["heatmap_png"] = b64(result.heatmap_png)
+        out["overlay_png"] = b64(result.overlay_png)
+    if model is not None:
+        out["model"] = {"name": model.get("name"), "version": model.get("version")}
+    return out
+
+
+def analysis_message(result: AnalysisResult, info, request: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
+    message = pb.AnalyzeResponse(
+        id=request.id,
+        label=result.label,
+        probabilities=result.probabilities,
+        refer=result.refer,
+        refer_reason=result.refer_reason,
+        tumor_area_px=result.tumor_area_px,
+        tumor_area_mm2=result.tumor_area_mm2,  # None leaves the optional field unset
+        mask_label_disagree=result.mask_label_disagree,
+        image_height=result.original_shape[0],
+        image_width=result.original_shape[1],
+        model=model_ref(info),
+    )
+    if not request.skip_images:
+        message.mask_png = result.mask_png
+        message.heatmap_png = result.heatmap_png
+        message.overlay_png = result.overlay_png or b""
+    return message
+
+
+# -- errors: HTTP answers error.http_status with this body; gRPC aborts with error.grpc_code, or, for one image of a
+# stream, answers error_message ----------------------------------------------------------------------------------
+
+def error_to_dict(error: ServingError) -> dict:
+    return {"error": error.kind, "detail": error.message}
+
+
+def error_message(request: pb.AnalyzeRequest, error: ServingError) -> pb.AnalyzeResponse:
+    return pb.AnalyzeResponse(id=request.id, error=pb.Error(code=error.grpc_code, message=error.message))
+
+
+# -- explanation -------------------------------------------------------------------------------------------------
+
+def explanation_to_dict(explanation, model: dict | None = None) -> dict:
+    out = {
+        "method": explanation.method,
+        "target": explanation.target,
+        "label": explanation.label,
+        "probabilities": explanation.probabilities,
+        "num_samples": explanation.num_samples,
+        "seconds": round(float(explanation.seconds), 4),
+        "cached": explanation.cached,
+        "image_height": explanation.original_shape[0],
+        "image_width": explanation.original_shape[1],
+        "heatmap_png": b64(explanation.heatmap_png),
+        "overlay_png": b64(explanation.overlay_png),
+    }
+    if model is not None:
+        out["model"] = {"name": model.get("name"), "version": model.get("version")}
+    return out
+
+
+def explanation_message(explanation, info) -> pb.ExplainResponse:
+    return pb.ExplainResponse(
+        method=explanation.method,
+        target=explanation.target,
+        label=explanation.label,
+        probabilities=explanation.probabilities,
+        num_samples=explanation.num_samples or 0,
+        seconds=float(explanation.seconds),
+        cached=bool(explanation.cached),
+        image_height=explanation.original_shape[0],
+        image_width=explanation.original_shape[1],
+        heatmap_png=explanation.heatmap_png,
+        overlay_png=explanation.overlay_png,
+        model=model_ref(info),
+    )
+
+
+# -- model -------------------------------------------------------------------------------------------------------
+
+def model_ref(info) -> pb.ModelRef:
+    return pb.ModelRef(name=info.name, version=info.version)
+
+
+# The HTTP body of GET /model is ModelInfo.to_dict(); the gRPC message carries the same fields.
+def model_info_message(info) -> pb.ModelInfo:
+    d = info.to_dict()
+    return pb.ModelInfo(name=d["name"], version=d["version"], classes=d["classes"],
+                        refer_threshold=d["refer_threshold"], image_size=d["image_size"], geometry=d["geometry"])
