@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..train.dicom import DicomInfo, decode_any
-from ..train.preprocess import DecodedImage, Geometry, ImageDecodeError, preprocess
-from .errors import BadInput, Busy, ServingError
+from ..train.preprocess import DecodedImage, Geometry, ImageDecodeError, UnsupportedFormatError, preprocess
+from .errors import BadInput, Busy, ServingError, UnsupportedMediaType
 from .explain import Explainer
 from .postprocess import AnalysisResult, postprocess
 from .settings import ServeSettings
@@ -106,6 +106,8 @@ class Pipeline:
         try:
             decoded, dicom = decode_any(data)
             image, geometry = preprocess(decoded.pixels, info.preprocess)
+        except UnsupportedFormatError as exc:
+            raise UnsupportedMediaType(str(exc)) from exc
         except ImageDecodeError as exc:
             raise BadInput(str(exc)) from exc
         return Prepared(decoded, dicom, image, geometry, hashlib.sha256(data).hexdigest())

@@ -142,10 +142,15 @@ def out_of_distribution(
 
 def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float = 0.5) -> np.ndarray:
     """(size, size) probabilities -> (H, W) uint8 0/1 mask. Probabilities are resized bilinearly and then
-    thresholded, so an enlarged mask has smooth edges rather than model-pixel blocks."""
+    thresholded, so an enlarged mask has smooth edges rather than model-pixel blocks.
+
+    Resized as uint8 levels (probability x 255), not float32: the full-size intermediate is 1 byte a pixel, and the
+    threshold becomes a level (0.5 -> 128); edges may move by one level's worth of interpolation."""
     _check_square(mask_prob, geometry, MASK_PROB)
-    restored = invert_geometry(np.ascontiguousarray(mask_prob, dtype=np.float32), geometry)
-    return (restored >= threshold).astype(np.uint8)
+    levels = np.clip(np.rint(np.asarray(mask_prob, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    restored = invert_geometry(levels, geometry)
+    level = np.uint8(min(255, max(1, int(np.ceil(threshold * 255.0 - 1e-6)))))
+    return (restored >= level).view(np.uint8)
 
 
 def gradcam_heatmap(cam: np.ndarray, class_index: int, geometry: Geometry) -> np.ndarray:
@@ -169,11 +174,17 @@ def colourise(heat: np.ndarray) -> np.ndarray:
     return JET[heat]
 
 
+OVERLAY_BAND_ROWS = 256  # rows blended at a time: float32 temporaries stay a few MB whatever the image size
+
+
 def overlay(pixels: np.ndarray, mask: np.ndarray, heat: np.ndarray) -> np.ndarray:
     """The slice in grey, the heatmap blended in proportion to its heat, the mask's outline in red."""
-    grey = np.repeat(pixels[..., None].astype(np.float32), 3, axis=-1)
-    alpha = (HEATMAP_ALPHA / 255.0) * heat.astype(np.float32)[..., None]
-    out = np.rint(grey * (1.0 - alpha) + colourise(heat).astype(np.float32) * alpha).astype(np.uint8)
+    out = np.empty((*pixels.shape, 3), np.uint8)
+    for y in range(0, pixels.shape[0], OVERLAY_BAND_ROWS):
+        band = slice(y, y + OVERLAY_BAND_ROWS)
+        grey = pixels[band, :, None].astype(np.float32)
+        alpha = (HEATMAP_ALPHA / 255.0) * heat[band].astype(np.float32)[..., None]
+        out[band] = np.rint(grey * (1.0 - alpha) + colourise(heat[band]).astype(np.float32) * alpha)
     out[mask_outline(mask, max(1, round(min(mask.shape) / 256)))] = MASK_COLOUR
     return out
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .preprocess import MAX_PIXELS, DecodedImage, ImageDecodeError, _to_grey, decode_image
+from .preprocess import DecodedImage, ImageDecodeError, _to_grey, check_size, decode_image
 
 _MAGIC_OFFSET = 128
 _MAGIC = b"DICM"
@@ -133,10 +133,7 @@ def decode_dicom(data: bytes, name: str = "DICOM") -> tuple[DecodedImage, DicomI
             f"{name}: DICOM photometric interpretation {photometric or 'missing'!r} is not supported; send {ACCEPTED}"
         )
     rows, cols = _int(ds.get("Rows"), 0), _int(ds.get("Columns"), 0)
-    if rows * cols > MAX_PIXELS:
-        raise ImageDecodeError(f"{name}: image is too large ({cols}x{rows}); at most {MAX_PIXELS} pixels")
-    if rows < 8 or cols < 8:
-        raise ImageDecodeError(f"{name}: image is {cols}x{rows}; at least 8x8 pixels needed")
+    check_size(cols, rows, name)
     frames = max(1, _int(ds.get("NumberOfFrames"), 1))
     index = frames // 2
     try:

@@ -13,13 +13,43 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-# Refuse decompression bombs loudly (Pillow warns at MAX/2 and raises at MAX); 64 Mpx is far above any MRI slice.
-MAX_PIXELS = 64_000_000
+# The size budget, checked on the header before any pixel is decoded. The longest side bounds every array a request
+# allocates (the padded square of crop_pad is at most ~1.1 x MAX_SIDE on a side), so a 613-byte 20000x20 PNG is
+# refused instead of costing gigabytes. BRISC's largest slice is 1427 px; MRI slices are rarely over 1024.
+MAX_SIDE = 2048
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
+MIN_SIDE = 8
+# The formats documented and tested; Pillow would open many more (GIF, TIFF, EPS through Ghostscript, ...).
+FORMATS = ("JPEG", "PNG")
 GEOMETRIES = ("crop_pad", "pad", "resize")
 
 
 class ImageDecodeError(ValueError):
     """The bytes are not an image we can read; the message says why and what is accepted."""
+
+
+class UnsupportedFormatError(ImageDecodeError):
+    """An image in a format other than JPEG, PNG or DICOM (serving answers 415)."""
+
+
+def check_size(width: int, height: int, name: str = "image") -> None:
+    """Refuse an image outside the size budget (:data:`MAX_SIDE`, :data:`MAX_PIXELS`, :data:`MIN_SIDE`)."""
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+        raise ImageDecodeError(f"{name}: image is too large ({width}x{height}); at most {MAX_SIDE} pixels on a side "
+                               f"and {MAX_PIXELS} pixels in all (a brain MRI slice is usually under 1024x1024)")
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise ImageDecodeError(f"{name}: image is {width}x{height}; at least {MIN_SIDE}x{MIN_SIDE} pixels needed")
+
+
+def _format_name(data: bytes) -> str | None:
+    """The format another Pillow plugin recognises from the first 16 bytes (its ``accept`` check; nothing is
+    opened or decoded), for the refusal's message."""
+    Image.init()
+    prefix = data[:16]
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt not in FORMATS and accept is not None and accept(prefix):
+            return fmt
+    return None
 
 
 @dataclass(frozen=True)
@@ -93,12 +123,11 @@ def decode_image(source: bytes | str | Path) -> DecodedImage:
     if dicom.is_dicom(data):
         return dicom.decode_dicom(data, name)[0]
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        # Only the JPEG and PNG plugins are tried: other formats never reach a decoder (EPS would run Ghostscript).
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             # Checked on the header, before any pixel is decoded; an explicit check rather than swapping Pillow's
             # global MAX_IMAGE_PIXELS, which would race between the serving threads.
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageDecodeError(f"{name}: image is too large ({img.width}x{img.height}); at most "
-                                       f"{MAX_PIXELS} pixels (a brain MRI slice is usually under 1024x1024)")
+            check_size(img.width, img.height, name)
             img.load()
             mode = img.mode
             pixels, is_colour = _to_grey(img)
@@ -107,21 +136,26 @@ def decode_image(source: bytes | str | Path) -> DecodedImage:
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError(f"{name}: image is too large ({exc}); at most {MAX_PIXELS} pixels") from exc
     except Image.UnidentifiedImageError as exc:
+        found = _format_name(data)
+        if found is not None:
+            raise UnsupportedFormatError(f"{name}: {found} images are not accepted; send a JPEG, PNG or DICOM "
+                                         "slice") from exc
         raise ImageDecodeError(f"{name}: not a readable image; send a JPEG, PNG or DICOM slice") from exc
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc}); re-export the slice") from exc
-    if pixels.shape[0] < 8 or pixels.shape[1] < 8:
-        raise ImageDecodeError(f"{name}: image is {pixels.shape[1]}x{pixels.shape[0]}; at least 8x8 pixels needed")
+    check_size(pixels.shape[1], pixels.shape[0], name)  # EXIF rotation may have swapped the sides
     return DecodedImage(pixels, mode, is_colour)
 
 
 def _to_grey(img: Image.Image) -> tuple[np.ndarray, bool]:
     img = ImageOps.exif_transpose(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
+        arr = np.array(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return np.clip(np.rint(scaled), 0, 255).astype(np.uint8), False
+        # In place: one float64 copy of the image, not three (the same arithmetic as (arr - lo) * k).
+        arr -= lo
+        arr *= 255.0 / (hi - lo) if hi > lo else 0.0
+        return np.clip(np.rint(arr, out=arr), 0, 255, out=arr).astype(np.uint8), False
     if img.mode == "L":
         return np.asarray(img, dtype=np.uint8).copy(), False
     rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
@@ -179,10 +213,18 @@ def invert_geometry(square: np.ndarray, geom: Geometry, *, nearest: bool = False
     top, bottom, left, right = geom.pad
     ch, cw = y1 - y0, x1 - x0
     full_h, full_w = ch + top + bottom, cw + left + right
-    resample = Image.NEAREST if nearest else Image.BILINEAR
-    restored = np.asarray(Image.fromarray(square).resize((full_w, full_h), resample), dtype=square.dtype)
     out = np.zeros(geom.original_shape, dtype=square.dtype)
-    out[y0:y1, x0:x1] = restored[top : top + ch, left : left + cw]
+    if nearest:  # Pillow's nearest picks other source pixels with a box; this path is not on the serving side
+        restored = np.asarray(Image.fromarray(square).resize((full_w, full_h), Image.NEAREST), dtype=square.dtype)
+        out[y0:y1, x0:x1] = restored[top : top + ch, left : left + cw]
+        return out
+    # Bilinear: resample only the crop's part of the square (Pillow's ``box``), the same pixels as resizing the whole
+    # padded square and cutting the crop out (within one grey level: Pillow's fixed-point rounding), without
+    # allocating that square.
+    sy, sx = square.shape[0] / full_h, square.shape[1] / full_w
+    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    out[y0:y1, x0:x1] = np.asarray(Image.fromarray(square).resize((cw, ch), Image.BILINEAR, box=box),
+                                   dtype=square.dtype)
     return out
 
 
