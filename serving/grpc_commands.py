@@ -13,6 +13,7 @@ API_KEY_ENV = "BRAINTUMOR_API_KEY"
 
 def _grpc_server(args: argparse.Namespace) -> int:
     from .grpc_server import serve_grpc
+    from . import logsafe
     from .settings import ServeSettings, exposure_warning
 
     settings = ServeSettings.from_env()
@@ -25,6 +26,7 @@ def _grpc_server(args: argparse.Namespace) -> int:
     overrides["api_key"] = os.environ.get(args.api_key_env, "")
     settings = replace(settings, **overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsafe.install()
     exposed = exposure_warning(args.host, settings.api_key)
     if exposed:  # a warning, not a refusal: in a cluster a NetworkPolicy or a mesh may be what authenticates
         logging.getLogger("braintumor.grpc").warning("%s", exposed)

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from .errors import BadInput, PayloadTooLarge, ServingError, Unauthenticated, UnsupportedMediaType
+from .logsafe import escape_controls
 from .settings import ServeSettings
 
 # Always open, also when an API key is set: probes, Prometheus, and BentoML's docs (Swagger UI + OpenAPI).
 OPEN_PATHS = frozenset({"/", "/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/schema.json"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
+PROBE_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # polled every few seconds: not access-logged
+OTHER_ENDPOINT = "other"  # the metrics label of every path that is no route: a scan of random paths adds no series
 BODY_TYPES = ("application/json", "multipart/form-data")
 MAX_FORM_VALUE_BYTES = 1024 * 1024  # Starlette's limit for a non-file multipart part (beyond it BentoML answers 500)
 
@@ -37,6 +41,11 @@ class BodyRoute:
     files: Mapping[str, bool]  # multipart file field -> several allowed
     fields: frozenset[str]  # other fields: JSON keys or multipart text parts
     usage: str
+
+
+# Replaces BentoML's access log (off in service.py: it logged raw paths); under "bentoml" so BentoML's logging
+# configuration (level, handler, format) applies to it as it did to the original.
+access_log = logging.getLogger("bentoml.access")
 
 
 def error_body(kind: str, detail: str) -> bytes:
@@ -58,20 +67,30 @@ class GatewayMiddleware:
         return self._metrics() if callable(self._metrics) else self._metrics
 
     async def __call__(self, scope, receive, send) -> None:
-        path = scope.get("path", "")
-        if scope["type"] != "http" or path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
         start = time.perf_counter()
         seen = {"status": 500, "seconds": None}
 
         async def counted(message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
+                # No product banner (BentoML sends `server: BentoML Service/<name>` on API answers).
+                message = {**message, "headers": [(k, v) for k, v in message.get("headers", ())
+                                                  if k.lower() != b"server"]}
             elif message["type"] == "http.response.body" and not message.get("more_body"):
                 seen["seconds"] = time.perf_counter() - start  # background work (BentoML tasks) runs after this
             await send(message)
 
+        if path in OPEN_PATHS or path.startswith(OPEN_PREFIXES):
+            try:
+                await self.app(scope, receive, counted)
+            finally:
+                if path not in PROBE_PATHS:
+                    _log_access(scope, seen["status"], start)
+            return
         try:
             body = None
             try:
@@ -88,10 +107,10 @@ class GatewayMiddleware:
             usage = self.routes[path].usage if path in self.routes else None
             await self.app(scope, _replay(body) if body is not None else receive, _uniform_errors(counted, usage))
         finally:
-            endpoint = self.endpoints.get(path)
-            if endpoint is not None and self.metrics is not None:
+            if self.metrics is not None:
                 seconds = seen["seconds"] if seen["seconds"] is not None else time.perf_counter() - start
-                self.metrics.observe_request(endpoint, str(seen["status"]), seconds)
+                self.metrics.observe_request(self.endpoints.get(path, OTHER_ENDPOINT), str(seen["status"]), seconds)
+            _log_access(scope, seen["status"], start)
 
     # -- checks --------------------------------------------------------------------------------------------
 
@@ -201,6 +220,13 @@ def _check_multipart(content_type: str, body: bytes, route: BodyRoute) -> None:
 
 
 # -- ASGI helpers ----------------------------------------------------------------------------------------------
+
+def _log_access(scope, status: int, start: float) -> None:
+    """One line per request; the path is the caller's text, so its control characters are escaped (logsafe)."""
+    client = scope.get("client") or ("-", 0)
+    access_log.info("%s:%s %s %s %s %.1f ms", client[0], client[1], escape_controls(scope.get("method", "-")),
+                    escape_controls(scope.get("path", "")), status, (time.perf_counter() - start) * 1000)
+
 
 def _headers(scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}

@@ -26,11 +26,13 @@ TRITON_ADDRESS = "127.0.0.1"
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from . import logsafe
     from .settings import ServeSettings, exposure_warning
     from .supervisor import ChildProcess, grpc_serving, http_ready, wait_until
     from .triton_embedded import EmbeddedTriton, TritonServerError, check_ports
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsafe.install()
     log = logging.getLogger("braintumor.serve")
     settings = ServeSettings.from_env()
     exposed = exposure_warning(args.host, settings.api_key)
@@ -40,7 +42,8 @@ def _serve(args: argparse.Namespace) -> int:
               "--allow-unauthenticated if something in front authenticates", file=sys.stderr)
         return 2
     if exposed:
-        log.warning("%s\n%s\n%s", "!" * 100, exposed, "!" * 100)
+        for line in ("!" * 100, exposed, "!" * 100):  # one record a line: log records are one line each
+            log.warning("%s", line)
     own_ports = {"gateway HTTP": args.http_port, "gRPC API": args.grpc_port, "gRPC metrics": args.grpc_metrics_port}
     check_ports(own_ports, args.host)
 

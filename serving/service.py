@@ -22,9 +22,10 @@ from pathlib import Path
 import bentoml
 from pydantic import ConfigDict, Field, field_validator
 from starlette.applications import Starlette
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from braintumor.serving import logsafe
 from braintumor.serving.errors import BadInput, ServingError
 from braintumor.serving.http_middleware import BodyRoute, GatewayMiddleware
 from braintumor.serving.metrics import Metrics
@@ -150,18 +151,39 @@ async def _model(request) -> JSONResponse:
     return JSONResponse(info.to_dict())
 
 
-# GET routes: BentoML API routes are POST only. Mounted at "/" as a passive mount: only /model matches here.
-extra_routes = Starlette(routes=[Route("/model", _model, methods=["GET"])])
+async def _metrics_view(request) -> Response:
+    """Prometheus text of every worker (the multiprocess directory BentoML sets), in place of BentoML's /metrics,
+    which is off with its request metrics: those label requests by raw path, so random paths grew the series."""
+    import prometheus_client
+    from prometheus_client import multiprocess
+
+    gateway_metrics()  # defined before the first scrape, so every braintumor_* family is listed
+    registry = prometheus_client.REGISTRY
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = prometheus_client.CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    body = await asyncio.to_thread(prometheus_client.generate_latest, registry)
+    return Response(body, media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+
+# GET routes: BentoML API routes are POST only. Mounted at "/" as a passive mount: only these paths match here.
+extra_routes = Starlette(routes=[Route("/model", _model, methods=["GET"]),
+                                 Route("/metrics", _metrics_view, methods=["GET"])])
 
 
 @bentoml.asgi_app(extra_routes, path="/")
 @bentoml.service(name="braintumor", workers=int(os.environ.get("BRAINTUMOR_HTTP_WORKERS", "1")),
-                 traffic={"timeout": TIMEOUT_S})
+                 traffic={"timeout": TIMEOUT_S},
+                 # Both label or log the raw request path (forged log lines, one metric series per random path);
+                 # GatewayMiddleware writes the access log and counts requests by route instead.
+                 metrics={"enabled": False}, logging={"access": {"enabled": False}})
 class BrainTumorGateway:
     """Brain MRI tumour classification, segmentation and explanation (BRISC 2025) over NVIDIA Triton."""
 
     def __init__(self) -> None:
         # Runs once per worker; connects lazily, so the gateway starts (not ready) while Triton is still down.
+        logsafe.install()
+        logsafe.quiet_client_errors()
         self.settings = ServeSettings.from_env()
         self.metrics = gateway_metrics()
         self.pipeline = Pipeline.from_settings(self.settings, self.metrics)

@@ -34,3 +34,53 @@ def test_serve_refuses_every_interface_without_a_key(monkeypatch, capsys):
     assert main(["serve", "--host", "0.0.0.0", "--triton-url", "127.0.0.1:1"]) == 2
     err = capsys.readouterr().err
     assert "BRAINTUMOR_API_KEY" in err and "--allow-unauthenticated" in err and "127.0.0.1" in err
+
+
+# -- log lines nobody can forge ----------------------------------------------------------------------------------
+def test_escape_controls():
+    from braintumor.serving.logsafe import escape_controls
+
+    assert escape_controls("/probe\nFAKE\x00\x1b[31m\u2028\x85ok é") == "/probe\\x0aFAKE\\x00\\x1b[31m\\u2028\\x85ok é"
+
+
+def test_every_log_record_is_escaped_once_installed(caplog, monkeypatch):
+    import logging
+
+    from braintumor.serving import logsafe
+
+    previous = logging.getLogRecordFactory()
+    monkeypatch.setattr(logsafe, "_installed", False)
+    try:
+        logsafe.install()
+        logsafe.install()  # idempotent: escaped once, not twice
+        with caplog.at_level(logging.INFO, logger="any.library"):
+            logging.getLogger("any.library").info("path=%s", "/x\nFORGED line\r\x00")
+            logging.getLogger("any.library").info("multi\nline message")
+    finally:
+        logging.setLogRecordFactory(previous)  # the rest of the test session logs as before
+    assert [r.getMessage() for r in caplog.records] == ["path=/x\\x0aFORGED line\\x0d\\x00", "multi\\x0aline message"]
+
+
+def test_client_errors_become_one_info_line_server_errors_stay():
+    import logging
+
+    from pydantic import BaseModel, ValidationError
+
+    from braintumor.serving.logsafe import ClientErrorsAtInfo
+
+    class Model(BaseModel):
+        x: int
+
+    try:
+        Model(x="nope")
+    except ValidationError as exc:
+        validation = exc
+    bentoml = pytest.importorskip("bentoml")
+    cases = [(validation, logging.INFO), (bentoml.exceptions.NotFound("no task"), logging.INFO),
+             (bentoml.exceptions.BentoMLException("boom"), logging.ERROR), (RuntimeError("bug"), logging.ERROR)]
+    for exc, level in cases:
+        record = logging.LogRecord("bentoml._internal.server.http_app", logging.ERROR, __file__, 1,
+                                   "Exception on %s [%s]", ("/analyze", "POST"), (type(exc), exc, None))
+        assert ClientErrorsAtInfo().filter(record)
+        assert record.levelno == level, exc
+        assert (record.exc_info is None) is (level == logging.INFO)

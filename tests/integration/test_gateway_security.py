@@ -1,0 +1,124 @@
+"""The HTTP gateway as an outsider meets it (issue 13), `bentoml serve` with an API key against the tiny model: every
+route but the probes, metrics and docs needs the key; a forged path cannot forge a log line nor add metric series;
+no product banner; a refused request is one INFO line, not an ERROR with a traceback; only JPEG/PNG/DICOM decode."""
+
+import base64
+import io
+import re
+import socket
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("bentoml")
+pytest.importorskip("tritonclient.grpc.aio")
+
+from PIL import Image  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+KEY = "s3cret-key"
+AUTH = {"x-api-key": KEY}
+
+
+@pytest.fixture(scope="module")
+def gateway(tiny_triton, tmp_path_factory, running_gateway):
+    with running_gateway(tmp_path_factory.mktemp("gateway_security"), tiny_triton.grpc_url,
+                         BRAINTUMOR_API_KEY=KEY) as gw:
+        yield gw
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# Every API route the gateway has (service.BODY_ROUTES + OTHER_ENDPOINTS), and paths that are no route.
+GUARDED = [
+    ("POST", "/analyze"), ("POST", "/analyze_batch"), ("POST", "/explain"), ("POST", "/explain/submit"),
+    ("GET", "/explain/status?task_id=x"), ("GET", "/explain/get?task_id=x"), ("POST", "/explain/retry?task_id=x"),
+    ("PUT", "/explain/cancel?task_id=x"), ("GET", "/model"), ("GET", "/v2/models/brain_tumor"),
+    ("POST", "/v2/models/brain_tumor/infer"), ("GET", "/no/such/route"),
+]
+OPEN = ["/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"]
+
+
+def test_every_route_needs_the_key(gateway, slice_jpeg):
+    from braintumor.serving.service import BODY_ROUTES, OTHER_ENDPOINTS
+
+    covered = {path.split("?")[0] for _, path in GUARDED}
+    assert set(BODY_ROUTES) | set(OTHER_ENDPOINTS) <= covered, "a route was added without a key check here"
+    for method, path in GUARDED:
+        refused = httpx.request(method, gateway.url + path, json={"image_base64": _b64(slice_jpeg)}, timeout=30)
+        assert refused.status_code == 401, (method, path, refused.status_code, refused.text)
+        assert refused.json()["error"] == "unauthenticated"
+    for path in OPEN:
+        assert gateway.get(path).status_code == 200, path
+    # The docs' static files are open, and a path that climbs out of them reaches nothing else.
+    assert gateway.get("/static_content/swagger-ui.css").status_code == 200
+    assert gateway.get("/static_content/../analyze").status_code in (401, 404)
+
+
+def test_with_the_key_the_api_answers(gateway, slice_jpeg):
+    assert gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg)}, headers=AUTH).status_code == 200
+    assert gateway.get("/model", headers={"authorization": f"Bearer {KEY}"}).status_code == 200
+
+
+def _raw_get(url: str, raw_path: bytes) -> bytes:
+    """A request line sent byte for byte (httpx would re-encode the path)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"GET " + raw_path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_forged_path_writes_no_log_line_and_no_metric_series(gateway):
+    answer = _raw_get(gateway.url, b"/probe%0aFORGED%20200%20OK%20admin%20login%00%1b%5b31m")
+    assert answer.startswith(b"HTTP/1.1 401")
+    for k in range(30):
+        assert gateway.get(f"/scan-{k}/wp-login.php").status_code == 401
+    log = gateway.log.read_text(errors="replace")
+    assert not any(line.startswith("FORGED") for line in log.splitlines()), "a request path forged a log line"
+    assert "\x00" not in log and "\x1b" not in log
+    assert "/probe\\x0aFORGED 200 OK admin login\\x00\\x1b[31m" in log  # logged, escaped
+    metrics = gateway.get("/metrics").text
+    assert "scan-" not in metrics and "probe" not in metrics and "wp-login" not in metrics
+    endpoints = set(re.findall(r'endpoint="([^"]*)"', metrics))
+    from braintumor.serving.service import BODY_ROUTES, OTHER_ENDPOINTS
+
+    known = {r.endpoint for r in BODY_ROUTES.values()} | set(OTHER_ENDPOINTS.values()) | {"other"}
+    assert endpoints <= known, endpoints - known
+    assert re.search(r'braintumor_requests_total\{[^}]*endpoint="other"[^}]*status="401"[^}]*\} ([0-9.]+)', metrics)
+
+
+def test_no_product_banner(gateway, slice_jpeg):
+    answers = [gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg)}, headers=AUTH),
+               gateway.post("/analyze", json={"overlay": "maybe"}, headers=AUTH),  # BentoML's own 400
+               gateway.get("/healthz"), gateway.get("/metrics"), gateway.get("/docs.json"), gateway.get("/nope")]
+    for answer in answers:
+        assert "server" not in answer.headers, (answer.request.url, answer.headers.get("server"))
+
+
+def test_client_errors_are_logged_at_info_without_a_traceback(gateway):
+    before = len(gateway.log.read_text(errors="replace"))
+    refused = gateway.post("/analyze", json={"image_base64": "aGVsbG8=", "overlay": "maybe"}, headers=AUTH)
+    assert refused.status_code == 400, refused.text  # pydantic validation inside BentoML
+    refused = gateway.post("/analyze", json={"unknown_field": 1}, headers=AUTH)
+    assert refused.status_code == 400, refused.text
+    new = gateway.log.read_text(errors="replace")[before:]
+    assert "Traceback" not in new and " ERROR " not in new, new
+    assert "Exception on /analyze [POST]" in new  # still logged, as one INFO line
+
+
+@pytest.mark.parametrize("fmt, mode", [("GIF", "L"), ("TIFF", "L"), ("BMP", "L"), ("EPS", "RGB"), ("WEBP", "L")])
+def test_other_image_formats_are_415(gateway, fmt, mode):
+    buf = io.BytesIO()
+    Image.fromarray(np.full((32, 32), 120, np.uint8)).convert(mode).save(buf, format=fmt)
+    refused = gateway.post("/analyze", files={"image": ("x", buf.getvalue(), "application/octet-stream")},
+                           headers=AUTH)
+    assert refused.status_code == 415, refused.text
+    body = refused.json()
+    assert body["error"] == "unsupported_media_type" and fmt in body["detail"] and "JPEG, PNG or DICOM" in body["detail"]
