@@ -58,5 +58,5 @@ def build_graphs(model: nn.Module, state: dict) -> dict[str, nn.Module]:
 
 
 def cam_size(model: nn.Module, image_size: int) -> int:
-    """Side of the CAM grid: the input side over the encoder's deepest reduction."""
-    return image_size // int(model.encoder.reductions[-1])
+    """Side of the CAM grid: the input side over the model's ``cam_stride`` (the class head's pooled grid)."""
+    return image_size // int(model.cam_stride)

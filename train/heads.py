@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+class CamFusion(nn.Module):
+    """The map the class head pools and Grad-CAM explains: every encoder feature at a reduction >= ``cam_stride``,
+    brought to the ``cam_stride`` grid by nearest upsampling and concatenated on channels.
+
+    Nearest upsampling by an integer factor keeps each map's spatial mean, so GAP over the fused map is GAP of each
+    feature, and the bias-free CAM of the head on this grid is exact Grad-CAM at stride ``cam_stride``
+    (the deepest features alone give a 6x6 map at 192 px; with the stride-16 features it is 12x12).
+    """
+
+    def __init__(self, channels: Sequence[int], reductions: Sequence[int], cam_stride: int) -> None:
+        super().__init__()
+        if cam_stride not in reductions:
+            raise ValueError(f"cam_stride {cam_stride} is not one of the encoder's reductions {tuple(reductions)}")
+        self.indices = [i for i, r in enumerate(reductions) if r >= cam_stride]
+        self.factors = [int(reductions[i]) // cam_stride for i in self.indices]
+        self.out_channels = int(sum(channels[i] for i in self.indices))
+        self.stride = cam_stride
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        maps = [features[i] if f == 1 else F.interpolate(features[i], scale_factor=float(f), mode="nearest")
+                for i, f in zip(self.indices, self.factors)]
+        return maps[0] if len(maps) == 1 else torch.cat(maps, dim=1)
 
 
 class ClassificationHead(nn.Module):

@@ -7,7 +7,7 @@ from torch import nn
 
 from .decoder import UnetDecoder
 from .encoder import Encoder
-from .heads import ClassificationHead, SegmentationHead
+from .heads import CamFusion, ClassificationHead, SegmentationHead
 
 
 class Normalize(nn.Module):
@@ -37,10 +37,13 @@ class MultiTaskModel(nn.Module):
         classification_head: ClassificationHead,
         segmentation_head: SegmentationHead,
         config: dict | None = None,
+        cam_fusion: CamFusion | None = None,
     ) -> None:
         super().__init__()
         self.normalize = normalize
         self.encoder = encoder
+        # The classification head's input grid (default: the deepest feature map alone).
+        self.cam_fusion = cam_fusion or CamFusion(encoder.channels, encoder.reductions, encoder.reductions[-1])
         self.decoder = decoder
         self.classification_head = classification_head
         self.segmentation_head = segmentation_head
@@ -48,21 +51,25 @@ class MultiTaskModel(nn.Module):
 
     @property
     def cam_layer(self) -> nn.Module:
-        """Module whose output is the last feature map, for hook-based explainers (pytorch-grad-cam)."""
-        return self.encoder.last_layer
+        """Module whose output is the map the class head pools, for hook-based explainers (pytorch-grad-cam)."""
+        return self.cam_fusion
+
+    @property
+    def cam_stride(self) -> int:
+        return self.cam_fusion.stride
 
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.encoder(self.normalize(x))
 
     def classify(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.classification_head(features[-1])
+        return self.classification_head(self.cam_fusion(features))
 
     def segment(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.segmentation_head(self.decoder(features))
 
     def class_activation_maps(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """(B, C, h, w) bias-free CAM of the last feature map; spatial mean + bias = eval-mode logits."""
-        return self.classification_head.activation_maps(features[-1])
+        """(B, C, h, w) bias-free CAM on the ``cam_stride`` grid; spatial mean + bias = eval-mode logits."""
+        return self.classification_head.activation_maps(self.cam_fusion(features))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.forward_features(x)

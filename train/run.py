@@ -165,7 +165,8 @@ def _run_training(cfg: RunConfig, data: str | Path, out: Path, resume: bool, cal
     cls_steps = len(train_rows) // (bs * world)
 
     model = build_model(encoder=cfg.model.encoder, pretrained=cfg.model.pretrained, mask_stride=cfg.model.mask_stride,
-                        dropout=cfg.model.dropout, preprocess=preprocess.to_dict()).to(device)
+                        dropout=cfg.model.dropout, preprocess=preprocess.to_dict(),
+                        cam_stride=cfg.model.cam_stride).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
@@ -182,7 +183,9 @@ def _run_training(cfg: RunConfig, data: str | Path, out: Path, resume: bool, cal
         start_epoch = state["epoch"]
 
     run_config = cfg.model_dump(mode="json")
-    extra = {"val_keys": sorted(val_keys), "data_root": str(data)}
+    # Where the initial weights came from (package, version, sha256 of the file), kept across --resume.
+    init_weights = state.get("init_weights") if state is not None else model.encoder.weight_source
+    extra = {"val_keys": sorted(val_keys), "data_root": str(data), "init_weights": init_weights}
 
     def save(path, epoch, best):
         save_checkpoint(path, model=model, run_config=run_config, epoch=epoch, optimizer=optimizer, scheduler=scheduler,

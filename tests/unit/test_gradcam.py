@@ -40,10 +40,10 @@ def _minmax(maps: np.ndarray) -> np.ndarray:
     return (maps - lo) / (maps.max(axis=(1, 2), keepdims=True) - lo)
 
 
-@pytest.fixture(scope="module")
-def model() -> nn.Module:
+@pytest.fixture(scope="module", params=[32, 16], ids=["cam_stride32", "cam_stride16"])
+def model(request) -> nn.Module:
     torch.manual_seed(0)
-    return build_model("test_resnet").eval()
+    return build_model("test_resnet", cam_stride=request.param).eval()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +54,8 @@ def x() -> torch.Tensor:
 @pytest.mark.parametrize("target", [0, 1, 2, 3])
 def test_matches_pytorch_grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> None:
     with torch.no_grad():
-        size = tuple(model.forward_features(x)[-1].shape[-2:])
+        size = tuple(model.class_activation_maps(model.forward_features(x)).shape[-2:])
+    assert size == (128 // model.cam_stride,) * 2
     with GradCAMAtFeatureSize(ClassLogits(model), [model.cam_layer], size) as cam:
         expected = cam(x, targets=[ClassifierOutputTarget(target)] * len(x))
     ours = grad_cam(model, x, target, size=size).numpy()

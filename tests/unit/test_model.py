@@ -63,7 +63,7 @@ def test_config_round_trip_through_json() -> None:
 
 
 def test_bad_encoder_name_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50") as info:
+    with pytest.raises(ValueError, match="tf_efficientnet_lite0, tf_efficientnet_lite1, resnet18, resnet34") as info:
         build_model("resnet19")
     assert "resnet10t" in str(info.value)  # the timm resnet family is listed too
 
@@ -112,16 +112,38 @@ def test_cam_mean_plus_bias_is_the_logit() -> None:
     torch.testing.assert_close(cams.mean(dim=(2, 3)) + model.classification_head.fc.bias, logits)
 
 
-def test_cam_layer_outputs_the_last_feature_map() -> None:
+def test_cam_layer_outputs_the_last_feature_map_by_default() -> None:
     model = build_model(TINY).eval()
     seen = []
     handle = model.cam_layer.register_forward_hook(lambda module, args, output: seen.append(output))
     try:
         with torch.no_grad():
             features = model.forward_features(_input())
+            model.classify(features)
     finally:
         handle.remove()
     assert torch.equal(seen[0], features[-1])
+    assert model.cam_stride == 32 and model.config["cam_stride"] == 32
+
+
+def test_cam_at_stride_16_fuses_the_two_deepest_maps_exactly() -> None:
+    model = build_model(TINY, cam_stride=16).eval()
+    with torch.no_grad():
+        features = model.forward_features(_input())
+        fused = model.cam_fusion(features)
+        cams = model.class_activation_maps(features)
+        logits = model.classify(features)
+    channels = model.encoder.channels
+    assert fused.shape == (2, channels[-1] + channels[-2], 4, 4) and cams.shape == (2, len(CLASSES), 4, 4)
+    # Nearest upsampling keeps the deep map's mean: GAP of the fused map is GAP of each feature.
+    torch.testing.assert_close(fused[:, : channels[-1]].mean(dim=(2, 3)), features[-1].mean(dim=(2, 3)))
+    torch.testing.assert_close(cams.mean(dim=(2, 3)) + model.classification_head.fc.bias, logits)
+    assert build_model(**model.config).cam_stride == 16
+
+
+def test_cam_stride_must_be_an_encoder_reduction() -> None:
+    with pytest.raises(ValueError, match="cam_stride 12 is not one of the encoder's reductions"):
+        build_model(TINY, cam_stride=12)
 
 
 def test_pretrained_file_is_loaded_and_stem_adapted(tmp_path) -> None:
