@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..export.contract import CAM, CLASS_PROBS, MASK_PROB
 from ..train.naming import NO_TUMOR
-from ..train.preprocess import DecodedImage, Geometry, PreprocessConfig, invert_geometry
+from ..train.preprocess import DecodedImage, Geometry, PreprocessConfig, invert_geometry, mask_to_original
 
 MIN_STD = 2.0  # grey levels; below this the image is blank or near-constant
 MIN_FOREGROUND = 0.01  # fraction of pixels above the foreground threshold; below this the image is mostly blank
@@ -138,19 +138,6 @@ def out_of_distribution(
             f"(at least {min_foreground:.0%} expected)"
         )
     return reasons
-
-
-def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float = 0.5) -> np.ndarray:
-    """(size, size) probabilities -> (H, W) uint8 0/1 mask. Probabilities are resized bilinearly and then
-    thresholded, so an enlarged mask has smooth edges rather than model-pixel blocks.
-
-    Resized as uint8 levels (probability x 255), not float32: the full-size intermediate is 1 byte a pixel, and the
-    threshold becomes a level (0.5 -> 128); edges may move by one level's worth of interpolation."""
-    _check_square(mask_prob, geometry, MASK_PROB)
-    levels = np.clip(np.rint(np.asarray(mask_prob, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-    restored = invert_geometry(levels, geometry)
-    level = np.uint8(min(255, max(1, int(np.ceil(threshold * 255.0 - 1e-6)))))
-    return (restored >= level).view(np.uint8)
 
 
 def gradcam_heatmap(cam: np.ndarray, class_index: int, geometry: Geometry) -> np.ndarray:

@@ -228,6 +228,22 @@ def invert_geometry(square: np.ndarray, geom: Geometry, *, nearest: bool = False
     return out
 
 
+def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float = 0.5) -> np.ndarray:
+    """(size, size) mask probabilities -> (H, W) uint8 0/1 mask on the original image: the one rule serving answers
+    with and evaluation scores at the original resolution. Probabilities are resized bilinearly and then
+    thresholded, so an enlarged mask has smooth edges rather than model-pixel blocks.
+
+    Resized as uint8 levels (probability x 255), not float32: the full-size intermediate is 1 byte a pixel, and the
+    threshold becomes a level (0.5 -> 128); edges may move by one level's worth of interpolation."""
+    if mask_prob.shape != (geometry.size, geometry.size):
+        raise ValueError(f"mask of shape {mask_prob.shape} does not match the model input "
+                         f"({geometry.size}x{geometry.size})")
+    levels = np.clip(np.rint(np.asarray(mask_prob, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
+    restored = invert_geometry(levels, geometry)
+    level = np.uint8(min(255, max(1, int(np.ceil(threshold * 255.0 - 1e-6)))))
+    return (restored >= level).view(np.uint8)
+
+
 def preprocess(pixels: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, Geometry]:
     """Greyscale uint8 (H, W) -> model input uint8 (size, size) and the geometry to undo it."""
     geom = compute_geometry(pixels, cfg)
