@@ -2,7 +2,8 @@
 
 Starts the embedded Triton on the bundled model (or uses ``--triton-url``), then the gateway (``bentoml serve``)
 and the gRPC server as child processes sharing the ``BRAINTUMOR_*`` settings, waits until all three are ready,
-prints the URLs, and on Ctrl-C / SIGTERM — or when any of them dies — stops every one of them.
+prints the URLs, restarts whichever of them dies (with backoff; the others stay up), and on Ctrl-C / SIGTERM stops
+every one of them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ TRITON_ADDRESS = "127.0.0.1"
 def _serve(args: argparse.Namespace) -> int:
     from . import logsafe
     from .settings import ServeSettings, exposure_warning
-    from .supervisor import ChildProcess, grpc_serving, http_ready, wait_until
+    from .supervisor import ChildProcess, become_subreaper, grpc_serving, http_ready, stop_orphans, wait_until
     from .triton_embedded import EmbeddedTriton, TritonServerError, check_ports
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,6 +48,7 @@ def _serve(args: argparse.Namespace) -> int:
     own_ports = {"gateway HTTP": args.http_port, "gRPC API": args.grpc_port, "gRPC metrics": args.grpc_metrics_port}
     check_ports(own_ports, args.host)
 
+    subreaper = sys.platform.startswith("linux") and become_subreaper()
     stop_signals: list[int] = []
     triton = None
     children: list[ChildProcess] = []
@@ -107,13 +109,7 @@ def _serve(args: argparse.Namespace) -> int:
         lines.append("Ctrl-C stops everything.")
         print("\n".join(lines), flush=True)
 
-        while not stop_signals:
-            dead = [c for c in children if not c.alive()]
-            if triton is not None and not triton.is_running():
-                raise RuntimeError(f"Triton died; last log lines:\n{triton.log_tail()}")
-            if dead:
-                raise RuntimeError(f"{dead[0].name} exited with code {dead[0].exit_code()}")
-            time.sleep(0.5)
+        _supervise(triton, children, stop_signals, log, subreaper=subreaper)
         log.info("%s received; stopping", signal.Signals(stop_signals[0]).name)
         return 0
     except KeyboardInterrupt:
@@ -127,9 +123,66 @@ def _serve(args: argparse.Namespace) -> int:
             log.info("%s stopped (exit code %s)", child.name, code)
         if triton is not None:
             triton.stop()
+        if subreaper:
+            stop_orphans(keep=())
         shutil.rmtree(result_store, ignore_errors=True)
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _supervise(triton, children: list, stop_signals: list[int], log: logging.Logger, interval: float = 0.5,
+               subreaper: bool = False) -> None:
+    """Until a stop signal: restart whatever dies (Triton, the gateway, the gRPC API), each after its own backoff.
+
+    While Triton is down the front doors stay up, answer 503 / UNAVAILABLE (HTTP with Retry-After) and report
+    not ready; they reconnect by themselves when it is back. A dead child's process group is stopped first, and
+    (``subreaper``: this process adopts orphans) every orphan it left, so nothing (BentoML workers, which run in
+    their own sessions; python stubs) holds its port.
+    """
+    from .supervisor import Backoff, stop_orphans
+    from .triton_embedded import TritonServerError
+
+    parts: dict[str, tuple] = {}  # name -> (alive, stop -> exit code, start)
+    if triton is not None:
+        parts["Triton"] = (triton.is_running, lambda: triton.stop(timeout=10), triton.start)
+    for child in children:
+        parts[child.name] = (child.alive, lambda c=child: c.stop(timeout=10), child.start)
+    backoff = {name: Backoff() for name in parts}
+    due: dict[str, float] = {}  # name -> when to restart it
+    now = time.monotonic()
+    for b in backoff.values():
+        b.started(now)
+    while not stop_signals:
+        for name, (alive, stop, start) in parts.items():
+            now = time.monotonic()
+            if name not in due:
+                if alive():
+                    continue
+                code = stop()
+                if subreaper:
+                    stop_orphans(keep=_tracked_pids(triton, children))
+                due[name] = now + backoff[name].failed(now)
+                log.error("%s exited (code %s); restarting it in %.0f s", name, code, due[name] - now)
+                if name == "Triton":
+                    log.error("the front doors answer 503 / UNAVAILABLE until Triton is back; its last log lines:")
+                    for line in triton.log_tail(15).splitlines():
+                        log.error("  tritonserver: %s", line)
+            elif now >= due[name] and not stop_signals:
+                try:
+                    start()
+                except (TritonServerError, OSError, ValueError) as exc:
+                    due[name] = time.monotonic() + backoff[name].failed(time.monotonic())
+                    log.error("restarting %s failed (%s); next try in %.0f s", name, exc, due[name] - time.monotonic())
+                    continue
+                backoff[name].started(time.monotonic())
+                del due[name]
+                log.info("%s restarted", name)
+        time.sleep(interval)
+
+
+def _tracked_pids(triton, children: list) -> set[int]:
+    pids = {child.pid for child in children} | ({triton.pid} if triton is not None else set())
+    return {pid for pid in pids if pid is not None}
 
 
 def register(sub: argparse._SubParsersAction) -> None:

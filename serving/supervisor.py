@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 
 logger = logging.getLogger("braintumor.serve")
 
@@ -43,6 +43,25 @@ class ChildProcess:
         """SIGTERM the group (graceful), then SIGKILL what is left after ``timeout`` seconds."""
         process, self.process = self.process, None
         return None if process is None else stop_group(process, timeout, self.name)
+
+
+class Backoff:
+    """Seconds to wait before restarting a component that died: ``first``, doubling up to ``cap``; back to ``first``
+    once the component has run ``stable`` seconds since its last start (a crash a day is not a crash loop)."""
+
+    def __init__(self, first: float = 1.0, cap: float = 30.0, stable: float = 60.0) -> None:
+        self.first, self.cap, self.stable = first, cap, stable
+        self._next = first
+        self._started: float | None = None
+
+    def started(self, now: float) -> None:
+        self._started = now
+
+    def failed(self, now: float) -> float:
+        if self._started is not None and now - self._started >= self.stable:
+            self._next = self.first
+        delay, self._next = self._next, min(self.cap, self._next * 2)
+        return delay
 
 
 def stop_group(process: subprocess.Popen, timeout: float, name: str) -> int:
@@ -102,6 +121,64 @@ def signal_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def become_subreaper() -> bool:
+    """Linux: adopt the orphans of our descendants instead of letting init have them. BentoML starts its workers in
+    their own sessions, so a SIGKILLed `bentoml serve` leaves them holding its port, out of reach of a process-group
+    stop; as a subreaper, `serve` finds them among its own children (:func:`stop_orphans`)."""
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except OSError:
+        return False
+
+
+def stop_orphans(keep: Collection[int], timeout: float = 5.0) -> list[int]:
+    """SIGTERM, then after ``timeout`` s SIGKILL, every child of this process whose pid is not in ``keep`` (orphans
+    adopted as a subreaper), and reap them. Returns their pids."""
+    me = os.getpid()
+    orphans = [pid for pid, ppid in _parents().items() if ppid == me and pid not in keep]
+    for pid in orphans:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    left = list(orphans)
+    while left:
+        left = [pid for pid in left if not _reaped(pid)]
+        if left and time.monotonic() > deadline:
+            for pid in left:
+                _signal(pid, signal.SIGKILL)
+            deadline = float("inf")
+        if left:
+            time.sleep(0.05)
+    if orphans:
+        logger.warning("stopped %d orphaned process(es) %s", len(orphans), orphans)
+    return orphans
+
+
+def _parents() -> dict[int, int]:
+    table = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as fh:
+                    table[int(name)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return table
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:  # not ours (anymore) or already reaped
+        return True
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
