@@ -8,6 +8,7 @@ parses anything, and BentoML's own error bodies are rewritten into the shape the
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -15,7 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .errors import BadInput, PayloadTooLarge, ServingError, Unauthenticated, UnsupportedMediaType
+from .errors import BadInput, Busy, PayloadTooLarge, ServingError, Unauthenticated, UnsupportedMediaType
 from .logsafe import escape_controls
 from .settings import ServeSettings
 
@@ -23,6 +24,7 @@ from .settings import ServeSettings
 OPEN_PATHS = frozenset({"/", "/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/schema.json"})
 OPEN_PREFIXES = ("/static_content/", "/assets/")
 PROBE_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # polled every few seconds: not access-logged
+BODY_IDLE_S = 15.0  # longest pause between two pieces of a request body
 OTHER_ENDPOINT = "other"  # the metrics label of every path that is no route: a scan of random paths adds no series
 BODY_TYPES = ("application/json", "multipart/form-data")
 MAX_FORM_VALUE_BYTES = 1024 * 1024  # Starlette's limit for a non-file multipart part (beyond it BentoML answers 500)
@@ -48,6 +50,13 @@ class BodyRoute:
 access_log = logging.getLogger("bentoml.access")
 
 
+class RequestTimeout(BadInput):
+    """The body did not arrive in time (HTTP only: gRPC has its own deadlines)."""
+
+    http_status = 408
+    kind = "request_timeout"
+
+
 def error_body(kind: str, detail: str) -> bytes:
     return json.dumps({"error": kind, "detail": detail}).encode()
 
@@ -61,6 +70,7 @@ class GatewayMiddleware:
         self.endpoints = {**{p: r.endpoint for p, r in routes.items()}, **endpoints}
         self.settings = settings or ServeSettings.from_env()
         self._metrics = metrics
+        self.buffered = 0  # body bytes held by the requests in flight in this worker (max_buffered_bytes)
 
     @property
     def metrics(self):
@@ -91,6 +101,7 @@ class GatewayMiddleware:
                 if path not in PROBE_PATHS:
                     _log_access(scope, seen["status"], start)
             return
+        held = [0]  # this request's share of self.buffered, given back when it is done
         try:
             body = None
             try:
@@ -100,13 +111,14 @@ class GatewayMiddleware:
                                               if k.lower() not in (b"x-api-key", b"authorization")]}
                 route = self.routes.get(path)
                 if route is not None and scope["method"] == "POST":
-                    body = await self._read_body(scope, receive, route)
+                    body = await self._read_body(scope, receive, route, held)
             except ServingError as exc:
                 await _answer(exc, counted)
                 return
             usage = self.routes[path].usage if path in self.routes else None
             await self.app(scope, _replay(body) if body is not None else receive, _uniform_errors(counted, usage))
         finally:
+            self.buffered -= held[0]
             if self.metrics is not None:
                 seconds = seen["seconds"] if seen["seconds"] is not None else time.perf_counter() - start
                 self.metrics.observe_request(self.endpoints.get(path, OTHER_ENDPOINT), str(seen["status"]), seconds)
@@ -127,8 +139,29 @@ class GatewayMiddleware:
             raise Unauthenticated("missing or wrong API key: send it as the `x-api-key` header or as "
                                   "`authorization: Bearer <key>`")
 
-    async def _read_body(self, scope, receive, route: BodyRoute) -> bytes:
-        """The whole body, within the size limit, of an accepted content type; multipart parts checked."""
+    def _hold(self, size: int, held: list[int]) -> None:
+        """Count ``size`` more body bytes against the worker's budget, or refuse the request (busy)."""
+        budget = self.settings.max_buffered_bytes
+        if self.buffered + size > budget:
+            raise Busy(f"the server is holding {self.buffered} bytes of other uploads (limit {budget}, "
+                       "BRAINTUMOR_MAX_BUFFERED_BYTES); retry after a short wait")
+        self.buffered += size
+        held[0] += size
+
+    async def _receive(self, receive, deadline: float):
+        """The next message, or RequestTimeout when the body stalls BODY_IDLE_S or outlasts body_timeout_s."""
+        left = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(receive(), timeout=max(0.0, min(BODY_IDLE_S, left)))
+        except asyncio.TimeoutError:
+            if left <= BODY_IDLE_S:
+                raise RequestTimeout(f"the request body did not arrive within {self.settings.body_timeout_s:g} s "
+                                     "(BRAINTUMOR_BODY_TIMEOUT_S); send it in one go") from None
+            raise RequestTimeout(f"the request body stalled for {BODY_IDLE_S:g} s; send it in one go") from None
+
+    async def _read_body(self, scope, receive, route: BodyRoute, held: list[int]) -> bytes:
+        """The whole body, within the size limit, time limit and the worker's buffer budget, of an accepted
+        content type; multipart parts checked."""
         headers = _headers(scope)
         limit = self.settings.max_body_bytes
         media = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -138,13 +171,17 @@ class GatewayMiddleware:
         if declared.isdigit() and int(declared) > limit:
             raise PayloadTooLarge(f"request body of {int(declared)} bytes is over the {limit}-byte limit "
                                   "(BRAINTUMOR_MAX_BODY_BYTES); send fewer or smaller images per request")
+        if declared.isdigit() and self.buffered + int(declared) > self.settings.max_buffered_bytes:
+            self._hold(int(declared), held)  # over the budget: Busy before a byte is read
+        deadline = time.monotonic() + self.settings.body_timeout_s
         chunks, size = [], 0
         while True:
-            message = await receive()
+            message = await self._receive(receive, deadline)
             if message["type"] == "http.disconnect":
                 raise BadInput("the client disconnected before the request body was complete")
             chunk = message.get("body", b"")
             size += len(chunk)
+            self._hold(len(chunk), held)
             if size > limit:
                 raise PayloadTooLarge(f"request body is over the {limit}-byte limit (BRAINTUMOR_MAX_BODY_BYTES); "
                                       "send fewer or smaller images per request")
@@ -250,6 +287,10 @@ async def _answer(error: ServingError, send) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if error.http_status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="braintumor"'))
+    if error.http_status in (429, 503):
+        headers.append((b"retry-after", b"1"))
+    if error.http_status in (408, 413):  # the rest of the body may still be coming: do not keep the connection
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 

@@ -23,6 +23,9 @@ class ServeSettings:
     model_version: str = ""  # "" = the newest ready version
     api_key: str = ""  # "" = no authentication; else callers send it as `x-api-key` / `authorization: Bearer`
     max_body_bytes: int = 20 * 1024 * 1024  # largest accepted request / gRPC message
+    # HTTP bodies held at once by one gateway worker (uploads being read or processed); beyond it: 429 busy
+    max_buffered_bytes: int = 128 * 1024 * 1024
+    body_timeout_s: float = 60.0  # to receive a whole HTTP body; a body that stalls 15 s is cut off sooner (408)
     max_batch_images: int = 64  # images per /analyze_batch request or per AnalyzeStream window
     max_in_flight: int = 64  # pipeline calls running or queued at once; more get Busy (429 / RESOURCE_EXHAUSTED)
     triton_timeout_s: float = 30.0  # per Triton call
@@ -52,13 +55,17 @@ class ServeSettings:
         return settings
 
     def check(self) -> None:
-        positive = ("max_body_bytes", "max_batch_images", "max_in_flight", "lime_num_samples", "lime_max_samples",
+        positive = ("max_body_bytes", "max_buffered_bytes", "max_batch_images", "max_in_flight", "lime_num_samples", "lime_max_samples",
                     "shap_max_evals", "shap_max_max_evals", "explain_batch_size", "explain_workers")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
-        if self.triton_timeout_s <= 0:
-            raise ValueError(f"{PREFIX}TRITON_TIMEOUT_S must be > 0, got {self.triton_timeout_s}")
+        for name in ("triton_timeout_s", "body_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(f"{PREFIX}MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "
+                             f"{PREFIX}MAX_BODY_BYTES ({self.max_body_bytes}), or no full-size request could pass")
 
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings in a child process."""

@@ -122,3 +122,76 @@ def test_other_image_formats_are_415(gateway, fmt, mode):
     assert refused.status_code == 415, refused.text
     body = refused.json()
     assert body["error"] == "unsupported_media_type" and fmt in body["detail"] and "JPEG, PNG or DICOM" in body["detail"]
+
+
+# -- slow and stalled uploads ---------------------------------------------------------------------------------------
+SLOW = {"BRAINTUMOR_BODY_TIMEOUT_S": "3", "BRAINTUMOR_MAX_BODY_BYTES": "1000000",
+        "BRAINTUMOR_MAX_BUFFERED_BYTES": "2500000"}
+
+
+@pytest.fixture(scope="module")
+def strict_gateway(tiny_triton, tmp_path_factory, running_gateway):
+    with running_gateway(tmp_path_factory.mktemp("gateway_strict"), tiny_triton.grpc_url, **SLOW) as gw:
+        yield gw
+
+
+def _upload_start(url: str, declared: int, sent: bytes) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % declared + sent)
+    return sock
+
+
+def _answer(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_a_stalled_upload_is_cut_off_and_its_connection_closed(strict_gateway):
+    import time
+
+    start = time.monotonic()
+    with _upload_start(strict_gateway.url, 900_000, b'{"image_base64": "' + b"A" * 1000) as sock:
+        answer = _answer(sock)  # returns only when the server closes the connection
+    took = time.monotonic() - start
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request_timeout" in answer and b"BRAINTUMOR_BODY_TIMEOUT_S" in answer
+    assert 2.5 < took < 10, took
+
+
+def test_a_trickled_upload_is_cut_off_at_the_body_deadline(strict_gateway):
+    import time
+
+    start = time.monotonic()
+    with _upload_start(strict_gateway.url, 1000, b"{") as sock:
+        for _ in range(8):  # one byte a second: never idle long, never done
+            time.sleep(1)
+            try:
+                sock.sendall(b" ")
+            except OSError:
+                break
+        answer = _answer(sock)
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert time.monotonic() - start < 12
+
+
+def test_uploads_held_at_once_are_capped(strict_gateway, slice_jpeg):
+    stalled = [_upload_start(strict_gateway.url, 950_000, b'{"image_base64": "' + b"A" * 900_000) for _ in range(2)]
+    try:
+        import time
+
+        time.sleep(0.5)  # both bodies are being held: 1.8 MB of the 2.5 MB budget
+        refused = strict_gateway.post("/analyze", json={"image_base64": "A" * 900_000})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"] == "busy" and "BRAINTUMOR_MAX_BUFFERED_BYTES" in refused.json()["detail"]
+        assert refused.headers["retry-after"] == "1"
+        for sock in stalled:
+            assert _answer(sock).startswith(b"HTTP/1.1 408")
+    finally:
+        for sock in stalled:
+            sock.close()
+    # the budget is given back when the stalled requests end
+    assert strict_gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg)}).status_code == 200
