@@ -21,9 +21,13 @@ COPY train train
 COPY export export
 COPY serving serving
 COPY clients clients
-# The serve extra resolves no torch (tested); refuse to build an image that would carry it anyway.
+# pyproject maps loadtest/ too (braintumor.loadtest), but a serving image carries no load-test runner: the folder stays
+# empty here, so the install holds no braintumor.loadtest and `braintumor` offers no `loadtest` command.
+RUN mkdir loadtest
+# The serve extra resolves no torch (tested); refuse to build an image that would carry it (or the load tests) anyway.
 RUN /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
-    && /opt/venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)"
+    && /opt/venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is not None)" \
+    && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('braintumor.loadtest') is not None)"
 
 # ---- gateway: BentoML HTTP gateway (default) or gRPC API, non-root ----------------------------------------------
 FROM python:${PYTHON_VERSION}-slim-bookworm AS gateway

@@ -4,8 +4,8 @@ memory every 10 s (rss.csv) and failing on any failed request or on steady memor
     python loadtest/soak.py --target http --url http://localhost:3000 --out runs/soak
     python loadtest/soak.py --target grpc --url localhost:50051 --out runs/soak-grpc --duration 60 --rss-interval 2
 
-The same as ``braintumor loadtest --profile soak ...`` (every option of that command is accepted); the logic lives in
-``braintumor.serving.loadtest_commands`` so the installed command needs nothing from this folder but the locustfiles.
+The same as ``braintumor loadtest --profile soak ...`` (every option of that command is accepted; the logic lives in
+``braintumor.loadtest.commands``).
 Growth limit: ``--max-growth`` MB/min (default 2), the least-squares slope of each process group's resident memory
 (gateway, gRPC server, Triton, supervisor) over the second half of the run; the first half is warm-up.
 """

@@ -12,7 +12,9 @@ import sys
 # Layer modules that expose ``register(subparsers)``; import order is the help order.
 COMMAND_MODULES = ("braintumor.train.commands", "braintumor.export.commands", "braintumor.serving.triton_commands",
                    "braintumor.serving.grpc_commands", "braintumor.serving.serve_command",
-                   "braintumor.clients.score_commands", "braintumor.serving.loadtest_commands")
+                   "braintumor.clients.score_commands", "braintumor.loadtest.commands")
+# Layers an install may lack: the gateway image ships no load-test runner (Dockerfile), so it offers no `loadtest`.
+OPTIONAL_MODULES = ("braintumor.loadtest.commands",)
 
 # Errors that mean "the input or the request is wrong": shown as one clear line, exit code 2, no traceback.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
@@ -25,7 +27,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if name in OPTIONAL_MODULES and exc.name is not None and (name + ".").startswith(exc.name + "."):
+                continue  # the layer itself is not installed (not: it is, and one of its imports failed)
+            raise
+        module.register(sub)
     return parser
 
 

@@ -41,3 +41,22 @@ def test_bad_input_is_one_clear_line(argv, fragment, capsys, tmp_path):
 def test_train_rejects_bad_config_value(capsys, tmp_path, synthetic_root):
     assert main(["train", "--data", str(synthetic_root), "--out", str(tmp_path / "r"), "--epochs", "0"]) == 2
     assert "epochs" in capsys.readouterr().err
+
+
+def _commands(parser) -> set[str]:
+    return set(parser._subparsers._group_actions[0].choices)
+
+
+def test_loadtest_is_offered_only_where_its_layer_is_installed(monkeypatch):
+    assert "loadtest" in _commands(build_parser())
+    monkeypatch.setitem(sys.modules, "braintumor.loadtest", None)  # as in the gateway image: the layer is absent
+    monkeypatch.delitem(sys.modules, "braintumor.loadtest.commands", raising=False)
+    commands = _commands(build_parser())
+    assert "loadtest" not in commands and {"serve", "score"} <= commands
+
+
+def test_a_broken_import_inside_an_optional_layer_is_not_hidden(monkeypatch):
+    monkeypatch.delitem(sys.modules, "braintumor.loadtest.commands", raising=False)
+    monkeypatch.setitem(sys.modules, "braintumor.loadtest.memory", None)  # installed, but one of its modules fails
+    with pytest.raises(ModuleNotFoundError):
+        build_parser()

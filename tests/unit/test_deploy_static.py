@@ -226,6 +226,8 @@ def test_gateway_image_installs_serve_extra_and_refuses_torch(stages):
     assert not re.search(r"pip install[^&]*\btorch", runs)
     copied = {rest.split()[0] for kw, rest in stages["build"].instructions if kw == "COPY"}
     assert {"train", "export", "serving", "clients"} <= copied  # the package layers, nothing else of the tree
+    # ... and not the load-test layer: the gateway image ships no locust runner (the build fails if one got in)
+    assert "loadtest" not in copied and "find_spec('braintumor.loadtest') is not None" in runs
 
 
 def test_dockerignore_keeps_the_context_small():

@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from braintumor.serving import loadtest_commands as lt
+from braintumor.loadtest import memory, runner
+from braintumor.loadtest import stats as locust_stats
 
 LOADTEST = Path(__file__).resolve().parents[2] / "loadtest"
 
@@ -49,7 +50,7 @@ GET,/explain/get,0,0,0,0.0,0,0,0.0,0.0,0.0,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N/A,N
 def test_read_stats_parses_rows_and_total(tmp_path):
     path = tmp_path / "http_stats.csv"
     path.write_text(STATS_CSV)
-    stats = lt.read_stats(path)
+    stats = locust_stats.read_stats(path)
     assert [s.name for s in stats] == ["/analyze", "/explain gradcam", "/explain/get", "total"]
     analyze, gradcam, get, total = stats
     assert (analyze.type, analyze.requests, analyze.failures, analyze.rps) == ("POST", 34, 0, 4.28)
@@ -63,32 +64,32 @@ def test_read_stats_refuses_other_csv(tmp_path):
     path = tmp_path / "x.csv"
     path.write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match="not a locust stats CSV"):
-        lt.read_stats(path)
+        locust_stats.read_stats(path)
 
 
 def test_format_table_and_failures(tmp_path):
     path = tmp_path / "http_stats.csv"
     path.write_text(STATS_CSV)
-    table = lt.format_table(lt.read_stats(path)).splitlines()
+    table = locust_stats.format_table(locust_stats.read_stats(path)).splitlines()
     assert table[0] == "| request | reqs | fails | req/s | p50 ms | p95 ms | p99 ms |"
     assert table[2] == "| POST /analyze | 34 | 0 | 4.28 | 490 | 670 | 750 |"
     assert table[4] == "| GET /explain/get | 0 | 0 | 0.00 | - | - | - |"
     assert table[-1] == "| **total** | 40 | 1 | 5.04 | 300 | 870 | 1100 |"
     failures = tmp_path / "http_failures.csv"
     failures.write_text('Method,Name,Error,Occurrences\nPOST,/explain gradcam,"HTTP 503: down",1\n')
-    assert lt.read_failures(failures) == [{"name": "/explain gradcam", "error": "HTTP 503: down", "occurrences": 1}]
-    assert lt.read_failures(tmp_path / "absent.csv") == []
+    assert locust_stats.read_failures(failures) == [{"name": "/explain gradcam", "error": "HTTP 503: down", "occurrences": 1}]
+    assert locust_stats.read_failures(tmp_path / "absent.csv") == []
 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("1m5s", 65)])
 def test_parse_duration(text, seconds):
-    assert lt.parse_duration(text) == seconds
+    assert runner.parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize("text", ["", "soon", "5 minutes", "1.5m"])
 def test_parse_duration_refuses(text):
     with pytest.raises(ValueError, match="time span"):
-        lt.parse_duration(text)
+        runner.parse_duration(text)
 
 
 # -- memory growth --------------------------------------------------------------------------------------------
@@ -101,30 +102,30 @@ def _series(minutes: float, every_s: float, slope_mb_per_min: float, noise_mb: f
 
 def test_growth_slope_exact_on_a_line():
     times, values = _series(20, 10, 3.0)
-    assert lt.growth_slope(times, values) == pytest.approx(3.0)
+    assert memory.growth_slope(times, values) == pytest.approx(3.0)
 
 
 def test_growth_slope_uses_only_the_second_half():
     # warm-up: +200 MB over the first 10 minutes, then flat: a filling cache, not a leak
     times = [k * 10.0 for k in range(121)]
     values = [300 + min(t, 600) / 3 for t in times]
-    assert lt.growth_slope(times, values) == pytest.approx(0.0)
+    assert memory.growth_slope(times, values) == pytest.approx(0.0)
 
 
 def test_growth_slope_needs_three_points():
-    assert lt.growth_slope([0, 10, 20, 30], [1, 2, 3, 4]) is None  # second half: 2 points
-    assert lt.growth_slope([0, 10, 20, 30, 40, 50], [1, 2, 3, 4, 5, 6]) == pytest.approx(6.0)
+    assert memory.growth_slope([0, 10, 20, 30], [1, 2, 3, 4]) is None  # second half: 2 points
+    assert memory.growth_slope([0, 10, 20, 30, 40, 50], [1, 2, 3, 4, 5, 6]) == pytest.approx(6.0)
 
 
 @pytest.mark.parametrize("slope, ok", [(0.0, True), (0.5, True), (5.0, False), (-3.0, True)])
 def test_rss_verdict_flat_vs_growing(slope, ok):
-    recorder = lt.RssRecorder(pid=0)
+    recorder = memory.RssRecorder(pid=0)
     times, values = _series(20, 10, slope, noise_mb=3.0)
     _, triton = _series(20, 10, 0.0, noise_mb=3.0, start=900.0)
     for t, gateway, tri in zip(times, values, triton):
-        recorder.rows.append({"elapsed_s": t, **dict.fromkeys(lt.ROLES, 0.0), "gateway": gateway, "triton": tri,
+        recorder.rows.append({"elapsed_s": t, **dict.fromkeys(memory.ROLES, 0.0), "gateway": gateway, "triton": tri,
                               "total": gateway + tri, "processes": 3})
-    verdict = recorder.verdict(lt.MAX_GROWTH_MB_PER_MIN)
+    verdict = recorder.verdict(memory.MAX_GROWTH_MB_PER_MIN)
     assert verdict["ok"] is ok
     assert verdict["growing"] == ([] if ok else ["gateway", "total"])
     assert set(verdict["slope_mb_per_min"]) == {"gateway", "triton", "total"}  # roles with no memory are left out
@@ -133,19 +134,19 @@ def test_rss_verdict_flat_vs_growing(slope, ok):
 
 
 def test_rss_verdict_does_not_judge_a_short_run():
-    recorder = lt.RssRecorder(pid=0)
+    recorder = memory.RssRecorder(pid=0)
     times, values = _series(1, 5, 10.0)  # a 60 s run: the second half spans 30 s
     for t, value in zip(times, values):
-        recorder.rows.append({"elapsed_s": t, **dict.fromkeys(lt.ROLES, 0.0), "gateway": value, "total": value,
+        recorder.rows.append({"elapsed_s": t, **dict.fromkeys(memory.ROLES, 0.0), "gateway": value, "total": value,
                               "processes": 1})
-    verdict = recorder.verdict(lt.MAX_GROWTH_MB_PER_MIN)
+    verdict = recorder.verdict(memory.MAX_GROWTH_MB_PER_MIN)
     assert verdict["slope_mb_per_min"]["gateway"] == pytest.approx(10.0)
     assert (verdict["judged"], verdict["ok"], verdict["growing"]) == (False, True, [])
 
 
 def test_rss_csv_columns(tmp_path):
-    recorder = lt.RssRecorder(pid=0)
-    recorder.rows.append({"elapsed_s": 0.0, **dict.fromkeys(lt.ROLES, 1.0), "total": 5.0, "processes": 5})
+    recorder = memory.RssRecorder(pid=0)
+    recorder.rows.append({"elapsed_s": 0.0, **dict.fromkeys(memory.ROLES, 1.0), "total": 5.0, "processes": 5})
     recorder.write(tmp_path / "rss.csv")
     assert (tmp_path / "rss.csv").read_text().splitlines() == [
         "elapsed_s,supervisor_mb,gateway_mb,grpc_mb,triton_mb,other_mb,total_mb,processes",
@@ -163,19 +164,19 @@ def test_rss_csv_columns(tmp_path):
     (["/bin/sh", "-c", "sleep 1"], "other"),
 ])
 def test_role_of(cmdline, role):
-    assert lt.role_of(cmdline) == role
+    assert memory.role_of(cmdline) == role
 
 
 @pytest.mark.parametrize("url, port", [("http://127.0.0.1:3000", 3000), ("localhost:50051", 50051),
                                        ("http://h:8080/", 8080), ("http://h", 80), ("https://h/x", 443)])
 def test_port_of(url, port):
-    assert lt.port_of(url) == port
+    assert memory.port_of(url) == port
 
 
 def test_sample_rss_of_this_process():
     pytest.importorskip("psutil")
 
-    sample = lt.sample_rss(os.getpid())
+    sample = memory.sample_rss(os.getpid())
     assert sample["processes"] >= 1 and sample["total"] > 1.0
 
 
@@ -186,7 +187,7 @@ def test_check_ready_refuses_a_server_that_is_down(target):
 
     url = f"http://127.0.0.1:{free_port()}" if target == "http" else f"127.0.0.1:{free_port()}"
     with pytest.raises(ValueError, match=f"the {target} front door at .* is not ready"):
-        lt.check_ready(target, url)
+        runner.check_ready(target, url)
 
 
 # -- shapes ---------------------------------------------------------------------------------------------------
@@ -282,18 +283,14 @@ def test_multipart_body_parses(payloads):
 
 # -- locustfile lookup ----------------------------------------------------------------------------------------
 
-def test_find_locustfile(tmp_path, monkeypatch):
-    assert lt.find_locustfile("http") == LOADTEST / "locustfile_http.py"
-    assert lt.find_locustfile("grpc") == LOADTEST / "locustfile_grpc.py"
+def test_find_locustfile(tmp_path):
+    assert runner.find_locustfile("http") == LOADTEST / "locustfile_http.py"
+    assert runner.find_locustfile("grpc") == LOADTEST / "locustfile_grpc.py"
     own = tmp_path / "mine.py"
     own.write_text("")
-    assert lt.find_locustfile("http", own) == own
+    assert runner.find_locustfile("http", own) == own
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        lt.find_locustfile("http", tmp_path / "absent.py")
-    monkeypatch.setattr(lt, "__file__", str(tmp_path / "site-packages" / "braintumor" / "serving" / "x.py"))
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="--locustfile PATH"):
-        lt.find_locustfile("grpc")
+        runner.find_locustfile("http", tmp_path / "absent.py")
 
 
 def test_locustfiles_import_cleanly(tmp_path):
@@ -329,7 +326,7 @@ def test_run_group_kills_a_hung_group(tmp_path):
             "time.sleep(60)\n")
     ticks = []
     start = time.monotonic()
-    code, timed_out = lt.run_group([sys.executable, "-c", hang], dict(os.environ), 2.0, tmp_path / "log",
+    code, timed_out = runner.run_group([sys.executable, "-c", hang], dict(os.environ), 2.0, tmp_path / "log",
                                    on_tick=lambda: ticks.append(1), tick_s=0.5)
     assert timed_out and code == -9
     assert time.monotonic() - start < 15
@@ -340,7 +337,7 @@ def test_run_group_kills_a_hung_group(tmp_path):
 
 
 def test_run_group_returns_the_exit_code(tmp_path):
-    code, timed_out = lt.run_group([sys.executable, "-c", "print('hi'); raise SystemExit(3)"], dict(os.environ), 30,
+    code, timed_out = runner.run_group([sys.executable, "-c", "print('hi'); raise SystemExit(3)"], dict(os.environ), 30,
                                    tmp_path / "log")
     assert (code, timed_out) == (3, False)
     assert (tmp_path / "log").read_text() == "hi\n"

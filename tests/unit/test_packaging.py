@@ -14,9 +14,9 @@ def test_wheel_installs_layers_under_braintumor(tmp_path):
     wheel = next(tmp_path.glob("braintumor-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     for module in ("train/preprocess.py", "train/trainer/engine.py", "serving/cli.py", "export/python_backend/model.py",
-                   "clients/__init__.py"):
+                   "clients/__init__.py", "loadtest/commands.py", "loadtest/locustfile_http.py"):
         assert f"braintumor/{module}" in names, module
-    assert not any(n.startswith(("train/", "serving/", "tests/")) for n in names)  # no bare top-level modules
+    assert not any(n.startswith(("train/", "serving/", "loadtest/", "tests/")) for n in names)  # no bare top-level modules
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True)
