@@ -41,6 +41,7 @@ PARAM_PREPROCESS = "preprocess"
 PARAM_TEMPERATURE = "temperature"
 PARAM_REFER_THRESHOLD = "refer_threshold"
 PARAM_CAM_SIZE = "cam_size"
+PARAM_DISAGREE_MIN_AREA = "disagree_min_area"  # model-input pixels; no_tumor with a larger mask is referred
 PARAM_INTRA_OP_THREADS = "intra_op_threads"  # python backend: ONNX Runtime threads; 0 = CPUs / instances
 PARAM_INTER_OP_THREADS = "inter_op_threads"
 

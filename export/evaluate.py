@@ -45,4 +45,5 @@ def evaluate_repository(repository: str | Path, data: str | Path, split: str, ou
     probs, mask_probs, cams = (np.concatenate(outputs[k]) for k in (CLASS_PROBS, MASK_PROB, CAM))
     info = {"split": split, "model": name, "version": meta["version"], "runtime": f"onnxruntime {ort.__version__}",
             "temperature": meta.get("temperature")}
-    return score_and_report(samples, images, masks, probs, mask_probs[:, 0], cams, out, info)
+    return score_and_report(samples, images, masks, probs, mask_probs[:, 0], cams, out, info, preprocess=preprocess,
+                            refer_threshold=meta.get("refer_threshold"), disagree_min_area=meta.get("disagree_min_area"))

@@ -129,7 +129,7 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
     grid = cam_size(model, image_size)
     classes = list(state.get("classes") or [])
     params = model_parameters(classes, state["preprocess"], state.get("temperature"), grid,
-                              state.get("refer_threshold"))
+                              state.get("refer_threshold"), state.get("disagree_min_area"))
     step("preprocess parity images")
     images = parity_images(state["preprocess"], options.parity_data, options.parity_count)
     graphs = build_graphs(model, state)
@@ -173,7 +173,8 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
             metadata = {
                 "name": model_name, "version": version, "variant": variant, "classes": classes,
                 "preprocess": state["preprocess"], "temperature": float(state.get("temperature") or 1.0),
-                "refer_threshold": state.get("refer_threshold"), "image_size": image_size, "cam_size": grid,
+                "refer_threshold": state.get("refer_threshold"), "disagree_min_area": state.get("disagree_min_area"),
+                "image_size": image_size, "cam_size": grid, "init_weights": state.get("init_weights"),
                 "inputs": [asdict(input_spec(image_size))],
                 "outputs": [asdict(s) for s in output_specs(image_size, len(classes), grid, classifier=classifier)],
                 "weights_storage": "float16" if options.weights_fp16 else "float32",

@@ -12,6 +12,7 @@ from .contract import (
     INPUT_NAME,
     ONNX_FILE,
     PARAM_CAM_SIZE,
+    PARAM_DISAGREE_MIN_AREA,
     PARAM_CLASSES,
     PARAM_INTER_OP_THREADS,
     PARAM_INTRA_OP_THREADS,
@@ -71,7 +72,7 @@ class TritonOptions:
 
 
 def model_parameters(classes, preprocess: dict, temperature: float | None, cam_size: int,
-                     refer_threshold: float | None = None) -> dict[str, str]:
+                     refer_threshold: float | None = None, disagree_min_area: float | None = None) -> dict[str, str]:
     """Model metadata carried as config parameters (JSON strings), readable over Triton's model-config API."""
     params = {
         PARAM_CLASSES: json.dumps(list(classes)),
@@ -81,6 +82,8 @@ def model_parameters(classes, preprocess: dict, temperature: float | None, cam_s
     }
     if refer_threshold is not None:
         params[PARAM_REFER_THRESHOLD] = json.dumps(float(refer_threshold))
+    if disagree_min_area is not None:
+        params[PARAM_DISAGREE_MIN_AREA] = json.dumps(float(disagree_min_area))
     return params
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..train.dicom import DicomInfo, decode_any
-from ..train.preprocess import DecodedImage, Geometry, ImageDecodeError, UnsupportedFormatError, preprocess
+from ..train.decode import DecodedImage, DicomInfo, ImageDecodeError, UnsupportedFormatError, decode_any
+from ..train.preprocess import Geometry, preprocess
 from .errors import BadInput, Busy, ServingError, UnsupportedMediaType
 from .explain import Explainer
 from .postprocess import AnalysisResult, postprocess
@@ -118,6 +118,7 @@ class Pipeline:
         return postprocess(
             outputs, prepared.geometry, prepared.decoded, classes=info.classes,
             refer_threshold=info.refer_threshold,
+            disagree_min_area=info.disagree_min_area,
             pixel_spacing_mm=dicom.pixel_spacing_mm if dicom else None,
             modality=dicom.modality if dicom else None,
             want_overlay=overlay,

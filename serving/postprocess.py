@@ -15,7 +15,9 @@ from PIL import Image
 
 from ..export.contract import CAM, CLASS_PROBS, MASK_PROB
 from ..train.naming import NO_TUMOR
-from ..train.preprocess import DecodedImage, Geometry, PreprocessConfig, invert_geometry, mask_to_original
+from ..train.refer import heads_disagree, mask_area
+from ..train.decode import DecodedImage
+from ..train.preprocess import Geometry, PreprocessConfig, invert_geometry, mask_to_original
 
 MIN_STD = 2.0  # grey levels; below this the image is blank or near-constant
 MIN_FOREGROUND = 0.01  # fraction of pixels above the foreground threshold; below this the image is mostly blank
@@ -62,6 +64,7 @@ def postprocess(
     *,
     classes: Sequence[str],
     refer_threshold: float | None,
+    disagree_min_area: float | None = None,
     pixel_spacing_mm: tuple[float, float] | None = None,
     mask_threshold: float = 0.5,
     want_overlay: bool = False,
@@ -70,8 +73,9 @@ def postprocess(
 ) -> AnalysisResult:
     """Turn the model outputs of ONE image (batch dimension 1 or none) into an :class:`AnalysisResult`.
 
-    ``refer`` is True when the top probability is under ``refer_threshold`` or :func:`out_of_distribution`
-    finds a reason; each reason is one sentence in ``refer_reason``.
+    ``refer`` is True when the top probability is under ``refer_threshold``, when the two heads disagree beyond the
+    model's fitted ``disagree_min_area`` (train/refer.py; models without it only report ``mask_label_disagree``), or
+    :func:`out_of_distribution` finds a reason; each reason is one sentence in ``refer_reason``.
     """
     probs = _one(outputs, CLASS_PROBS, 1).astype(np.float64)
     if probs.shape != (len(classes),):
@@ -81,7 +85,8 @@ def postprocess(
     index = int(np.argmax(probs))
     label = classes[index]
 
-    mask = mask_to_original(_one(outputs, MASK_PROB, 2), geometry, mask_threshold)
+    mask_prob = _one(outputs, MASK_PROB, 2)
+    mask = mask_to_original(mask_prob, geometry, mask_threshold)
     heat = gradcam_heatmap(_one(outputs, CAM, 3), index, geometry)
     area = int(mask.sum())
     area_mm2 = None
@@ -93,6 +98,14 @@ def postprocess(
     # Compared in float32, the dtype on the wire, so a probability printed equal to the threshold is not "under" it.
     if refer_threshold is not None and np.float32(top) < np.float32(refer_threshold):
         reasons.append(f"max probability {top:.3f} is under the model's refer threshold {refer_threshold:.3f}")
+    if disagree_min_area is not None:
+        input_area = int(mask_area(mask_prob, mask_threshold))
+        disagree = bool(heads_disagree(np.array([index]), np.array([input_area]), disagree_min_area, classes)[0])
+        if disagree:
+            reasons.append(f"mask and label disagree: {label} with a predicted tumour mask of {input_area} model-input "
+                           f"pixels (the model refers no_tumor above {disagree_min_area:g} and any tumour class at 0)")
+    else:
+        disagree = (label == NO_TUMOR) == (area > 0)
     reasons += out_of_distribution(decoded, modality=modality, foreground_threshold=foreground_threshold)
 
     overlay_png = encode_png(overlay(decoded.pixels, mask, heat)) if want_overlay else None
@@ -103,7 +116,7 @@ def postprocess(
         refer_reason=reasons,
         tumor_area_px=area,
         tumor_area_mm2=area_mm2,
-        mask_label_disagree=(label == NO_TUMOR) == (area > 0),
+        mask_label_disagree=disagree,
         original_shape=geometry.original_shape,
         mask_png=encode_png(mask * np.uint8(255)),
         heatmap_png=encode_png(colourise(heat)),

@@ -19,6 +19,7 @@ from ..export.contract import (
     FULL_OUTPUTS,
     INPUT_NAME,
     PARAM_CAM_SIZE,
+    PARAM_DISAGREE_MIN_AREA,
     PARAM_CLASSES,
     PARAM_PREPROCESS,
     PARAM_REFER_THRESHOLD,
@@ -52,6 +53,7 @@ class ModelInfo:
     refer_threshold: float | None
     cam_size: int
     max_batch_size: int
+    disagree_min_area: float | None = None  # model-input pixels (train/refer.py); None: a model fitted before the rule
 
     @classmethod
     def from_config(cls, config: dict, version: str = "") -> ModelInfo:
@@ -75,6 +77,7 @@ class ModelInfo:
                 refer_threshold=float(json.loads(refer)) if refer else None,
                 cam_size=int(json.loads(params.get(PARAM_CAM_SIZE) or "0")),
                 max_batch_size=int(config.get("max_batch_size", 1)) or 1,
+                disagree_min_area=float(json.loads(area)) if (area := params.get(PARAM_DISAGREE_MIN_AREA)) else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UpstreamError(f"model {config.get('name')!r} has unreadable braintumor parameters in its "
@@ -82,7 +85,8 @@ class ModelInfo:
 
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "classes": list(self.classes),
-                "refer_threshold": self.refer_threshold, "temperature": self.temperature,
+                "refer_threshold": self.refer_threshold, "disagree_min_area": self.disagree_min_area,
+                "temperature": self.temperature,
                 "image_size": self.preprocess.image_size, "geometry": self.preprocess.geometry}
 
 

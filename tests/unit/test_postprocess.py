@@ -8,7 +8,8 @@ from braintumor.serving.postprocess import (
     JET, colourise, gradcam_heatmap, mask_outline, out_of_distribution, overlay, postprocess,
 )
 from braintumor.train.naming import CLASSES
-from braintumor.train.preprocess import DecodedImage, PreprocessConfig, preprocess
+from braintumor.train.decode import DecodedImage
+from braintumor.train.preprocess import PreprocessConfig, preprocess
 
 NO_TUMOR_INDEX = CLASSES.index("no_tumor")
 
@@ -251,3 +252,24 @@ def test_jet_table_runs_blue_to_red():
     assert JET.shape == (256, 3) and JET.dtype == np.uint8
     assert tuple(JET[0]) == (0, 0, 128) and tuple(JET[255]) == (128, 0, 0)
     assert colourise(np.array([[0, 255]], np.uint8)).shape == (1, 2, 3)
+
+
+@pytest.mark.parametrize("probs, block, min_area, reason", [
+    # no_tumor, but 4x10 = 40 model-input mask pixels, above the fitted 20: referred with the reason
+    ((0.02, 0.03, 0.05, 0.9), (slice(14, 18), slice(10, 20)), 20.0,
+     "mask and label disagree: no_tumor with a predicted tumour mask of 40 model-input pixels"),
+    ((0.02, 0.03, 0.05, 0.9), (slice(14, 18), slice(10, 20)), 40.0, None),  # at the fitted area: accepted
+    ((0.9, 0.05, 0.03, 0.02), None, 20.0, "mask and label disagree: glioma with a predicted tumour mask of 0"),
+    ((0.9, 0.05, 0.03, 0.02), (slice(14, 18), slice(10, 20)), 20.0, None),
+])
+def test_mask_label_disagreement_refers_with_the_fitted_area(probs, block, min_area, reason):
+    order = [CLASSES.index(c) for c in ("glioma", "meningioma", "pituitary", "no_tumor")]
+    probs = tuple(np.asarray(probs)[np.argsort(order)])
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    result = _run(decoded, _outputs(40, probs=probs, block=block), geom, refer_threshold=0.5,
+                  disagree_min_area=min_area)
+    assert result.mask_label_disagree is (reason is not None)
+    assert result.refer is (reason is not None)
+    if reason:
+        assert len(result.refer_reason) == 1 and result.refer_reason[0].startswith(reason)
