@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..train.preprocess import PreprocessConfig, decode_image, preprocess
+from ..train.decode import decode_image
+from ..train.preprocess import PreprocessConfig, preprocess
 from .contract import INPUT_NAME
 
 OPSET = 17

@@ -41,7 +41,7 @@ def baseline_app(checkpoint: str):
     from braintumor.export.wrappers import build_graphs
     from braintumor.serving.postprocess import postprocess
     from braintumor.serving.wire import analysis_to_dict
-    from braintumor.train.dicom import decode_any
+    from braintumor.train.decode import decode_any
     from braintumor.train.preprocess import PreprocessConfig, preprocess
     from braintumor.train.trainer.checkpoint import load_model
 

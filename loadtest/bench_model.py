@@ -32,7 +32,8 @@ OUTPUTS = list(contract.FULL_OUTPUTS)
 
 def load_images(metadata: dict, data: str | None, count: int) -> np.ndarray:
     """``count`` preprocessed uint8 slices (N, 1, H, W): real BRISC images, spread over every class, when ``data`` is given."""
-    from braintumor.train.preprocess import PreprocessConfig, decode_image, preprocess
+    from braintumor.train.decode import decode_image
+    from braintumor.train.preprocess import PreprocessConfig, preprocess
 
     cfg = PreprocessConfig.from_dict(metadata["preprocess"])
     if data:

@@ -18,7 +18,8 @@ from braintumor.train.datasets import BalancedSampler, ShuffleSampler, SliceData
 from braintumor.train.factory import build_model
 from braintumor.train.losses import classification_loss, segmentation_loss
 from braintumor.train.naming import CLASSES
-from braintumor.train.preprocess import PreprocessConfig, decode_image, decode_mask, preprocess, preprocess_mask
+from braintumor.train.decode import decode_image, decode_mask
+from braintumor.train.preprocess import PreprocessConfig, preprocess, preprocess_mask
 from braintumor.train.samples import build_index
 from braintumor.train.trainer.engine import AlternatingTrainer
 from braintumor.train.trainer.schedule import TaskSchedule

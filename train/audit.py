@@ -12,7 +12,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from .naming import CLASSES
-from .preprocess import GEOMETRIES, ImageDecodeError, PreprocessConfig, decode_image, preprocess
+from .decode import ImageDecodeError, decode_image
+from .preprocess import GEOMETRIES, PreprocessConfig, preprocess
 from .samples import Sample, build_index
 from .splits import duplicate_groups
 

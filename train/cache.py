@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .preprocess import ImageDecodeError, PreprocessConfig, decode_image, decode_mask, preprocess, preprocess_mask
+from .decode import ImageDecodeError, decode_image, decode_mask
+from .preprocess import PreprocessConfig, preprocess, preprocess_mask
 from .samples import Sample, read_samples_csv, write_samples_csv
 
 CACHE_FORMAT = 1

@@ -16,7 +16,8 @@ pytest.importorskip("bentoml")
 from braintumor.export import contract  # noqa: E402
 from braintumor.serving.postprocess import postprocess  # noqa: E402
 from braintumor.serving.triton_embedded import EmbeddedTriton, free_port  # noqa: E402
-from braintumor.train.preprocess import PreprocessConfig, decode_image, preprocess  # noqa: E402
+from braintumor.train.decode import decode_image  # noqa: E402
+from braintumor.train.preprocess import PreprocessConfig, preprocess  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 

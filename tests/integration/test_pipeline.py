@@ -14,7 +14,8 @@ from braintumor.serving.errors import BadInput, Busy, Unavailable  # noqa: E402
 from braintumor.serving.pipeline import Pipeline  # noqa: E402
 from braintumor.serving.postprocess import postprocess  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
-from braintumor.train.preprocess import decode_image, preprocess  # noqa: E402
+from braintumor.train.decode import decode_image  # noqa: E402
+from braintumor.train.preprocess import preprocess  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

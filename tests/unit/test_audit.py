@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from braintumor.train.audit import run_audit
-from braintumor.train.preprocess import ImageDecodeError
+from braintumor.train.decode import ImageDecodeError
 from braintumor.train.synthetic import make_synthetic_dataset
 
 N_TRAIN, N_TEST = 6, 10  # per class; train slices are 72x64 (non-square), test slices 64x64

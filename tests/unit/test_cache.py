@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 
 from braintumor.train.cache import load_cache, prepare_cache
-from braintumor.train.preprocess import ImageDecodeError, PreprocessConfig
+from braintumor.train.decode import ImageDecodeError
+from braintumor.train.preprocess import PreprocessConfig
 from braintumor.train.samples import build_index
 
 

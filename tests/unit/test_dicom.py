@@ -11,8 +11,9 @@ from pydicom.uid import (  # noqa: E402
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEGLSLossless, MRImageStorage, RLELossless, generate_uid,
 )
 
-from braintumor.train.dicom import DicomInfo, decode_any, decode_dicom, is_dicom  # noqa: E402
-from braintumor.train.preprocess import ImageDecodeError, decode_image  # noqa: E402
+from braintumor.train.decode import (  # noqa: E402
+    DicomInfo, ImageDecodeError, decode_any, decode_dicom, decode_image, is_dicom,
+)
 
 PATIENT = "Doe^Jane"
 PATIENT_ID = "PID-98765"

@@ -26,7 +26,8 @@ from braintumor.serving.postprocess import gradcam_heatmap
 from braintumor.serving.settings import ServeSettings
 from braintumor.serving.triton_client import ModelInfo
 from braintumor.train.naming import CLASSES
-from braintumor.train.preprocess import DecodedImage, PreprocessConfig, preprocess
+from braintumor.train.decode import DecodedImage
+from braintumor.train.preprocess import PreprocessConfig, preprocess
 
 pytest.importorskip("lime")
 pytest.importorskip("shap")

@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from braintumor.train.preprocess import (
-    ImageDecodeError, PreprocessConfig, decode_image, decode_mask, invert_geometry, preprocess, preprocess_mask,
-)
+from braintumor.train.decode import ImageDecodeError, decode_image, decode_mask
+from braintumor.train.preprocess import PreprocessConfig, invert_geometry, preprocess, preprocess_mask
 
 
 def _png(arr, mode=None) -> bytes:
@@ -106,9 +105,9 @@ def test_config_round_trip_and_validation():
 
 
 def test_decompression_bomb_is_refused(monkeypatch):
-    import braintumor.train.preprocess as pre
+    import braintumor.train.decode as decode_module
 
-    monkeypatch.setattr(pre, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(decode_module, "MAX_PIXELS", 1000)
     with pytest.raises(ImageDecodeError, match="too large"):
         decode_image(_png(_head()))  # 4,800 px > 1,000
 

@@ -13,10 +13,8 @@ from PIL import Image
 from braintumor.serving.errors import BadInput, UnsupportedMediaType
 from braintumor.serving.pipeline import Pipeline
 from braintumor.serving.triton_client import ModelInfo, TritonModel
-from braintumor.train.preprocess import (
-    MAX_SIDE, Geometry, ImageDecodeError, PreprocessConfig, UnsupportedFormatError, compute_geometry, decode_image,
-    invert_geometry,
-)
+from braintumor.train.decode import MAX_SIDE, ImageDecodeError, UnsupportedFormatError, decode_image
+from braintumor.train.preprocess import Geometry, PreprocessConfig, compute_geometry, invert_geometry
 
 # Measured peak RSS growth of decode -> preprocess -> postprocess (mask, heatmap, overlay PNGs) at 2048x2048:
 # grey PNG 77 MB, 16-bit PNG 78 MB, colour JPEG 89 MB, 16-bit DICOM 168 MB; a 512x512 slice 8 MB.
@@ -105,7 +103,7 @@ def test_inverse_geometry_without_the_padded_square_gives_the_same_map(geometry)
 PEAK_SCRIPT = r'''
 import io, sys, numpy as np
 from PIL import Image
-from braintumor.train.dicom import decode_any
+from braintumor.train.decode import decode_any
 from braintumor.train.preprocess import PreprocessConfig, preprocess
 from braintumor.serving.postprocess import postprocess
 

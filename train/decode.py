@@ -1,7 +1,11 @@
-"""DICOM slices -> the same :class:`DecodedImage` as JPEG/PNG, torch-free (pydicom + numpy).
+"""Decoding, the one leaf every layer reads pixels through: JPEG, PNG or DICOM bytes -> :class:`DecodedImage`
+(greyscale uint8) + :class:`DicomInfo` for DICOM. Torch-free (Pillow, pydicom, numpy); imports nothing of ours.
 
-Only pixel, geometry and photometric tags are read (``specific_tags``): patient name, IDs and dates are skipped
-unparsed, so neither pydicom's warnings nor our errors and results can carry them.
+Training (the cache, the audit), export (parity data), evaluation and serving all call :func:`decode_any` /
+:func:`decode_image`; the geometry that turns a decoded slice into model input is :mod:`.preprocess`.
+
+DICOM: only pixel, geometry and photometric tags are read (``specific_tags``): patient name, IDs and dates are
+skipped unparsed, so neither pydicom's warnings nor our errors and results can carry them.
 """
 
 from __future__ import annotations
@@ -14,9 +18,143 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
-from .preprocess import DecodedImage, ImageDecodeError, _to_grey, check_size, decode_image
+# The size budget, checked on the header before any pixel is decoded. The longest side bounds every array a request
+# allocates (the padded square of crop_pad is at most ~1.1 x MAX_SIDE on a side), so a 613-byte 20000x20 PNG is
+# refused instead of costing gigabytes. BRISC's largest slice is 1427 px; MRI slices are rarely over 1024.
+MAX_SIDE = 2048
+MAX_PIXELS = MAX_SIDE * MAX_SIDE
+MIN_SIDE = 8
+# The formats documented and tested; Pillow would open many more (GIF, TIFF, EPS through Ghostscript, ...).
+FORMATS = ("JPEG", "PNG")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image we can read; the message says why and what is accepted."""
+
+
+class UnsupportedFormatError(ImageDecodeError):
+    """An image in a format other than JPEG, PNG or DICOM (serving answers 415)."""
+
+
+def check_size(width: int, height: int, name: str = "image") -> None:
+    """Refuse an image outside the size budget (:data:`MAX_SIDE`, :data:`MAX_PIXELS`, :data:`MIN_SIDE`)."""
+    if width * height > MAX_PIXELS or max(width, height) > MAX_SIDE:
+        raise ImageDecodeError(f"{name}: image is too large ({width}x{height}); at most {MAX_SIDE} pixels on a side "
+                               f"and {MAX_PIXELS} pixels in all (a brain MRI slice is usually under 1024x1024)")
+    if width < MIN_SIDE or height < MIN_SIDE:
+        raise ImageDecodeError(f"{name}: image is {width}x{height}; at least {MIN_SIDE}x{MIN_SIDE} pixels needed")
+
+
+def _format_name(data: bytes) -> str | None:
+    """The format another Pillow plugin recognises from the first 16 bytes (its ``accept`` check; nothing is
+    opened or decoded), for the refusal's message."""
+    Image.init()
+    prefix = data[:16]
+    for fmt, (_, accept) in Image.OPEN.items():
+        if fmt not in FORMATS and accept is not None and accept(prefix):
+            return fmt
+    return None
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    pixels: np.ndarray  # (H, W) uint8 greyscale
+    mode: str  # Pillow mode of the file
+    is_colour: bool  # RGB whose channels differ (a photo, not an MRI slice)
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """What a DICOM header says about the decoded frame; geometry and photometric fields only, never PHI."""
+
+    photometric_interpretation: str
+    pixel_spacing_mm: tuple[float, float] | None  # (row spacing, column spacing): mm between rows, between columns
+    modality: str | None  # "MR", "CT", ... (an MRI model should refer anything else)
+    rows: int
+    columns: int
+    number_of_frames: int
+    frame_index: int  # the frame that was decoded: the middle one of a multi-frame object
+    bits_stored: int
+    rescale: tuple[float, float]  # (slope, intercept) applied before windowing
+    window: tuple[float, float] | None  # (center, width) applied; None when min-max scaling was used
+    transfer_syntax: str
+
+
+# -- the entry points ---------------------------------------------------------------------------------------------
+
+def decode_any(source: bytes | str | Path) -> tuple[DecodedImage, DicomInfo | None]:
+    """Decode JPEG, PNG or DICOM bytes or a file to greyscale uint8, sniffing for DICOM once; the DicomInfo (pixel
+    spacing, modality...) comes back for DICOM, else None. Raises ImageDecodeError, never returns zeros."""
+    name = str(source) if isinstance(source, (str, Path)) else "image bytes"
+    try:
+        data = Path(source).read_bytes() if isinstance(source, (str, Path)) else bytes(source)
+    except OSError as exc:
+        raise ImageDecodeError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
+    if not data:
+        raise ImageDecodeError(f"{name}: empty file; send a JPEG, PNG or DICOM slice")
+    if is_dicom(data):
+        return decode_dicom(data, name if isinstance(source, (str, Path)) else "DICOM")
+    return _decode_raster(data, name), None
+
+
+def decode_image(source: bytes | str | Path) -> DecodedImage:
+    """The pixels of :func:`decode_any` (training, audit and export need no DICOM metadata)."""
+    return decode_any(source)[0]
+
+
+def decode_mask(source: bytes | str | Path, threshold: int = 128) -> np.ndarray:
+    """Decode a soft-edged mask and binarise it at ``threshold`` (values >= threshold are tumour)."""
+    pixels = decode_image(source).pixels
+    return (pixels >= threshold).astype(np.uint8)
+
+
+# -- JPEG and PNG --------------------------------------------------------------------------------------------------
+
+def _decode_raster(data: bytes, name: str) -> DecodedImage:
+    """JPEG or PNG bytes to greyscale uint8 (the caller has ruled out DICOM)."""
+    try:
+        # Only the JPEG and PNG plugins are tried: other formats never reach a decoder (EPS would run Ghostscript).
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
+            # Checked on the header, before any pixel is decoded; an explicit check rather than swapping Pillow's
+            # global MAX_IMAGE_PIXELS, which would race between the serving threads.
+            check_size(img.width, img.height, name)
+            img.load()
+            mode = img.mode
+            pixels, is_colour = _to_grey(img)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageDecodeError(f"{name}: image is too large ({exc}); at most {MAX_PIXELS} pixels") from exc
+    except Image.UnidentifiedImageError as exc:
+        found = _format_name(data)
+        if found is not None:
+            raise UnsupportedFormatError(f"{name}: {found} images are not accepted; send a JPEG, PNG or DICOM "
+                                         "slice") from exc
+        raise ImageDecodeError(f"{name}: not a readable image; send a JPEG, PNG or DICOM slice") from exc
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageDecodeError(f"{name}: corrupt or truncated image ({exc}); re-export the slice") from exc
+    check_size(pixels.shape[1], pixels.shape[0], name)  # EXIF rotation may have swapped the sides
+    return DecodedImage(pixels, mode, is_colour)
+
+
+def _to_grey(img: Image.Image) -> tuple[np.ndarray, bool]:
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _min_max(np.array(img, dtype=np.float64)), False
+    if img.mode == "L":
+        return np.asarray(img, dtype=np.uint8).copy(), False
+    rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    r, g, b = rgb[..., 0].astype(np.int16), rgb[..., 1].astype(np.int16), rgb[..., 2].astype(np.int16)
+    # JPEG chroma noise makes "equal" channels differ by a few levels; a photo differs by far more.
+    spread = max(np.abs(r - g).mean(), np.abs(g - b).mean())
+    if spread <= 2.0:
+        return rgb[..., 0].copy(), False
+    return np.asarray(img.convert("L"), dtype=np.uint8).copy(), True
+
+
+# -- DICOM ---------------------------------------------------------------------------------------------------------
 
 _MAGIC_OFFSET = 128
 _MAGIC = b"DICM"
@@ -41,23 +179,6 @@ _TAGS = [
     "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
     "PixelData",
 ]
-
-
-@dataclass(frozen=True)
-class DicomInfo:
-    """What a DICOM header says about the decoded frame; geometry and photometric fields only, never PHI."""
-
-    photometric_interpretation: str
-    pixel_spacing_mm: tuple[float, float] | None  # (row spacing, column spacing): mm between rows, between columns
-    modality: str | None  # "MR", "CT", ... (an MRI model should refer anything else)
-    rows: int
-    columns: int
-    number_of_frames: int
-    frame_index: int  # the frame that was decoded: the middle one of a multi-frame object
-    bits_stored: int
-    rescale: tuple[float, float]  # (slope, intercept) applied before windowing
-    window: tuple[float, float] | None  # (center, width) applied; None when min-max scaling was used
-    transfer_syntax: str
 
 
 def is_dicom(data: bytes) -> bool:
@@ -85,22 +206,6 @@ def _plausible_first_element(data: bytes) -> bool:
         return True
     length = int.from_bytes(data[4:8], "little")
     return length < len(data) - 8
-
-
-def decode_any(source: bytes | str | Path) -> tuple[DecodedImage, DicomInfo | None]:
-    """Decode JPEG, PNG or DICOM; the DicomInfo (pixel spacing, modality...) comes back for DICOM, else None."""
-    if isinstance(source, (str, Path)):
-        try:
-            data = Path(source).read_bytes()
-        except OSError as exc:
-            raise ImageDecodeError(f"{source}: cannot read file ({exc.strerror or exc})") from exc
-        if data and is_dicom(data):
-            return decode_dicom(data, name=str(source))
-        return decode_image(data if data else source), None
-    data = bytes(source)
-    if data and is_dicom(data):
-        return decode_dicom(data)
-    return decode_image(data), None
 
 
 def decode_dicom(data: bytes, name: str = "DICOM") -> tuple[DecodedImage, DicomInfo]:
@@ -291,9 +396,12 @@ def _apply_window(x: np.ndarray, center: float, width: float, function: str) -> 
 
 
 def _min_max(x: np.ndarray) -> np.ndarray:
+    """Linear min-max scaling of a float64 array the caller owns (scaled in place: one copy of the image, not three)
+    to uint8 0..255: 16-bit PNGs and DICOM without a window. A constant image becomes all 0."""
     lo, hi = float(x.min()), float(x.max())
-    scaled = (x - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(x, dtype=np.float64)
-    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+    x -= lo
+    x *= 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip(np.rint(x, out=x), 0, 255, out=x).astype(np.uint8)
 
 
 def _spacing(ds, frame: int) -> tuple[float, float] | None:
