@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from . import explain_tasks
 from .errors import BadInput, Busy, PayloadTooLarge, ServingError, Unauthenticated, UnsupportedMediaType
 from .logsafe import escape_controls
 from .settings import ServeSettings
@@ -57,6 +58,11 @@ class RequestTimeout(BadInput):
     kind = "request_timeout"
 
 
+class NotSupported(BadInput):
+    http_status = 405
+    kind = "not_supported"
+
+
 def error_body(kind: str, detail: str) -> bytes:
     return json.dumps({"error": kind, "detail": detail}).encode()
 
@@ -71,6 +77,7 @@ class GatewayMiddleware:
         self.settings = settings or ServeSettings.from_env()
         self._metrics = metrics
         self.buffered = 0  # body bytes held by the requests in flight in this worker (max_buffered_bytes)
+        self._tasks: explain_tasks.TaskStore | None = None  # made on first use: BentoML configures its path
 
     @property
     def metrics(self):
@@ -109,20 +116,47 @@ class GatewayMiddleware:
                 # The key goes no further: BentoML stores task requests, headers included, in its task database.
                 scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ())
                                               if k.lower() not in (b"x-api-key", b"authorization")]}
+                if path in explain_tasks.REFUSED:
+                    raise NotSupported(explain_tasks.REFUSED[path])  # before BentoML: no side effect
                 route = self.routes.get(path)
                 if route is not None and scope["method"] == "POST":
                     body = await self._read_body(scope, receive, route, held)
+                    if path == explain_tasks.SUBMIT:
+                        body, scope = await self._pixels_only(scope, body)
             except ServingError as exc:
                 await _answer(exc, counted)
                 return
             usage = self.routes[path].usage if path in self.routes else None
             await self.app(scope, _replay(body) if body is not None else receive, _uniform_errors(counted, usage))
+            if path.startswith("/explain/"):
+                await self._forget_tasks(scope, path, seen["status"])
         finally:
             self.buffered -= held[0]
             if self.metrics is not None:
                 seconds = seen["seconds"] if seen["seconds"] is not None else time.perf_counter() - start
                 self.metrics.observe_request(self.endpoints.get(path, OTHER_ENDPOINT), str(seen["status"]), seconds)
             _log_access(scope, seen["status"], start)
+
+    # -- explanation tasks: pixels only, deleted once fetched or expired ---------------------------------------
+
+    async def _pixels_only(self, scope, body: bytes):
+        """The submission as BentoML will store it: decoded pixels as PNG + options, content headers only."""
+        content_type = _headers(scope).get("content-type", "")
+        media = content_type.split(";")[0].strip().lower()
+        body = await asyncio.to_thread(explain_tasks.pixels_only, body, media, content_type)
+        headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() == b"host"]
+        headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        return body, {**scope, "headers": headers}
+
+    async def _forget_tasks(self, scope, path: str, status: int) -> None:
+        if self._tasks is None:
+            self._tasks = explain_tasks.TaskStore.of_bentoml(self.settings.explain_task_ttl_s)
+        if path == explain_tasks.GET and status == 200:
+            from urllib.parse import parse_qs
+
+            task_id = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task_id", [""])[0]
+            await asyncio.to_thread(self._tasks.delete, task_id)
+        await asyncio.to_thread(self._tasks.purge)
 
     # -- checks --------------------------------------------------------------------------------------------
 

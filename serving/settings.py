@@ -36,6 +36,7 @@ class ServeSettings:
     explain_batch_size: int = 32  # perturbed images per Triton request (the classifier's max_batch_size)
     explain_cache_size: int = 128  # explanations kept, keyed by image hash and options (LRU)
     explain_workers: int = 2  # concurrent LIME/SHAP computations
+    explain_task_ttl_s: float = 3600.0  # an /explain/submit task (pixels, options, result) is deleted after this
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServeSettings:
@@ -60,7 +61,7 @@ class ServeSettings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"{PREFIX}{name.upper()} must be >= 1, got {getattr(self, name)}")
-        for name in ("triton_timeout_s", "body_timeout_s"):
+        for name in ("triton_timeout_s", "body_timeout_s", "explain_task_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
         if self.max_buffered_bytes < self.max_body_bytes:

@@ -126,7 +126,7 @@ def test_other_image_formats_are_415(gateway, fmt, mode):
 
 # -- slow and stalled uploads ---------------------------------------------------------------------------------------
 SLOW = {"BRAINTUMOR_BODY_TIMEOUT_S": "3", "BRAINTUMOR_MAX_BODY_BYTES": "1000000",
-        "BRAINTUMOR_MAX_BUFFERED_BYTES": "2500000"}
+        "BRAINTUMOR_MAX_BUFFERED_BYTES": "2500000", "BRAINTUMOR_EXPLAIN_TASK_TTL_S": "2"}
 
 
 @pytest.fixture(scope="module")
@@ -195,3 +195,109 @@ def test_uploads_held_at_once_are_capped(strict_gateway, slice_jpeg):
             sock.close()
     # the budget is given back when the stalled requests end
     assert strict_gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg)}).status_code == 200
+
+
+# -- explanation tasks: pixels only, gone once fetched or expired; no retry/cancel side effects -----------------------
+PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-98765", "PatientBirthDate": "19700101",
+       "InstitutionName": "St Example Hospital", "ReferringPhysicianName": "House^Gregory"}
+
+
+def phi_dicom() -> bytes:
+    """A valid MR slice with patient data in its header (synthetic pixels: an ellipse 'head' and a blob)."""
+    pytest.importorskip("pydicom")
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    yy, xx = np.mgrid[0:64, 0:56]
+    pixels = np.where((((yy - 32) / 28.0) ** 2 + ((xx - 28) / 24.0) ** 2) <= 1.0, 900, 0).astype(np.uint16)
+    pixels[20:30, 25:35] = 1800
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
+    for key, value in PHI.items():
+        setattr(ds, key, value)
+    ds.set_pixel_data(pixels, "MONOCHROME2", 12)
+    ds.PixelSpacing = [0.5, 0.5]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _stored_inputs(gateway) -> list[bytes]:
+    import sqlite3
+
+    with sqlite3.connect(gateway.log.parent / "task_result.db") as conn:
+        return [bytes(row[0]) for row in conn.execute("SELECT input FROM result")]
+
+
+def _wait_status(gateway, task_id: str, headers=None, until=("completed", "failed"), timeout=60) -> str:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = gateway.get("/explain/status", params={"task_id": task_id}, headers=headers)
+        status = answer.json().get("status") if answer.status_code == 200 else answer.status_code
+        if status in until or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
+def test_a_task_stores_pixels_only_and_is_deleted_once_fetched(gateway):
+    dicom = phi_dicom()
+    submitted = gateway.post("/explain/submit", files={"image": ("Doe^Jane_PID-98765.dcm", dicom, "application/dicom")},
+                             data={"method": "gradcam"}, headers=AUTH)
+    assert submitted.status_code == 200, submitted.text
+    task_id = submitted.json()["task_id"]
+    assert _wait_status(gateway, task_id, AUTH) == "completed"
+    import json
+
+    (row,) = [json.loads(r) for r in _stored_inputs(gateway) if b'"/explain/submit"' in r][-1:]
+    assert {name for name, _ in row["scope"]["headers"]} <= {"host", "content-type", "content-length"}
+    body = json.loads(base64.b64decode(row["content"]))  # BentoML keeps the body base64-encoded
+    assert set(body) == {"method", "image_base64"}
+    image = base64.b64decode(body["image_base64"])
+    assert image.startswith(b"\x89PNG") and b"DICM" not in image
+    everything = json.dumps(row["scope"]).encode() + image + json.dumps(body).encode()
+    for value in [*PHI.values(), "Doe^Jane_PID-98765", "Doe", "PID-98765", KEY]:
+        assert value.encode() not in everything, value
+    result = gateway.get("/explain/get", params={"task_id": task_id}, headers=AUTH)
+    assert result.status_code == 200 and result.json()["method"] == "gradcam"
+    assert gateway.get("/explain/status", params={"task_id": task_id}, headers=AUTH).status_code == 404
+    assert gateway.get("/explain/get", params={"task_id": task_id}, headers=AUTH).status_code == 404
+    log = gateway.log.read_text(errors="replace")
+    for value in [*PHI.values(), "Doe^Jane", "PID-98765"]:
+        assert value not in log, value
+
+
+def test_retry_and_cancel_are_refused_without_side_effects(gateway, slice_jpeg):
+    task_id = gateway.post("/explain/submit", json={"image_base64": _b64(slice_jpeg), "method": "gradcam"},
+                           headers=AUTH).json()["task_id"]
+    rows_before = len(_stored_inputs(gateway))
+    for method, path in (("PUT", "/explain/cancel"), ("POST", "/explain/retry"), ("GET", "/explain/cancel")):
+        refused = httpx.request(method, gateway.url + path, params={"task_id": task_id}, headers=AUTH, timeout=30)
+        assert refused.status_code == 405, refused.text
+        assert refused.json()["error"] == "not_supported"
+    assert _wait_status(gateway, task_id, AUTH) == "completed"  # not "canceled"
+    assert len(_stored_inputs(gateway)) == rows_before  # no second run stored
+    assert gateway.get("/explain/get", params={"task_id": task_id}, headers=AUTH).status_code == 200
+
+
+def test_a_bad_image_is_refused_at_submit_and_nothing_is_stored(gateway):
+    rows_before = len(_stored_inputs(gateway))
+    refused = gateway.post("/explain/submit", files={"image": ("x.txt", b"not an image", "text/plain")},
+                           data={"method": "gradcam"}, headers=AUTH)
+    assert refused.status_code == 400 and refused.json()["error"] == "bad_input"
+    assert len(_stored_inputs(gateway)) == rows_before
+
+
+def test_an_unfetched_task_is_deleted_after_its_ttl(strict_gateway, slice_jpeg):
+    import time
+
+    task_id = strict_gateway.post("/explain/submit", json={"image_base64": _b64(slice_jpeg),
+                                                           "method": "gradcam"}).json()["task_id"]
+    assert _wait_status(strict_gateway, task_id) == "completed"
+    time.sleep(2.5)  # the TTL is 2 s here; the next /explain request purges
+    assert _wait_status(strict_gateway, task_id, until=(404,), timeout=10) == 404

@@ -1,0 +1,150 @@
+"""What the gateway keeps of an explanation task (/explain/submit): the slice's pixels and the options, nothing else,
+for as long as it takes to fetch the result.
+
+BentoML stores each submitted request (body and headers) in its SQLite task store and keeps results 24 h. So a
+submission is rewritten before BentoML sees it: the image is decoded (JPEG, PNG, DICOM) and re-encoded as a
+lossless greyscale PNG of the same pixels (no DICOM header, no file name, no EXIF), and only the content headers
+are kept. A task's row is deleted once its result has been fetched, and every row after ``ttl_s``. Retry and
+cancel are refused: a retry would re-run the stored request, and BentoML's cancel only relabels the row.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import sqlite3
+import time
+
+from .errors import BadInput, UnsupportedMediaType
+
+log = logging.getLogger("braintumor.serving.tasks")
+
+SUBMIT = "/explain/submit"
+GET = "/explain/get"
+REFUSED = {
+    "/explain/retry": "explanation tasks cannot be retried: submit the image again (a repeated image is answered "
+                      "from the cache)",
+    "/explain/cancel": "explanation tasks cannot be cancelled; an unfetched result is deleted after "
+                       "BRAINTUMOR_EXPLAIN_TASK_TTL_S",
+}
+_OPTION_FIELDS = ("method", "target", "num_samples", "max_evals")
+
+
+def pixels_only(body: bytes, media: str, content_type: str) -> bytes:
+    """The JSON body of a submission that carries only the decoded pixels (as PNG) and the explanation options.
+
+    Raises BadInput / UnsupportedMediaType for what cannot be decoded, before anything is stored."""
+    from ..train.decode import ImageDecodeError, UnsupportedFormatError, decode_any
+
+    fields, image = _fields_and_image(body, media, content_type)
+    try:
+        decoded, _ = decode_any(image)
+    except UnsupportedFormatError as exc:
+        raise UnsupportedMediaType(str(exc)) from exc
+    except ImageDecodeError as exc:
+        raise BadInput(str(exc)) from exc
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(decoded.pixels).save(buf, format="PNG", compress_level=1)
+    return json.dumps({**fields, "image_base64": base64.b64encode(buf.getvalue()).decode()}).encode()
+
+
+def _fields_and_image(body: bytes, media: str, content_type: str) -> tuple[dict, bytes]:
+    if media == "multipart/form-data":
+        parts = _multipart_parts(content_type, body)
+        fields = {k: v.decode("utf-8", "replace") for k, v in parts.items() if k in _OPTION_FIELDS}
+        image = parts.get("image")
+    else:
+        try:
+            data = json.loads(body or b"{}")
+        except ValueError as exc:
+            raise BadInput(f"the body is not valid JSON ({exc.msg})") from exc
+        if not isinstance(data, dict):
+            raise BadInput("the JSON body must be an object")
+        fields = {k: data[k] for k in _OPTION_FIELDS if k in data}
+        text = data.get("image_base64")
+        image = None
+        if isinstance(text, str):
+            if text.startswith("data:") and "," in text[:200]:
+                text = text.split(",", 1)[1]
+            try:
+                image = base64.b64decode("".join(text.split()), validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise BadInput(f"image_base64 is not valid base64 ({exc})") from exc
+    if not image:
+        raise BadInput('no image in the request: send the file in multipart field "image" or base64 in JSON '
+                       '"image_base64"')
+    return fields, image
+
+
+def _multipart_parts(content_type: str, body: bytes) -> dict[str, bytes]:
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    parts: list[list] = []  # [name, bytearray]
+    header: dict[str, bytes] = {}
+
+    def on_part_begin() -> None:
+        parts.append(["", bytearray()])
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        header["field"] = header.get("field", b"") + data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        header["value"] = header.get("value", b"") + data[start:end]
+
+    def on_header_end() -> None:
+        if header.get("field", b"").lower() == b"content-disposition":
+            parts[-1][0] = parse_options_header(header.get("value", b""))[1].get(b"name", b"").decode()
+        header.clear()
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1][1] += data[start:end]
+
+    parser = MultipartParser(options.get(b"boundary", b""), {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data})
+    parser.write(body)
+    parser.finalize()
+    return {name: bytes(data) for name, data in parts}
+
+
+class TaskStore:
+    """Deletes rows from BentoML 1.4's task store (SQLite, table ``result``; the path BentoML uses)."""
+
+    def __init__(self, path: str, ttl_s: float, purge_every_s: float | None = None) -> None:
+        self.path, self.ttl_s = path, ttl_s
+        self.purge_every_s = min(30.0, ttl_s / 2) if purge_every_s is None else purge_every_s
+        self._last_purge = 0.0
+
+    @classmethod
+    def of_bentoml(cls, ttl_s: float) -> TaskStore:
+        from bentoml._internal.configuration.containers import BentoMLContainer
+
+        return cls(BentoMLContainer.result_store_file.get(), ttl_s)
+
+    def _execute(self, sql: str, params: tuple) -> int:
+        if self.path == ":memory:":
+            return 0
+        try:
+            with sqlite3.connect(self.path, timeout=10) as conn:
+                return conn.execute(sql, params).rowcount
+        except sqlite3.OperationalError as exc:  # no table yet (no task submitted), or locked for 10 s
+            log.warning("task store %s: %s", self.path, exc)
+            return 0
+
+    def delete(self, task_id: str) -> bool:
+        return self._execute("DELETE FROM result WHERE task_id = ?", (task_id,)) > 0
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete every task older than ``ttl_s`` (at most once per ``purge_every_s``); how many were deleted."""
+        now = time.monotonic() if now is None else now
+        if now - self._last_purge < self.purge_every_s:
+            return 0
+        self._last_purge = now
+        return self._execute("DELETE FROM result WHERE created_at < datetime('now', ?)",
+                             (f"-{int(self.ttl_s)} seconds",))
