@@ -17,6 +17,7 @@ from ..export.contract import CAM, CLASS_PROBS, MASK_PROB
 from ..train.naming import NO_TUMOR
 from ..train.refer import heads_disagree, mask_area
 from ..train.decode import DecodedImage
+from ..train.heatmap import cam_heatmap, heatmap_levels
 from ..train.preprocess import Geometry, PreprocessConfig, invert_geometry, mask_to_original
 
 MIN_STD = 2.0  # grey levels; below this the image is blank or near-constant
@@ -154,19 +155,12 @@ def out_of_distribution(
 
 
 def gradcam_heatmap(cam: np.ndarray, class_index: int, geometry: Geometry) -> np.ndarray:
-    """(num_classes, h, w) bias-free CAMs -> (H, W) uint8 Grad-CAM of one class on the original image.
-
-    ReLU, bilinear upsampling to the model input size, min-max normalisation (a map with no positive
-    evidence is all zeros), then back through the geometry; the same steps as ``train.gradcam.grad_cam``.
-    """
+    """(num_classes, h, w) bias-free CAMs -> (H, W) uint8 Grad-CAM of one class on the original image: the one
+    CAM -> heatmap rule (:func:`~braintumor.train.heatmap.cam_heatmap`, as the report and ``train.gradcam``) at the
+    model input size, then back through the geometry."""
     if cam.ndim != 3 or not 0 <= class_index < cam.shape[0]:
         raise ValueError(f"{CAM} of shape {cam.shape} has no map for class index {class_index}")
-    relu = np.maximum(np.ascontiguousarray(cam[class_index], dtype=np.float32), 0.0)
-    up = np.asarray(Image.fromarray(relu).resize((geometry.size, geometry.size), Image.BILINEAR), dtype=np.float32)
-    lo, hi = float(up.min()), float(up.max())
-    scaled = (up - lo) / max(hi - lo, 1e-12)
-    square = np.clip(np.rint(scaled * 255), 0, 255).astype(np.uint8)
-    return invert_geometry(square, geometry)
+    return invert_geometry(heatmap_levels(cam_heatmap(cam[class_index], geometry.size)), geometry)
 
 
 def colourise(heat: np.ndarray) -> np.ndarray:

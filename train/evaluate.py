@@ -10,11 +10,11 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .metrics import dice_iou, classification_metrics, pointing_game_hits, segmentation_metrics, to_jsonable
 from .naming import CLASSES
 from .decode import decode_image, decode_mask
+from .heatmap import cam_heatmap
 from .preprocess import PreprocessConfig, compute_geometry, mask_to_original
 from .refer import heads_disagree, mask_area, refer_policy_stats
 from .report import write_report
@@ -59,9 +59,7 @@ def cams_for_classes(cams: np.ndarray, classes: np.ndarray, size: int) -> np.nda
     """(N, C, h, w) class activation maps -> (N, size, size) in [0, 1] for one class per image (ReLU, upsample, min-max)."""
     out = np.zeros((len(cams), size, size), np.float32)
     for i, (cam, c) in enumerate(zip(cams, classes)):
-        up = np.asarray(Image.fromarray(np.maximum(cam[c], 0).astype(np.float32), "F").resize((size, size), Image.BILINEAR))
-        lo, hi = up.min(), up.max()
-        out[i] = (up - lo) / max(hi - lo, 1e-8)
+        out[i] = cam_heatmap(cam[c], size)  # the API's rule too (serving/postprocess.gradcam_heatmap)
     return out
 
 

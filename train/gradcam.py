@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .heatmap import cam_heatmap
 from .model import MultiTaskModel
 
 
@@ -33,8 +34,7 @@ def grad_cam(
         target = model.classify(features).argmax(dim=1)
     else:
         target = torch.as_tensor(target_class, device=cams.device).long().expand(cams.shape[0])
-    cam = cams[torch.arange(cams.shape[0], device=cams.device), target].unsqueeze(1).relu()
-    cam = F.interpolate(cam, size=size or tuple(x.shape[-2:]), mode="bilinear", align_corners=False)[:, 0]
-    lo = cam.amin(dim=(1, 2), keepdim=True)
-    hi = cam.amax(dim=(1, 2), keepdim=True)
-    return (cam - lo) / (hi - lo).clamp_min(1e-12)
+    cam = cams[torch.arange(cams.shape[0], device=cams.device), target].float().cpu().numpy()
+    height, width = size or tuple(x.shape[-2:])
+    # The one CAM -> heatmap rule (train/heatmap.py), shared with the evaluation report and the API.
+    return torch.from_numpy(np.stack([cam_heatmap(c, (height, width)) for c in cam])).to(cams.device)

@@ -273,3 +273,33 @@ def test_mask_label_disagreement_refers_with_the_fitted_area(probs, block, min_a
     assert result.refer is (reason is not None)
     if reason:
         assert len(result.refer_reason) == 1 and result.refer_reason[0].startswith(reason)
+
+
+def test_report_and_api_heatmaps_are_the_same_rule():
+    """train/evaluate (the report), train/gradcam (the torch explainer) and the API's gradcam_heatmap agree exactly
+    on one CAM: they all call train/heatmap.cam_heatmap."""
+    torch = pytest.importorskip("torch")
+    from braintumor.train.evaluate import cams_for_classes
+    from braintumor.train.heatmap import cam_heatmap, heatmap_levels
+
+    rng = np.random.default_rng(3)
+    cams = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+    size = 32
+    square = np.full((size, size), 100, np.uint8)
+    geom = preprocess(square, PreprocessConfig(image_size=size, geometry="resize"))[1]  # the identity geometry
+    report = cams_for_classes(cams, np.array([1, 2]), size)
+    for i, c in enumerate((1, 2)):
+        np.testing.assert_array_equal(report[i], cam_heatmap(cams[i, c], size))
+        np.testing.assert_array_equal(gradcam_heatmap(cams[i], c, geom), heatmap_levels(report[i]))
+
+    class CamModel(torch.nn.Module):  # serves fixed CAMs through the interface train/gradcam.py reads
+        def forward_features(self, x):
+            return x
+
+        def class_activation_maps(self, features):
+            return torch.from_numpy(cams)
+
+    from braintumor.train.gradcam import grad_cam
+
+    maps = grad_cam(CamModel(), torch.zeros(2, 1, size, size), [1, 2]).numpy()
+    np.testing.assert_array_equal(maps, report)
