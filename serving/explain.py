@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..export.contract import CAM, CLASS_PROBS
-from ..train.preprocess import Geometry, invert_geometry
+from ..train.preprocess import Geometry, PreprocessConfig, invert_geometry
 from .errors import DeadlineExceeded, Unavailable
 from .postprocess import colourise, encode_png, gradcam_heatmap, overlay
 
@@ -35,7 +36,6 @@ SEED = 0  # the same request gives the same heatmap
 # small enough to outline a tumour and few enough for a ridge fit on a few hundred samples.
 LIME_SEGMENTS = 50
 LIME_COMPACTNESS = 0.1  # for grey levels in 0..1 (skimage's 10 is for Lab's 0..100): follows edges, stays compact
-FOREGROUND_LEVEL = 20  # grey level above which a pixel is head (PreprocessConfig.foreground_threshold)
 # SHAP hides a region by blurring it with a box this fraction of the image side: a tumour is smeared into its
 # surroundings, which stays closer to a real slice than a black hole (and needs no per-sample inpainting).
 SHAP_BLUR_FRACTION = 0.25
@@ -43,7 +43,7 @@ SHAP_BLUR_FRACTION = 0.25
 
 # -- the perturbation methods --------------------------------------------------------------------------------------
 def lime_weights(image: np.ndarray, classify: Classify, target_index: int, budget: int, batch_size: int,
-                 *, seed: int = SEED) -> np.ndarray:
+                 *, seed: int = SEED, foreground_threshold: int = PreprocessConfig.foreground_threshold) -> np.ndarray:
     """LIME: ``budget`` perturbed copies (random superpixels set to black), a weighted ridge fit per superpixel;
     each pixel gets its superpixel's weight for the target class."""
     from lime.lime_image import LimeImageExplainer
@@ -51,7 +51,7 @@ def lime_weights(image: np.ndarray, classify: Classify, target_index: int, budge
     class BatchedLime(LimeImageExplainer):
         data_labels = _lime_data_labels  # vectorised, no tqdm bar; same random draws as lime's own
 
-    segments = lime_segments(image)
+    segments = lime_segments(image, foreground_threshold)
     explanation = BatchedLime(feature_selection="none", random_state=seed).explain_instance(
         np.repeat(image[..., None], 3, axis=-1), lambda rgb: classify(model_batch(rgb)),
         labels=(target_index,), top_labels=None, hide_color=0, num_samples=budget, batch_size=batch_size,
@@ -62,11 +62,12 @@ def lime_weights(image: np.ndarray, classify: Classify, target_index: int, budge
     return per_segment[segments]
 
 
-def lime_segments(image: np.ndarray) -> np.ndarray:
-    """(S, S) uint8 -> (S, S) superpixel labels 0..n-1; the background (outside the head) is one of them."""
+def lime_segments(image: np.ndarray, foreground_threshold: int = PreprocessConfig.foreground_threshold) -> np.ndarray:
+    """(S, S) uint8 -> (S, S) superpixel labels 0..n-1; the background (outside the head: not above the model's
+    ``PreprocessConfig.foreground_threshold``) is one of them."""
     from skimage.segmentation import slic
 
-    head = image > FOREGROUND_LEVEL
+    head = image > foreground_threshold
     segments = slic(image.astype(np.float32) / 255.0, n_segments=LIME_SEGMENTS, compactness=LIME_COMPACTNESS,
                     channel_axis=None, start_label=0, mask=head if head.mean() >= 0.05 else None)
     return np.unique(segments, return_inverse=True)[1].reshape(image.shape)  # contiguous labels, as lime expects
@@ -216,7 +217,10 @@ class Explainer:
             heat = await asyncio.to_thread(gradcam_heatmap, cam.reshape(cam.shape[-3:]), target, prepared.geometry)
             used = None
         else:
-            heat, used = await self._perturb(PERTURBATION_METHODS[options.method], prepared, target, budget)
+            method = PERTURBATION_METHODS[options.method]
+            if method is lime_weights:  # superpixels inside the head, as this model's preprocessing draws it
+                method = functools.partial(method, foreground_threshold=info.preprocess.foreground_threshold)
+            heat, used = await self._perturb(method, prepared, target, budget)
         heatmap_png, overlay_png = await asyncio.to_thread(_render, prepared.decoded.pixels, heat)
         explanation = Explanation(
             method=options.method, target=info.classes[target], target_index=target, label=info.classes[predicted],

@@ -125,6 +125,14 @@ def test_lime_segments_are_contiguous_labels_inside_the_head():
     assert len(np.unique(segments[:16])) == 1  # the black padding is one segment, not many
 
 
+def test_lime_head_is_the_models_foreground():
+    """The head LIME segments inside is drawn at the model's PreprocessConfig.foreground_threshold, not a copy: above
+    every grey level nothing is head, and the padding is split like the rest of the image."""
+    image = toy_image()
+    assert len(np.unique(lime_segments(image, CFG.foreground_threshold)[:16])) == 1
+    assert len(np.unique(lime_segments(image, 255)[:16])) > 1
+
+
 def test_model_batch_rounds_clips_and_takes_one_channel():
     floats = np.array([[[[-3.0], [1.4]], [[254.6], [300.0]]]], np.float32)  # (1, 2, 2, 1)
     out = model_batch(floats)
