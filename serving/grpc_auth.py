@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hmac
-
 import grpc
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
+from .api_key import key_accepted
 from .errors import Unauthenticated
 from .metrics import Metrics
 
@@ -19,7 +18,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """Every method except health and reflection needs the key (``x-api-key`` or ``authorization: Bearer``)."""
 
     def __init__(self, key: str, metrics: Metrics | None = None) -> None:
-        self._key = key.encode()
+        self._key = key
         self._metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -32,16 +31,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, method.rsplit("/", 1)[-1], self._metrics)
 
     def _authorised(self, metadata) -> bool:
-        given = ""
-        for key, value in metadata or ():
-            if isinstance(value, bytes):  # only "-bin" keys carry bytes
-                continue
-            if key == "x-api-key":
-                given = value
-                break
-            if key == "authorization" and value[:7].lower() == "bearer ":
-                given = value[7:].strip()
-        return bool(given) and hmac.compare_digest(given.encode(), self._key)
+        return key_accepted(metadata or (), self._key)
 
 
 def _refusing(handler: grpc.RpcMethodHandler, rpc: str, metrics: Metrics | None) -> grpc.RpcMethodHandler:

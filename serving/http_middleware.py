@@ -9,7 +9,6 @@ parses anything, and BentoML's own error bodies are rewritten into the shape the
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -17,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import explain_tasks
+from .api_key import key_accepted
 from .errors import BadInput, Busy, PayloadTooLarge, ServingError, Unauthenticated, UnsupportedMediaType
 from .logsafe import escape_controls
 from .settings import ServeSettings
@@ -162,14 +162,7 @@ class GatewayMiddleware:
 
     def _authenticate(self, scope) -> None:
         key = self.settings.api_key
-        if not key:
-            return
-        headers = _headers(scope)
-        given = headers.get("x-api-key", "")
-        auth = headers.get("authorization", "")
-        if not given and auth[:7].lower() == "bearer ":
-            given = auth[7:].strip()
-        if not given or not hmac.compare_digest(given.encode(), key.encode()):
+        if key and not key_accepted(_headers(scope).items(), key):
             raise Unauthenticated("missing or wrong API key: send it as the `x-api-key` header or as "
                                   "`authorization: Bearer <key>`")
 
