@@ -183,9 +183,10 @@ def test_uploads_held_at_once_are_capped(strict_gateway, slice_jpeg):
     try:
         import time
 
-        time.sleep(0.5)  # both bodies are being held: 1.8 MB of the 2.5 MB budget
-        refused = strict_gateway.post("/analyze", json={"image_base64": "A" * 900_000})
-        assert refused.status_code == 429, refused.text
+        deadline = time.monotonic() + 10  # until the server has read both bodies: 1.8 MB of the 2.5 MB budget
+        while (refused := strict_gateway.post("/analyze", json={"image_base64": "A" * 900_000})).status_code != 429:
+            assert time.monotonic() < deadline, refused.text
+            time.sleep(0.2)
         assert refused.json()["error"] == "busy" and "BRAINTUMOR_MAX_BUFFERED_BYTES" in refused.json()["detail"]
         assert refused.headers["retry-after"] == "1"
         for sock in stalled:
