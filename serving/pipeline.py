@@ -128,12 +128,13 @@ class Pipeline:
     async def analyze(self, data: bytes, *, overlay: bool = False) -> AnalysisResult:
         return (await self.analyze_many([data], overlay=overlay, raise_single=True))[0]
 
-    async def analyze_many(self, items: Sequence[bytes], *, overlay: bool = False,
+    async def analyze_many(self, items: Sequence[bytes | ServingError], *, overlay: bool = False,
                            raise_single: bool = False) -> list[AnalysisResult | ServingError]:
         """Analyze several images with ONE Triton request for all that decode; a bad image fails alone.
 
-        Each entry of the result is an AnalysisResult or the BadInput that image raised. Triton failures
-        (Unavailable, DeadlineExceeded) fail the whole call.
+        Each entry of the result is an AnalysisResult or the BadInput that image raised; an item that is already a
+        ServingError (a part the front door could not read) keeps its place. The batch limit is checked here, the
+        one place, on every item. Triton failures (Unavailable, DeadlineExceeded) fail the whole call.
         """
         if len(items) > self.settings.max_batch_images:
             raise BadInput(f"{len(items)} images in one batch; at most {self.settings.max_batch_images} are accepted")
@@ -151,9 +152,12 @@ class Pipeline:
                 self.metrics.observe_results(results, time.perf_counter() - start)
             return results
 
-    def _prepare_all(self, items: Sequence[bytes], info: ModelInfo) -> list[Prepared | ServingError]:
+    def _prepare_all(self, items: Sequence[bytes | ServingError], info: ModelInfo) -> list[Prepared | ServingError]:
         out: list[Prepared | ServingError] = []
         for data in items:
+            if isinstance(data, ServingError):
+                out.append(data)
+                continue
             try:
                 out.append(self.prepare(data, info))
             except BadInput as exc:

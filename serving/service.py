@@ -231,25 +231,17 @@ class BrainTumorGateway:
                 raise BadInput('send the images once: either multipart files "images" or JSON "images_base64"')
             if not images and not images_base64:
                 raise BadInput(f"no images in the request; {BATCH_USAGE}")
-            count = len(images or images_base64)
-            if count > self.settings.max_batch_images:
-                raise BadInput(f"{count} images in one batch; at most {self.settings.max_batch_images} are accepted")
             items: list[bytes | ServingError] = []
             for k, item in enumerate(images or images_base64):
                 try:
                     items.append(await asyncio.to_thread(item.read_bytes) if isinstance(item, Path)
                                  else decode_base64(item, f"images_base64[{k}]"))
                 except BadInput as exc:
-                    self.metrics.observe_error(exc)  # the pipeline counts the errors of the images it sees
-                    items.append(exc)
-            good = [item for item in items if isinstance(item, bytes)]
-            analysed = iter(await self.pipeline.analyze_many(good, overlay=overlay) if good else [])
+                    items.append(exc)  # keeps its place; the pipeline checks the batch limit and counts errors
+            analysed = await self.pipeline.analyze_many(items, overlay=overlay)
             info = (await self.pipeline.info()).to_dict()
-            results = []
-            for item in items:
-                result = next(analysed) if isinstance(item, bytes) else item
-                results.append({"error": result.kind, "detail": result.message} if isinstance(result, ServingError)
-                               else analysis_to_dict(result))
+            results = [error_to_dict(result) if isinstance(result, ServingError) else analysis_to_dict(result)
+                       for result in analysed]
             return {"model": {"name": info["name"], "version": info["version"]}, "results": results}
 
         return await self._answer("analyze_batch", work())

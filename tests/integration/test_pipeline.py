@@ -58,13 +58,15 @@ def test_batch_fails_only_the_bad_image(tiny_triton, slice_jpeg):
     async def go():
         pipe = _pipeline(tiny_triton.grpc_url)
         try:
-            return await pipe.analyze_many([slice_jpeg, b"not an image", slice_jpeg])
+            unreadable = BadInput("images_base64[3] is not valid base64")  # failed at the front door
+            return await pipe.analyze_many([slice_jpeg, b"not an image", slice_jpeg, unreadable])
         finally:
             await pipe.close()
 
-    good, bad, again = _run(go())
+    good, bad, again, unreadable = _run(go())
     assert isinstance(bad, BadInput) and "JPEG, PNG or DICOM" in bad.message
     assert good.probabilities == again.probabilities
+    assert isinstance(unreadable, BadInput) and unreadable.message == "images_base64[3] is not valid base64"
 
 
 def test_bad_single_image_and_limits(tiny_triton, slice_jpeg):
