@@ -21,13 +21,11 @@ import sysconfig
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
-from .supervisor import die_with_parent, stop_group
+from .supervisor import die_with_parent, http_ready, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +340,7 @@ class EmbeddedTriton:
                     self._pump.join(timeout=2)  # let the last lines in
                 raise TritonServerError(f"tritonserver exited with code {code} before it was ready; "
                                        f"last log lines:\n{self.log_tail()}")
-            if _http_ok(url):
+            if http_ready(url, timeout=1.0):
                 return
             if self._abort.is_set():
                 raise KeyboardInterrupt("stopped while tritonserver was starting")
@@ -410,11 +408,3 @@ class EmbeddedTriton:
                 self.stop(timeout=5)
             except Exception:  # noqa: BLE001 - interpreter shutdown: modules may already be gone
                 logger.debug("stopping Triton from __del__ failed", exc_info=True)
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=1.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-        return False
