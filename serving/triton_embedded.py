@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
+from ..export.contract import CONFIG_FILE
 from .supervisor import die_with_parent, http_ready, stop_group
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,6 @@ STUB_NAME = "triton_python_backend_stub"
 BACKEND_LIB = "libtriton_python.so"
 BACKEND_UTILS = "triton_python_backend_utils.py"
 CACHE_ENV = "BRAINTUMOR_CACHE"  # where the assembled backend directory is kept (default ~/.cache/braintumor)
-CONFIG_FILE = "config.pbtxt"
 # Triton's admin APIs (change the log level, register shared memory, load models, trace, per-model statistics) need a
 # header whose value is a random secret made per start and given to no client, so nobody can use them; health,
 # metadata, model config and inference stay open to the front doors (on loopback by default).
