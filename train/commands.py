@@ -28,6 +28,10 @@ def _prepare(args: argparse.Namespace) -> int:
 
     index = build_index(args.data, skip_bad=args.skip_bad)
     samples = [s for s in index.samples if args.split == "all" or s.split == args.split]
+    if not samples:  # an empty cache would "succeed" and fail later, far from the cause
+        found = ", ".join(index.splits()) or "none"
+        raise ValueError(f"{args.data} has no slices in the {args.split!r} split (splits found: {found}); "
+                         "pass --split with one of those, or --split all")
     cfg = PreprocessConfig(image_size=args.image_size, geometry=args.geometry)
     cache = prepare_cache(samples, cfg, args.out, skip_bad=args.skip_bad, workers=args.workers)
     size_mb = (cache.images.nbytes + cache.masks.nbytes) / 1e6

@@ -60,3 +60,11 @@ def test_a_broken_import_inside_an_optional_layer_is_not_hidden(monkeypatch):
     monkeypatch.setitem(sys.modules, "braintumor.loadtest.memory", None)  # installed, but one of its modules fails
     with pytest.raises(ModuleNotFoundError):
         build_parser()
+
+
+def test_prepare_data_on_a_missing_split_names_it_and_the_flag(synthetic_root, tmp_path, capsys):
+    out = tmp_path / "cache"
+    assert main(["prepare-data", str(synthetic_root), "--out", str(out), "--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "'test' split" in err and "splits found: train" in err and "--split" in err
+    assert not out.exists() or not any(out.iterdir())  # no empty cache left behind
