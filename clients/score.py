@@ -127,10 +127,10 @@ async def _run(opts: ScoreOptions, items: list[Item]) -> int:
 def _progress(total: int, already: int, enabled: bool):
     if not enabled:
         return None
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     desc = f"scoring ({already} done before)" if already else "scoring"
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
+    return progress_bar(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, smoothing=0.1)
 
 
 def _on_signals(scorer: Scorer) -> list[int]:

@@ -7,7 +7,7 @@ import sys
 
 
 def _export(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from ..train.progress import progress_bar
 
     from .onnx_export import ParityError
     from .repository import ExportOptions, export_repository, export_steps
@@ -32,7 +32,7 @@ def _export(args: argparse.Namespace) -> int:
         except TensorRTUnavailable as exc:
             print(f"braintumor export: error: {exc}", file=sys.stderr)
             return 2
-    bar = tqdm(total=export_steps(options), unit="step", disable=args.no_progress, file=sys.stderr)
+    bar = progress_bar(total=export_steps(options), unit="step", disable=args.no_progress, file=sys.stderr)
 
     started = []
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from .naming import CLASSES
 from .decode import ImageDecodeError, decode_image
 from .preprocess import GEOMETRIES, PreprocessConfig, preprocess
+from .progress import progress_bar
 from .samples import Sample, build_index
 from .splits import duplicate_groups
 
@@ -79,7 +79,7 @@ def run_audit(
 def _read_samples(samples: list[Sample], groups: dict[str, str], problems: list[dict], skip_bad: bool) -> list[_Record]:
     configs = {g: PreprocessConfig(image_size=LEAKAGE_IMAGE_SIZE, geometry=g) for g in GEOMETRIES}
     records = []
-    for sample in tqdm(samples, desc="audit: reading images", unit="img"):
+    for sample in progress_bar(samples, desc="audit: reading images", unit="img"):
         try:
             decoded = decode_image(sample.image_path)
             with Image.open(sample.image_path) as img:  # header only: the file's own mode and size
@@ -291,7 +291,7 @@ def _canvas_probe(records: list[_Record], limit: int | None) -> dict:
     chosen = [square[i] for i in sorted(rng.choice(len(square), n, replace=False))]
     configs = {g: PreprocessConfig(image_size=LEAKAGE_IMAGE_SIZE, geometry=g) for g in GEOMETRIES}
     pairs = []
-    for r in tqdm(chosen, desc="audit: canvas probe", unit="img"):
+    for r in progress_bar(chosen, desc="audit: canvas probe", unit="img"):
         pixels = decode_image(r.sample.image_path).pixels
         padded = _padded_to(pixels, float(rng.choice(aspects)))
         for version in (pixels, padded):

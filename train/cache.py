@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from .decode import ImageDecodeError, decode_image, decode_mask
 from .preprocess import PreprocessConfig, preprocess, preprocess_mask
+from .progress import progress_bar
 from .samples import Sample, read_samples_csv, write_samples_csv
 
 CACHE_FORMAT = 1
@@ -78,7 +78,7 @@ def decode_samples(
     skipped: list[dict] = []
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(_load_one, jobs, chunksize=32) if workers > 1 and len(jobs) > 64 else map(_load_one, jobs)
-        for sample, result in tqdm(zip(samples, results), total=len(jobs), desc=desc, unit="img", disable=not progress):
+        for sample, result in progress_bar(zip(samples, results), total=len(jobs), desc=desc, unit="img", disable=not progress):
             if isinstance(result, str):
                 if not skip_bad:
                     raise ImageDecodeError(f"{result}\n  fix or remove the file, or pass --skip-bad to skip and count it")

@@ -33,9 +33,9 @@ def duplicate_groups(samples: Iterable[Sample], *, progress: bool = False) -> di
     """
     samples = list(samples)
     if progress:
-        from tqdm import tqdm
+        from .progress import progress_bar
 
-        samples = tqdm(samples, desc="hashing images", unit="img")
+        samples = progress_bar(samples, desc="hashing images", unit="img")
     return {s.key: file_sha256(s.image_path) for s in samples}
 
 

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ..distributed import DistContext
+from ..progress import progress_bar
 from .schedule import TaskSchedule
 from .steps import TaskForward, TaskStep
 
@@ -63,7 +64,7 @@ class AlternatingTrainer:
         tasks = self.schedule.epoch(self.cls_steps_per_epoch)
         sums, counts, images = defaultdict(float), defaultdict(int), 0
         start = time.perf_counter()
-        bar = tqdm(tasks, desc=f"epoch {epoch}", unit="step", disable=not self.progress, dynamic_ncols=True)
+        bar = progress_bar(tasks, desc=f"epoch {epoch}", unit="step", disable=not self.progress, dynamic_ncols=True)
         for task in bar:
             step = self.steps[task]
             batch = self._to_device(step.next_batch())
