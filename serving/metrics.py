@@ -47,7 +47,7 @@ class Metrics:
     def observe_error(self, error: ServingError) -> None:
         self.errors.labels(self.frontend, error.kind).inc()
 
-    def observe_results(self, results: Sequence, seconds: float) -> None:
+    def observe_results(self, results: Sequence) -> None:
         for result in results:
             if isinstance(result, ServingError):
                 self.observe_error(result)

@@ -140,7 +140,6 @@ class Pipeline:
             raise BadInput(f"{len(items)} images in one batch; at most {self.settings.max_batch_images} are accepted")
         async with self._admitted():
             info = await self.info()
-            start = time.perf_counter()
             prepared: list[Prepared | ServingError] = await asyncio.to_thread(self._prepare_all, items, info)
             good = [p for p in prepared if isinstance(p, Prepared)]
             if raise_single and not good:
@@ -149,7 +148,7 @@ class Pipeline:
             results: list[AnalysisResult | ServingError] = await asyncio.to_thread(
                 self._finish_all, prepared, outputs, info, overlay)
             if self.metrics is not None:
-                self.metrics.observe_results(results, time.perf_counter() - start)
+                self.metrics.observe_results(results)
             return results
 
     def _prepare_all(self, items: Sequence[bytes | ServingError], info: ModelInfo) -> list[Prepared | ServingError]:

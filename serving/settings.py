@@ -14,6 +14,17 @@ from dataclasses import dataclass, fields
 from ..export.contract import DEFAULT_NAME
 
 PREFIX = "BRAINTUMOR_"
+BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
+def parse_value(kind: type, raw: str):
+    """An environment string as ``kind``: ``bool("false")`` is True, so booleans are read from :data:`BOOLEANS`."""
+    if kind is bool:
+        try:
+            return BOOLEANS[raw.strip().lower()]
+        except KeyError:
+            raise ValueError(f"{raw!r} is not a boolean") from None
+    return kind(raw)
 
 
 @dataclass(frozen=True)
@@ -48,9 +59,10 @@ class ServeSettings:
                 continue
             kind = type(f.default)
             try:
-                values[f.name] = kind(raw)
+                values[f.name] = parse_value(kind, raw)
             except ValueError as exc:
-                raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}") from exc
+                raise ValueError(f"{PREFIX}{f.name.upper()}={raw!r} is not a valid {kind.__name__}"
+                                 + (f" ({', '.join(BOOLEANS)})" if kind is bool else "")) from exc
         settings = cls(**values)
         settings.check()
         return settings
