@@ -59,7 +59,7 @@ def _serve(args: argparse.Namespace) -> int:
     def on_signal(signum: int, _frame: object) -> None:
         stop_signals.append(signum)
         if triton is not None:
-            triton._abort.set()  # stop waiting for Triton's readiness (same package: serve owns the launcher)
+            triton.abort_start()  # stop waiting for Triton's readiness
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     client_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host

@@ -364,6 +364,11 @@ class EmbeddedTriton:
         logger.info("Triton stopped (exit code %s)", code)
         return code
 
+    def abort_start(self) -> None:
+        """Stop waiting for readiness: a :meth:`start` in progress raises KeyboardInterrupt and leaves the process to
+        :meth:`stop`. Safe from a signal handler (it only sets an event)."""
+        self._abort.set()
+
     def wait(self) -> int:
         """Block until tritonserver exits (it was stopped, or it failed); its exit code."""
         if self._process is None:
@@ -377,7 +382,7 @@ class EmbeddedTriton:
 
         def on_signal(signum: int, _frame: object) -> None:
             received.append(signum)
-            self._abort.set()
+            self.abort_start()
 
         previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -311,3 +311,19 @@ def test_echo_streams_the_server_log(fake_triton):
     with fake_triton(echo=stream):
         pass
     assert "fake tritonserver starting" in stream.getvalue()
+
+
+def test_abort_start_ends_the_wait_for_readiness(fake_triton):
+    """What `braintumor serve` calls from its signal handler while Triton is still starting."""
+    import threading
+
+    triton = fake_triton("never_ready", startup_timeout=60)
+    threading.Timer(0.5, triton.abort_start).start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="stopped while tritonserver was starting"):
+            triton.start()
+        assert time.monotonic() - started < 10
+    finally:
+        triton.stop()
+    assert not triton.is_running()
