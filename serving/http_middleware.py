@@ -21,10 +21,12 @@ from .errors import BadInput, Busy, PayloadTooLarge, ServingError, Unauthenticat
 from .logsafe import escape_controls
 from .settings import ServeSettings
 
-# Always open, also when an API key is set: probes, Prometheus, and BentoML's docs (Swagger UI + OpenAPI).
-OPEN_PATHS = frozenset({"/", "/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/schema.json"})
-OPEN_PREFIXES = ("/static_content/", "/assets/")
-PROBE_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})  # polled every few seconds: not access-logged
+# Always open, also when an API key is set: the probes and Prometheus. Everything else needs the key when one is
+# set, BentoML's docs too (Swagger UI at /, /docs.json, /schema.json, /static_content/): with a key, nothing but
+# health, readiness and metrics answers without it (fetch the spec with the key: curl -H "x-api-key: ..." ...).
+OPEN_PATHS = frozenset({"/healthz", "/livez", "/readyz", "/metrics"})
+OPEN_PREFIXES: tuple[str, ...] = ()
+PROBE_PATHS = OPEN_PATHS  # polled every few seconds: not access-logged
 BODY_IDLE_S = 15.0  # longest pause between two pieces of a request body
 OTHER_ENDPOINT = "other"  # the metrics label of every path that is no route: a scan of random paths adds no series
 BODY_TYPES = ("application/json", "multipart/form-data")

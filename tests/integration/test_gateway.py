@@ -299,8 +299,11 @@ def test_api_key_guards_the_api_not_the_probes(tiny_triton, tmp_path, slice_jpeg
         assert gw.post("/analyze", files=_files(slice_jpeg), headers={"x-api-key": "s3cret"}).status_code == 200
         assert gw.post("/analyze", files=_files(slice_jpeg),
                        headers={"authorization": "Bearer s3cret"}).status_code == 200
-        for open_path in ("/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"):
+        for open_path in ("/healthz", "/livez", "/readyz", "/metrics"):
             assert gw.get(open_path).status_code == 200, open_path
+        for docs in ("/docs.json", "/"):  # with a key, the docs need it too (issue 13)
+            assert gw.get(docs).status_code == 401, docs
+            assert gw.get(docs, headers={"x-api-key": "s3cret"}).status_code == 200, docs
 
 
 def test_triton_down_is_a_fast_503_and_not_ready(tmp_path, slice_jpeg, running_gateway):

@@ -38,9 +38,10 @@ GUARDED = [
     ("POST", "/analyze"), ("POST", "/analyze_batch"), ("POST", "/explain"), ("POST", "/explain/submit"),
     ("GET", "/explain/status?task_id=x"), ("GET", "/explain/get?task_id=x"), ("POST", "/explain/retry?task_id=x"),
     ("PUT", "/explain/cancel?task_id=x"), ("GET", "/model"), ("GET", "/v2/models/brain_tumor"),
-    ("POST", "/v2/models/brain_tumor/infer"), ("GET", "/no/such/route"),
+    ("POST", "/v2/models/brain_tumor/infer"), ("GET", "/no/such/route"), ("GET", "/"), ("GET", "/docs.json"),
+    ("GET", "/schema.json"), ("GET", "/static_content/swagger-ui.css"),
 ]
-OPEN = ["/healthz", "/livez", "/readyz", "/metrics", "/docs.json", "/"]
+OPEN = ["/healthz", "/livez", "/readyz", "/metrics"]
 
 
 def test_every_route_needs_the_key(gateway, slice_jpeg):
@@ -54,9 +55,11 @@ def test_every_route_needs_the_key(gateway, slice_jpeg):
         assert refused.json()["error"] == "unauthenticated"
     for path in OPEN:
         assert gateway.get(path).status_code == 200, path
-    # The docs' static files are open, and a path that climbs out of them reaches nothing else.
-    assert gateway.get("/static_content/swagger-ui.css").status_code == 200
-    assert gateway.get("/static_content/../analyze").status_code in (401, 404)
+    # with the key, the docs and their static files answer
+    for path in ("/", "/docs.json", "/static_content/swagger-ui.css"):
+        assert gateway.get(path, headers=AUTH).status_code == 200, path
+    # a path that climbs out of the static files, sent as is, is no way around the key either
+    assert _raw_get(gateway.url, b"/static_content/../analyze").startswith(b"HTTP/1.1 401")
 
 
 def test_with_the_key_the_api_answers(gateway, slice_jpeg):
@@ -97,7 +100,8 @@ def test_a_forged_path_writes_no_log_line_and_no_metric_series(gateway):
 def test_no_product_banner(gateway, slice_jpeg):
     answers = [gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg)}, headers=AUTH),
                gateway.post("/analyze", json={"overlay": "maybe"}, headers=AUTH),  # BentoML's own 400
-               gateway.get("/healthz"), gateway.get("/metrics"), gateway.get("/docs.json"), gateway.get("/nope")]
+               gateway.get("/healthz"), gateway.get("/metrics"), gateway.get("/docs.json", headers=AUTH),
+               gateway.get("/nope")]
     for answer in answers:
         assert "server" not in answer.headers, (answer.request.url, answer.headers.get("server"))
 
