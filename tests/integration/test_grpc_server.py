@@ -240,4 +240,5 @@ def test_unreachable_triton_is_unavailable_and_not_serving(slice_jpeg):
     with ServerThread(_settings(f"127.0.0.1:{free_port()}", triton_timeout_s=2.0)) as server:
         error = _code(lambda: server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg), timeout=30))
         assert error.code() == grpc.StatusCode.UNAVAILABLE and "Triton" in error.details()
+        assert dict(error.trailing_metadata())["retry-after"] == "1"  # as the gateway's 503 (issue 13)
         assert server.health() == server.health(SERVICE) == health_pb2.HealthCheckResponse.NOT_SERVING
