@@ -24,7 +24,8 @@ import time
 import gevent
 import grpc
 import grpc.experimental.gevent as grpc_gevent
-from locust import User, constant, constant_throughput, events, task
+from locust import User, events, task
+from locust_common import CACHE_BUST, pacing
 from payloads import PayloadError, load_payloads, unique_bytes
 from shapes import SHAPE_ENV, locust_shape
 
@@ -42,18 +43,9 @@ except PayloadError as exc:
 LIME_SAMPLES = 20
 DEADLINE_S = {"Analyze": 30.0, "Explain gradcam": 30.0, "Explain lime": 120.0}
 MAX_MESSAGE = 80 * 1024 * 1024  # responses carry PNGs; the proto asks clients for 4x the 20 MiB request limit
-CACHE_BUST = os.environ.get("BRAINTUMOR_LOADTEST_CACHE_BUST", "1") != "0"
-USER_RATE = float(os.environ.get("BRAINTUMOR_LOADTEST_USER_RATE") or 0)
 
 if os.environ.get(SHAPE_ENV):
     LoadShape = locust_shape(os.environ[SHAPE_ENV])
-
-
-@events.quitting.add_listener
-def _final_csv_write(environment, **_kwargs) -> None:
-    # locust rewrites its --csv files every second and not again at exit; by now every user has stopped, so one more
-    # pass of its writer makes the CSV match the final summary (the last second is otherwise missing).
-    gevent.sleep(1.2)
 
 
 def grpc_target(host: str) -> str:
@@ -65,7 +57,7 @@ def grpc_target(host: str) -> str:
 
 
 class GrpcApiUser(User):
-    wait_time = constant_throughput(USER_RATE) if USER_RATE > 0 else constant(0)
+    wait_time = pacing()
     host = "localhost:50051"
 
     def on_start(self) -> None:

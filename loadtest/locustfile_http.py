@@ -22,7 +22,8 @@ import sys
 import time
 
 import gevent
-from locust import FastHttpUser, constant, constant_throughput, events, task
+from locust import FastHttpUser, task
+from locust_common import CACHE_BUST, pacing
 from payloads import PayloadError, load_payloads, multipart, unique_bytes
 from shapes import SHAPE_ENV, locust_shape
 
@@ -34,22 +35,13 @@ except PayloadError as exc:
 LIME_SAMPLES = 20  # the server's minimum is 10; enough to exercise the batched perturbation path
 TASK_POLL_S = 0.25
 TASK_TIMEOUT_S = 120.0
-CACHE_BUST = os.environ.get("BRAINTUMOR_LOADTEST_CACHE_BUST", "1") != "0"
-USER_RATE = float(os.environ.get("BRAINTUMOR_LOADTEST_USER_RATE") or 0)
 
 if os.environ.get(SHAPE_ENV):
     LoadShape = locust_shape(os.environ[SHAPE_ENV])
 
 
-@events.quitting.add_listener
-def _final_csv_write(environment, **_kwargs) -> None:
-    # locust rewrites its --csv files every second and not again at exit; by now every user has stopped, so one more
-    # pass of its writer makes the CSV match the final summary (the last second is otherwise missing).
-    gevent.sleep(1.2)
-
-
 class GatewayUser(FastHttpUser):
-    wait_time = constant_throughput(USER_RATE) if USER_RATE > 0 else constant(0)
+    wait_time = pacing()
     network_timeout = 120.0
     connection_timeout = 10.0
 
