@@ -80,9 +80,11 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python3", "-c", \
          "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
-# Same flags as the embedded launcher: a model that fails to load stops the server instead of leaving it "up".
-CMD ["tritonserver", "--model-repository=/models", "--exit-on-error=true", "--strict-readiness=true", \
-     "--allow-cpu-metrics=true"]
+# Same flags as the embedded launcher: a model that fails to load stops the server instead of leaving it "up", and
+# Triton's admin APIs (logging, shared memory, repository, trace, statistics) need a header value drawn at start
+# and given to nobody (Triton authenticates no one; the front doors use only health, metadata, config, inference).
+# `sh -c` only to draw it; `exec` leaves tritonserver as the process that gets the signals.
+CMD ["sh", "-c", "KEY=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \\n') && exec tritonserver --model-repository=/models --exit-on-error=true --strict-readiness=true --allow-cpu-metrics=true --http-restricted-api=model-repository,shared-memory,statistics,trace,logging:braintumor-admin-key=$KEY --grpc-restricted-protocol=model-repository,shared-memory,statistics,trace,logging:braintumor-admin-key=$KEY"]
 
 # ---- all-in-one: `braintumor serve` (embedded tritonserver from the nvidia-pytriton wheel + gateway + gRPC) ---------
 FROM gateway AS all-in-one

@@ -183,7 +183,17 @@ def test_dockerfile_targets_ports_and_commands(stages, ports):
     assert gateway_cmd[gateway_cmd.index("--host") + 1] == "0.0.0.0"
 
     triton_cmd = _exec_form(_last(stages, "triton", "CMD"))
-    assert triton_cmd[0] == "tritonserver" and "--model-repository=/models" in triton_cmd
+    assert triton_cmd[:2] == ["sh", "-c"] and "exec tritonserver " in triton_cmd[2]
+    script = triton_cmd[2].split("exec ", 1)[1].split()
+    assert script[0] == "tritonserver" and "--model-repository=/models" in script
+    # the admin APIs are locked as the embedded launcher locks them (one list: triton_embedded.ADMIN_APIS)
+    from braintumor.serving.triton_embedded import ADMIN_APIS, ADMIN_HEADER
+
+    for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
+        (value,) = [a.split("=", 1)[1] for a in script if a.startswith(flag + "=")]
+        apis, setting = value.split(":")
+        assert set(apis.split(",")) == set(ADMIN_APIS) and setting == f"{ADMIN_HEADER}=$KEY"
+    assert "KEY=$(od -An -N24 -tx1 /dev/urandom" in triton_cmd[2]
     assert ("COPY", "${MODEL_REPOSITORY} /models") in stages["triton"].instructions
 
     serve = _parse(_exec_form(_last(stages, "all-in-one", "CMD")))  # the real parser accepts the image's command
