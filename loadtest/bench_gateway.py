@@ -58,7 +58,7 @@ def baseline_app(checkpoint: str):
         outputs = {name: out.numpy() for name, out in zip(FULL_OUTPUTS, outs)}
         result = postprocess(outputs, geometry, decoded, classes=classes,
                              refer_threshold=state.get("refer_threshold"))
-        return analysis_to_dict(result)
+        return analysis_to_dict(result, model=False)
 
     async def analyze(request: Request) -> JSONResponse:
         form = await request.form()

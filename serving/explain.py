@@ -164,6 +164,8 @@ class Explanation:
     heatmap_png: bytes = field(repr=False)  # RGB, jet-coloured
     overlay_png: bytes = field(repr=False)  # RGB, the slice with the heatmap blended in
     cached: bool = False
+    model_name: str = ""  # the model that was explained
+    model_version: str = ""
 
 
 class Explainer:
@@ -226,7 +228,8 @@ class Explainer:
             method=options.method, target=info.classes[target], target_index=target, label=info.classes[predicted],
             probabilities={c: round(float(p), 6) for c, p in zip(info.classes, probs)},
             num_samples=used, seconds=time.perf_counter() - start, original_shape=prepared.geometry.original_shape,
-            heatmap=heat, heatmap_png=heatmap_png, overlay_png=overlay_png)
+            heatmap=heat, heatmap_png=heatmap_png, overlay_png=overlay_png,
+            model_name=info.name, model_version=info.version)
         key = self._key(prepared.sha256, info, options)
         with self._lock:
             self._cache[key] = explanation

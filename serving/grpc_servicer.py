@@ -34,7 +34,7 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
     async def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
         async def work():
             result = await self.pipeline.analyze(request.image, overlay=_wants_overlay(request))
-            return analysis_message(result, await self.pipeline.info(), request)
+            return analysis_message(result, request)
 
         return await self._unary("Analyze", context, work)
 
@@ -73,7 +73,7 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
 
         async def work():
             explanation = await self.pipeline.explain(request.image, options)
-            return explanation_message(explanation, await self.pipeline.info())
+            return explanation_message(explanation)
 
         return await self._unary("Explain", context, work)
 
@@ -133,7 +133,7 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
             try:
                 result = await _within_deadline(
                     context, self.pipeline.analyze(request.image, overlay=_wants_overlay(request)))
-                answer = analysis_message(result, await self.pipeline.info(), request)
+                answer = analysis_message(result, request)
             except ServingError as exc:
                 if exc.http_status == 500:
                     log.exception("AnalyzeStream item: %s", exc.message)

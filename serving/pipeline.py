@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -115,7 +115,7 @@ class Pipeline:
     def _finish(self, prepared: Prepared, outputs: dict[str, np.ndarray], info: ModelInfo,
                 overlay: bool) -> AnalysisResult:
         dicom = prepared.dicom
-        return postprocess(
+        result = postprocess(
             outputs, prepared.geometry, prepared.decoded, classes=info.classes,
             refer_threshold=info.refer_threshold,
             disagree_min_area=info.disagree_min_area,
@@ -124,6 +124,7 @@ class Pipeline:
             want_overlay=overlay,
             foreground_threshold=info.preprocess.foreground_threshold,
         )
+        return replace(result, model_name=info.name, model_version=info.version)
 
     async def analyze(self, data: bytes, *, overlay: bool = False) -> AnalysisResult:
         return (await self.analyze_many([data], overlay=overlay, raise_single=True))[0]
@@ -144,7 +145,7 @@ class Pipeline:
             good = [p for p in prepared if isinstance(p, Prepared)]
             if raise_single and not good:
                 raise prepared[0]
-            outputs = await self.model.infer(np.stack([p.image[None] for p in good])) if good else {}
+            outputs = await self.model.infer(np.stack([p.image[None] for p in good]), info) if good else {}
             results: list[AnalysisResult | ServingError] = await asyncio.to_thread(
                 self._finish_all, prepared, outputs, info, overlay)
             if self.metrics is not None:
@@ -205,7 +206,7 @@ class Pipeline:
             return hit
         async with self._admitted():
             prepared = await asyncio.to_thread(self.prepare, data, info)
-            outputs = await self.model.infer(prepared.image[None, None])
+            outputs = await self.model.infer(prepared.image[None, None], info)
             result = await self._explainer.explain(prepared, outputs, info, options)
             if self.metrics is not None:
                 self.metrics.observe_explanation(options.method, time.perf_counter() - start, result.cached)

@@ -56,6 +56,8 @@ class AnalysisResult:
     overlay_png: bytes | None = field(default=None, repr=False)  # RGB slice + heatmap + red mask outline
     mask: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0/1
     heatmap: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0..255
+    model_name: str = ""  # the model that answered (the pipeline stamps it), so no front door asks Triton again
+    model_version: str = ""
 
 
 def postprocess(

@@ -216,7 +216,7 @@ class BrainTumorGateway:
         async def work():
             data = await _one_image(image, image_base64, ANALYZE_USAGE)
             result = await self.pipeline.analyze(data, overlay=overlay)
-            return analysis_to_dict(result, (await self.pipeline.info()).to_dict())
+            return analysis_to_dict(result)
 
         return await self._answer("analyze", work())
 
@@ -240,8 +240,8 @@ class BrainTumorGateway:
                     items.append(exc)  # keeps its place; the pipeline checks the batch limit and counts errors
             analysed = await self.pipeline.analyze_many(items, overlay=overlay)
             info = (await self.pipeline.info()).to_dict()
-            results = [error_to_dict(result) if isinstance(result, ServingError) else analysis_to_dict(result)
-                       for result in analysed]
+            results = [error_to_dict(r) if isinstance(r, ServingError) else analysis_to_dict(r, model=False)
+                       for r in analysed]
             return {"model": {"name": info["name"], "version": info["version"]}, "results": results}
 
         return await self._answer("analyze_batch", work())
@@ -264,7 +264,7 @@ class BrainTumorGateway:
                                                   info)
             data = await _one_image(image, image_base64, EXPLAIN_USAGE)
             explanation = await self.pipeline.explain(data, options)
-            return explanation_to_dict(explanation, info.to_dict())
+            return explanation_to_dict(explanation)
 
         return await self._answer("explain", work())
 

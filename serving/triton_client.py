@@ -156,9 +156,10 @@ class TritonModel:
     def forget_info(self) -> None:
         self._info = None
 
-    async def infer(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """Full model on a (N, 1, S, S) uint8 batch -> {class_probs, mask_prob, cam}; split at max_batch_size."""
-        info = await self.info()
+    async def infer(self, images: np.ndarray, info: ModelInfo | None = None) -> dict[str, np.ndarray]:
+        """Full model on a (N, 1, S, S) uint8 batch -> {class_probs, mask_prob, cam}; split at max_batch_size.
+        ``info``: the model info the caller already holds (else it is read here)."""
+        info = info or await self.info()
         parts = [await self._infer(self.model_name, chunk, FULL_OUTPUTS)
                  for chunk in _chunks(images, info.max_batch_size)]
         return {name: np.concatenate([p[name] for p in parts]) for name in FULL_OUTPUTS}

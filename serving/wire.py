@@ -18,7 +18,8 @@ def b64(data: bytes | None) -> str | None:
 
 # -- analysis ----------------------------------------------------------------------------------------------------
 
-def analysis_to_dict(result: AnalysisResult, model: dict | None = None, *, images: bool = True) -> dict:
+def analysis_to_dict(result: AnalysisResult, *, model: bool = True, images: bool = True) -> dict:
+    """The JSON of one analysis; ``model=False`` inside a batch answer, which names the model once."""
     out = {
         "label": result.label,
         "probabilities": result.probabilities,
@@ -34,12 +35,12 @@ def analysis_to_dict(result: AnalysisResult, model: dict | None = None, *, image
         out["mask_png"] = b64(result.mask_png)
         out["heatmap_png"] = b64(result.heatmap_png)
         out["overlay_png"] = b64(result.overlay_png)
-    if model is not None:
-        out["model"] = {"name": model.get("name"), "version": model.get("version")}
+    if model:
+        out["model"] = model_to_dict(result)
     return out
 
 
-def analysis_message(result: AnalysisResult, info, request: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
+def analysis_message(result: AnalysisResult, request: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
     message = pb.AnalyzeResponse(
         id=request.id,
         label=result.label,
@@ -51,7 +52,7 @@ def analysis_message(result: AnalysisResult, info, request: pb.AnalyzeRequest) -
         mask_label_disagree=result.mask_label_disagree,
         image_height=result.original_shape[0],
         image_width=result.original_shape[1],
-        model=model_ref(info),
+        model=model_ref(result),
     )
     if not request.skip_images:
         message.mask_png = result.mask_png
@@ -73,7 +74,7 @@ def error_message(request: pb.AnalyzeRequest, error: ServingError) -> pb.Analyze
 
 # -- explanation -------------------------------------------------------------------------------------------------
 
-def explanation_to_dict(explanation, model: dict | None = None) -> dict:
+def explanation_to_dict(explanation) -> dict:
     out = {
         "method": explanation.method,
         "target": explanation.target,
@@ -86,13 +87,12 @@ def explanation_to_dict(explanation, model: dict | None = None) -> dict:
         "image_width": explanation.original_shape[1],
         "heatmap_png": b64(explanation.heatmap_png),
         "overlay_png": b64(explanation.overlay_png),
+        "model": model_to_dict(explanation),
     }
-    if model is not None:
-        out["model"] = {"name": model.get("name"), "version": model.get("version")}
     return out
 
 
-def explanation_message(explanation, info) -> pb.ExplainResponse:
+def explanation_message(explanation) -> pb.ExplainResponse:
     return pb.ExplainResponse(
         method=explanation.method,
         target=explanation.target,
@@ -105,18 +105,24 @@ def explanation_message(explanation, info) -> pb.ExplainResponse:
         image_width=explanation.original_shape[1],
         heatmap_png=explanation.heatmap_png,
         overlay_png=explanation.overlay_png,
-        model=model_ref(info),
+        model=model_ref(explanation),
     )
 
 
 # -- model -------------------------------------------------------------------------------------------------------
 
-def model_ref(info) -> pb.ModelRef:
-    return pb.ModelRef(name=info.name, version=info.version)
+# Which model answered: stamped on every analysis and explanation by the pipeline.
+def model_to_dict(answer) -> dict:
+    return {"name": answer.model_name, "version": answer.model_version}
+
+
+def model_ref(answer) -> pb.ModelRef:
+    return pb.ModelRef(name=answer.model_name, version=answer.model_version)
 
 
 # The HTTP body of GET /model is ModelInfo.to_dict(); the gRPC message carries the same fields.
 def model_info_message(info) -> pb.ModelInfo:
     d = info.to_dict()
     return pb.ModelInfo(name=d["name"], version=d["version"], classes=d["classes"],
-                        refer_threshold=d["refer_threshold"], image_size=d["image_size"], geometry=d["geometry"])
+                        refer_threshold=d["refer_threshold"], disagree_min_area=d["disagree_min_area"],
+                        image_size=d["image_size"], geometry=d["geometry"])

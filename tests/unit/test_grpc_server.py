@@ -54,7 +54,8 @@ class ScriptedPipeline:
             if data == b"bug":
                 raise RuntimeError("a bug")
             return AnalysisResult("glioma", {c: 0.25 for c in INFO.classes}, False, [], 7, None, False, (5, 6),
-                                  b"mask", b"heat", b"overlay" if overlay else None)
+                                  b"mask", b"heat", b"overlay" if overlay else None,
+                                  model_name=INFO.name, model_version=INFO.version)  # stamped, as the pipeline does
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
@@ -227,3 +228,17 @@ def test_cli_options_have_help_and_key_env_is_checked(capsys, monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY_VARIABLE", raising=False)
     assert main(["grpc-server", "--api-key-env", "NO_SUCH_KEY_VARIABLE"]) == 2
     assert "NO_SUCH_KEY_VARIABLE" in capsys.readouterr().err
+
+
+def test_model_info_message_carries_the_fields_of_the_http_body():
+    """serving/wire.py builds both: a field added to GET /model must reach GetModelInfo too (temperature is folded
+    into the served model's probabilities and is HTTP-only, for information)."""
+    from braintumor.serving.wire import model_info_message
+
+    http = INFO.to_dict()
+    message = model_info_message(INFO)
+    assert set(http) - {"temperature"} == {f.name for f in pb.ModelInfo.DESCRIPTOR.fields}
+    for name in set(http) - {"temperature"}:
+        value = getattr(message, name)
+        assert (list(value) if name == "classes" else value) == http[name] or (
+            http[name] is None and not message.HasField(name)), name
