@@ -49,6 +49,12 @@ class ExplainOptions:
     max_evals: int | None = None  # SHAP model evaluations
 
 
+@dataclass(frozen=True)
+class CheckedExplainOptions(ExplainOptions):
+    """Options that passed :meth:`Pipeline.check_explain` (defaults filled in): validated once per request, so
+    :meth:`Pipeline.explain` takes them as they are (the HTTP door checks before it reads the image)."""
+
+
 class Pipeline:
     def __init__(self, model: TritonModel, settings: ServeSettings | None = None, metrics=None, *,
                  warm_explainers: bool = True) -> None:
@@ -113,7 +119,7 @@ class Pipeline:
         return Prepared(decoded, dicom, image, geometry, hashlib.sha256(data).hexdigest())
 
     def _finish(self, prepared: Prepared, outputs: dict[str, np.ndarray], info: ModelInfo,
-                overlay: bool) -> AnalysisResult:
+                overlay: bool, heatmap: bool = False) -> AnalysisResult:
         dicom = prepared.dicom
         result = postprocess(
             outputs, prepared.geometry, prepared.decoded, classes=info.classes,
@@ -122,20 +128,22 @@ class Pipeline:
             pixel_spacing_mm=dicom.pixel_spacing_mm if dicom else None,
             modality=dicom.modality if dicom else None,
             want_overlay=overlay,
+            want_heatmap=heatmap,
             foreground_threshold=info.preprocess.foreground_threshold,
         )
         return replace(result, model_name=info.name, model_version=info.version)
 
-    async def analyze(self, data: bytes, *, overlay: bool = False) -> AnalysisResult:
-        return (await self.analyze_many([data], overlay=overlay, raise_single=True))[0]
+    async def analyze(self, data: bytes, *, overlay: bool = False, heatmap: bool = False) -> AnalysisResult:
+        return (await self.analyze_many([data], overlay=overlay, heatmap=heatmap, raise_single=True))[0]
 
     async def analyze_many(self, items: Sequence[bytes | ServingError], *, overlay: bool = False,
-                           raise_single: bool = False) -> list[AnalysisResult | ServingError]:
+                           heatmap: bool = False, raise_single: bool = False) -> list[AnalysisResult | ServingError]:
         """Analyze several images with ONE Triton request for all that decode; a bad image fails alone.
 
         Each entry of the result is an AnalysisResult or the BadInput that image raised; an item that is already a
         ServingError (a part the front door could not read) keeps its place. The batch limit is checked here, the
-        one place, on every item. Triton failures (Unavailable, DeadlineExceeded) fail the whole call.
+        one place, on every item. Triton failures (Unavailable, DeadlineExceeded) fail the whole call. The Grad-CAM
+        heatmap PNG is made only with ``heatmap`` (explanations on demand).
         """
         if len(items) > self.settings.max_batch_images:
             raise BadInput(f"{len(items)} images in one batch; at most {self.settings.max_batch_images} are accepted")
@@ -147,7 +155,7 @@ class Pipeline:
                 raise prepared[0]
             outputs = await self.model.infer(np.stack([p.image[None] for p in good]), info) if good else {}
             results: list[AnalysisResult | ServingError] = await asyncio.to_thread(
-                self._finish_all, prepared, outputs, info, overlay)
+                self._finish_all, prepared, outputs, info, overlay, heatmap)
             if self.metrics is not None:
                 self.metrics.observe_results(results)
             return results
@@ -164,20 +172,20 @@ class Pipeline:
                 out.append(exc)
         return out
 
-    def _finish_all(self, prepared, outputs, info, overlay) -> list[AnalysisResult | ServingError]:
+    def _finish_all(self, prepared, outputs, info, overlay, heatmap=False) -> list[AnalysisResult | ServingError]:
         results, row = [], 0
         for item in prepared:
             if isinstance(item, ServingError):
                 results.append(item)
                 continue
             one = {name: value[row:row + 1] for name, value in outputs.items()}
-            results.append(self._finish(item, one, info, overlay))
+            results.append(self._finish(item, one, info, overlay, heatmap))
             row += 1
         return results
 
     # -- explanations --------------------------------------------------------------------------------------
 
-    def check_explain(self, options: ExplainOptions, info: ModelInfo) -> ExplainOptions:
+    def check_explain(self, options: ExplainOptions, info: ModelInfo) -> CheckedExplainOptions:
         """Validate explanation options against the documented bounds; fill the defaults."""
         s = self.settings
         if options.method not in EXPLAIN_METHODS:
@@ -191,12 +199,13 @@ class Pipeline:
         max_evals = s.shap_max_evals if options.max_evals is None else int(options.max_evals)
         if not 10 <= max_evals <= s.shap_max_max_evals:
             raise BadInput(f"max_evals={max_evals} is outside 10..{s.shap_max_max_evals}")
-        return ExplainOptions(options.method, options.target, num_samples, max_evals)
+        return CheckedExplainOptions(options.method, options.target, num_samples, max_evals)
 
     async def explain(self, data: bytes, options: ExplainOptions):
         """Explain one image's prediction (or ``options.target``): an :class:`~.explain.Explanation`."""
         info = await self.info()
-        options = self.check_explain(options, info)
+        if not isinstance(options, CheckedExplainOptions):
+            options = self.check_explain(options, info)
         start = time.perf_counter()
         # A repeated request is answered from the cache before any decoding or inference.
         hit = self._explainer.lookup(hashlib.sha256(data).hexdigest(), info, options)

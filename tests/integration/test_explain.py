@@ -84,3 +84,22 @@ def test_bad_options_are_refused(tiny_triton, slice_jpeg, options, message):
 
     with pytest.raises(BadInput, match=message):
         asyncio.run(go())
+
+
+def test_options_are_checked_once(tiny_triton, slice_jpeg, monkeypatch):
+    """The HTTP door checks the options before it reads the image; the pipeline does not check them again."""
+    async def go():
+        pipe = _pipeline(tiny_triton.grpc_url)
+        try:
+            checked = pipe.check_explain(ExplainOptions("gradcam"), await pipe.info())
+            calls = []
+            monkeypatch.setattr(pipe, "check_explain", lambda *a: calls.append(a) or checked)
+            first = await pipe.explain(slice_jpeg, checked)
+            second = await pipe.explain(slice_jpeg, ExplainOptions("gradcam"))  # unchecked: checked here, once
+            return checked, first, second, calls
+        finally:
+            await pipe.close()
+
+    checked, first, second, calls = asyncio.run(go())
+    assert (checked.num_samples, checked.max_evals) != (None, None)  # the defaults were filled in
+    assert first.method == second.method == "gradcam" and len(calls) == 1
