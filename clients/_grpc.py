@@ -83,8 +83,9 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
 
-    async def analyze(self, data: bytes, overlay: bool, timeout: float) -> Analysis:
-        response = await self._call(self.stub.Analyze, pb.AnalyzeRequest(image=data, overlay=overlay), timeout)
+    async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False) -> Analysis:
+        request = pb.AnalyzeRequest(image=data, overlay=overlay, heatmap=heatmap)
+        response = await self._call(self.stub.Analyze, request, timeout)
         return Analysis.from_message(response)
 
     async def explain(self, data: bytes, timeout: float, method: str, target: str | None = None,
@@ -117,8 +118,9 @@ class GrpcTransport:
             model = None
         return Health(live=True, ready=True, model=model)
 
-    def stream(self, overlay: bool, retries: int, backoff: Callable[[int], float]) -> AnalyzeStream:
-        return AnalyzeStream(self, overlay, retries, backoff)
+    def stream(self, overlay: bool, retries: int, backoff: Callable[[int], float], *,
+               heatmap: bool = False) -> AnalyzeStream:
+        return AnalyzeStream(self, overlay, retries, backoff, heatmap=heatmap)
 
 
 _CLOSE = object()  # ends the request side of a stream
@@ -132,9 +134,10 @@ class AnalyzeStream:
     becomes every unanswered image's error."""
 
     def __init__(self, transport: GrpcTransport, overlay: bool, retries: int,
-                 backoff: Callable[[int], float]) -> None:
+                 backoff: Callable[[int], float], *, heatmap: bool = False) -> None:
         self._transport = transport
         self._overlay = overlay
+        self._heatmap = heatmap
         self._retries = retries
         self._backoff = backoff
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -151,7 +154,8 @@ class AnalyzeStream:
             return future
         key = str(self._next_id)
         self._next_id += 1
-        self._waiting[key] = [future, pb.AnalyzeRequest(image=data, overlay=self._overlay, id=key), 0]
+        request = pb.AnalyzeRequest(image=data, overlay=self._overlay, heatmap=self._heatmap, id=key)
+        self._waiting[key] = [future, request, 0]
         self._queue.put_nowait(key)
         if self._runner is None:
             self._runner = asyncio.create_task(self._run(), name="braintumor-analyze-stream")

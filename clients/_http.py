@@ -61,9 +61,10 @@ class HttpTransport:
             raise _error(response)
         return response
 
-    async def analyze(self, data: bytes, overlay: bool, timeout: float) -> Analysis:
+    async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False) -> Analysis:
         response = await self._request("POST", "/analyze", timeout, files={"image": ("image", data)},
-                                       data={"overlay": "true" if overlay else "false"})
+                                       data={"overlay": "true" if overlay else "false",
+                                             "heatmap": "true" if heatmap else "false"})
         return Analysis.from_json(response.json())
 
     async def explain(self, data: bytes, timeout: float, method: str, target: str | None = None,

@@ -64,21 +64,22 @@ class AsyncBrainTumorClient:
 
     # -- calls ---------------------------------------------------------------------------------------------------
 
-    async def analyze(self, image: Image, *, overlay: bool = False) -> Analysis:
-        """Class, probabilities, refer flag, tumour mask and Grad-CAM heatmap of one slice (JPEG, PNG, DICOM file,
-        its bytes, or a numpy array)."""
+    async def analyze(self, image: Image, *, overlay: bool = False, heatmap: bool = False) -> Analysis:
+        """Class, probabilities, refer flag and tumour mask of one slice (JPEG, PNG, DICOM file, its bytes, or a numpy
+        array); its Grad-CAM heatmap with ``heatmap=True`` (computed on the server only then)."""
         data = await _load(image)
-        return await self._retrying(lambda t: self._transport.analyze(data, overlay, t))
+        return await self._retrying(lambda t: self._transport.analyze(data, overlay, t, heatmap=heatmap))
 
     async def analyze_many(self, images: Iterable[Image] | AsyncIterable[Image], *, overlay: bool = False,
-                           concurrency: int = 8) -> AsyncIterator[Analysis | BrainTumorError]:
+                           heatmap: bool = False, concurrency: int = 8) -> AsyncIterator[Analysis | BrainTumorError]:
         """One answer per image, in input order, with up to ``concurrency`` images in flight. A failed image yields
         its :class:`BrainTumorError` (a local file that cannot be read or an unusable array: InvalidInputError with
         code ``local_input``) and the rest carry on. gRPC sends all images over one AnalyzeStream; HTTP makes
         concurrent /analyze calls. ``images`` is read lazily."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
-        stream = self._transport.stream(overlay, self.retries, self._backoff) if self.protocol == "grpc" else None
+        stream = (self._transport.stream(overlay, self.retries, self._backoff, heatmap=heatmap)
+                  if self.protocol == "grpc" else None)
         pending: collections.deque[asyncio.Future] = collections.deque()
         try:
             async for image in _aiter(images):
@@ -88,7 +89,7 @@ class AsyncBrainTumorClient:
                     pending.append(_done(InvalidInputError(str(exc), code="local_input")))
                 else:
                     pending.append(stream.submit(data) if stream is not None
-                                   else asyncio.ensure_future(self._analyze_or_error(data, overlay)))
+                                   else asyncio.ensure_future(self._analyze_or_error(data, overlay, heatmap)))
                 while len(pending) >= concurrency:
                     yield await pending.popleft()
             if stream is not None:
@@ -154,9 +155,9 @@ class AsyncBrainTumorClient:
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 
-    async def _analyze_or_error(self, data: bytes, overlay: bool) -> Analysis | BrainTumorError:
+    async def _analyze_or_error(self, data: bytes, overlay: bool, heatmap: bool) -> Analysis | BrainTumorError:
         try:
-            return await self._retrying(lambda t: self._transport.analyze(data, overlay, t))
+            return await self._retrying(lambda t: self._transport.analyze(data, overlay, t, heatmap=heatmap))
         except BrainTumorError as exc:
             return exc
 

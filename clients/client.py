@@ -83,17 +83,17 @@ class BrainTumorClient:
             raise RuntimeError("this BrainTumorClient is closed; make a new one")
         return self._loop.run(coroutine)
 
-    def analyze(self, image: Image, *, overlay: bool = False) -> Analysis:
-        """Class, probabilities, refer flag, tumour mask and Grad-CAM heatmap of one slice (JPEG, PNG, DICOM file,
-        its bytes, or a numpy array)."""
-        return self._run(self._async.analyze(image, overlay=overlay))
+    def analyze(self, image: Image, *, overlay: bool = False, heatmap: bool = False) -> Analysis:
+        """Class, probabilities, refer flag and tumour mask of one slice (JPEG, PNG, DICOM file, its bytes, or a numpy
+        array); its Grad-CAM heatmap with ``heatmap=True`` (computed on the server only then)."""
+        return self._run(self._async.analyze(image, overlay=overlay, heatmap=heatmap))
 
-    def analyze_many(self, images: Iterable[Image], *, overlay: bool = False,
+    def analyze_many(self, images: Iterable[Image], *, overlay: bool = False, heatmap: bool = False,
                      concurrency: int = 8) -> Iterator[Analysis | BrainTumorError]:
         """One answer per image, in input order, with up to ``concurrency`` images in flight; a failed image yields
         its :class:`BrainTumorError` instead of raising (an unreadable local file: InvalidInputError with code
         ``local_input``). gRPC sends all images over one AnalyzeStream; HTTP makes concurrent /analyze calls."""
-        answers = self._async.analyze_many(images, overlay=overlay, concurrency=concurrency)
+        answers = self._async.analyze_many(images, overlay=overlay, heatmap=heatmap, concurrency=concurrency)
         try:
             while True:
                 try:

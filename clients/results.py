@@ -56,7 +56,7 @@ class Analysis:
     tumor_area_px: int
     tumor_area_mm2: float | None  # set only when the pixel spacing is known (DICOM PixelSpacing)
     mask_png: bytes = field(repr=False)  # greyscale PNG: 255 tumour, 0 background
-    heatmap_png: bytes = field(repr=False)  # RGB PNG: Grad-CAM of `label`
+    heatmap_png: bytes = field(repr=False)  # RGB PNG: Grad-CAM of `label`; b"" unless the call asked heatmap=True
     overlay_png: bytes | None = field(repr=False)  # RGB PNG, only when the call asked for overlay=True
     model_name: str | None
     model_version: str | None
@@ -111,6 +111,8 @@ class Analysis:
         return _write(path, self.mask_png, "mask PNG")
 
     def save_heatmap(self, path: str | os.PathLike) -> Path:
+        if not self.heatmap_png:
+            raise ValueError("this result has no heatmap: call analyze(..., heatmap=True) to get one")
         return _write(path, self.heatmap_png, "heatmap PNG")
 
     def save_overlay(self, path: str | os.PathLike) -> Path:

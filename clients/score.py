@@ -37,6 +37,7 @@ class ScoreOptions:
     retries: int = 3
     evaluate: bool = False
     progress: bool = True
+    heatmaps: Path | None = None  # also ask for each Grad-CAM heatmap (explanations are on demand) and write it here
 
 
 def check_options(opts: ScoreOptions) -> tuple[list[Item], BriscLayout | None]:
@@ -53,7 +54,7 @@ def check_options(opts: ScoreOptions) -> tuple[list[Item], BriscLayout | None]:
     layout = detect_layout(root) if root.is_dir() else None
     if opts.evaluate and layout is None:
         raise UsageError(f"INPUT {root}: {LAYOUT_HELP}")
-    exclude = [opts.out, errors_path(Path(opts.out))] + ([opts.masks] if opts.masks else [])
+    exclude = [opts.out, errors_path(Path(opts.out))] + [d for d in (opts.masks, opts.heatmaps) if d]
     items = discover(root, [*(layout.exclude if layout else []), *exclude])
     if not items:
         raise UsageError(f"INPUT {root} holds no .jpg, .jpeg, .png or .dcm file (nor an extension-less DICOM); "
@@ -102,6 +103,14 @@ async def _run(opts: ScoreOptions, items: list[Item]) -> int:
                 raise UsageError(f"{len(missing)} rows of {out} have no mask in {opts.masks} (e.g. {missing[0]}): they "
                                  "were scored without --masks or the masks were moved; rerun with a new --out")
             remove_stale_temporaries(opts.masks)
+        if opts.heatmaps is not None:
+            png_of = {item.rel: item.mask_rel for item in items}  # a heatmap is named as the mask would be
+            missing = [r["path"] for r in done_rows
+                       if r["path"] in png_of and not (opts.heatmaps / png_of[r["path"]]).is_file()]
+            if missing:
+                raise UsageError(f"{len(missing)} rows of {out} have no heatmap in {opts.heatmaps} (e.g. {missing[0]}): "
+                                 "they were scored without --heatmaps or the heatmaps were moved; rerun with a new --out")
+            remove_stale_temporaries(opts.heatmaps)
         todo = [item for item in items if item.rel not in done]
         errors = ErrorsFile(errors_path(out))
         errors.reset()
@@ -110,7 +119,8 @@ async def _run(opts: ScoreOptions, items: list[Item]) -> int:
             print(f"all {len(items)} files are already in {out}; nothing to do")
             return EXIT_OK
         results.open()
-        scorer = Scorer(client, results, errors, classes, opts.masks, opts.concurrency, summary=summary)
+        scorer = Scorer(client, results, errors, classes, opts.masks, opts.concurrency, summary=summary,
+                        heatmaps_dir=opts.heatmaps)
         interrupted = _on_signals(scorer)
         try:
             scorer.progress = _progress(len(todo), summary.already_done, opts.progress)

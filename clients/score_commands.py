@@ -21,7 +21,8 @@ def _score(args: argparse.Namespace) -> int:
     opts = ScoreOptions(input=args.input, out=args.out, fmt=args.format, masks=args.masks,
                         concurrency=args.concurrency, protocol=args.protocol, url=args.url,
                         api_key=os.environ.get(args.api_key_env) or None, timeout=args.timeout,
-                        retries=args.retries, evaluate=args.evaluate, progress=not args.no_progress)
+                        retries=args.retries, evaluate=args.evaluate, progress=not args.no_progress,
+                        heatmaps=args.heatmaps)
     try:
         return run_score(opts)
     except UsageError as exc:
@@ -48,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--masks", type=Path, default=None, metavar="DIR",
                    help="also write each predicted mask as a PNG (255 tumour, 0 background) under DIR, mirroring "
                         "the file's path under INPUT with the extension .png")
+    p.add_argument("--heatmaps", type=Path, default=None, metavar="DIR",
+                   help="also ask for each slice's Grad-CAM heatmap (RGB PNG; computed by the service only when "
+                        "asked) and write it under DIR, named as --masks names the masks")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight at a time")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc", help="which front door to call")
     p.add_argument("--url", default=None,

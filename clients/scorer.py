@@ -40,7 +40,8 @@ class ScoreSummary:
 @dataclass
 class Scorer:
     """Scores ``items`` with at most ``concurrency`` requests in flight; ``stop`` ends submission (in-flight requests
-    finish). Each success writes its mask (if ``masks_dir``) and then its row; each failure writes an errors line."""
+    finish). Each success writes its mask (if ``masks_dir``), its heatmap (if ``heatmaps_dir``) and then its row; each
+    failure writes an errors line."""
 
     client: object
     results: ResultsFile
@@ -51,6 +52,7 @@ class Scorer:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     progress: object = None  # a tqdm bar, or None
     summary: ScoreSummary = field(default_factory=ScoreSummary)
+    heatmaps_dir: Path | None = None  # set: each call asks for the Grad-CAM heatmap, written here before the row
 
     async def run(self, items: list[Item]) -> ScoreSummary:
         queue = iter(items)
@@ -109,6 +111,11 @@ class Scorer:
             except OSError as exc:
                 return self._fail(item, "mask_write", f"cannot write {self.masks_dir / item.mask_rel}: {exc}")
             mask_rel = item.mask_rel
+        if self.heatmaps_dir is not None:
+            try:
+                write_atomic(self.heatmaps_dir / item.mask_rel, analysis.heatmap_png)
+            except OSError as exc:
+                return self._fail(item, "heatmap_write", f"cannot write {self.heatmaps_dir / item.mask_rel}: {exc}")
         # No await between the mask and the row: a cancellation cannot separate them.
         self.results.append(row_for(item, analysis, self.classes, mask_rel))
         self.summary.scored += 1
@@ -120,7 +127,7 @@ class Scorer:
 
         for attempt in range(BUSY_RETRIES + 1):
             try:
-                return await self.client.analyze(data)
+                return await self.client.analyze(data, heatmap=self.heatmaps_dir is not None)
             except OverloadedError:
                 if attempt == BUSY_RETRIES or self.stop.is_set():
                     raise

@@ -13,6 +13,8 @@ from locust import constant, constant_throughput, events
 CACHE_BUST = os.environ.get("BRAINTUMOR_LOADTEST_CACHE_BUST", "1") != "0"
 # Tasks per second per user (`--rate` / users); 0: closed loop, the next request when the previous is answered.
 USER_RATE = float(os.environ.get("BRAINTUMOR_LOADTEST_USER_RATE") or 0)
+# 1 (`--heatmap`): analyze asks for the Grad-CAM heatmap too; default 0, as most callers (explanations on demand).
+HEATMAP = os.environ.get("BRAINTUMOR_LOADTEST_HEATMAP", "0") == "1"
 
 
 def pacing():

@@ -10,7 +10,8 @@ request when the previous one is answered (closed loop), unless ``BRAINTUMOR_LOA
 throughput per user (tasks/s). Environment: ``BRAINTUMOR_LOADTEST_IMAGES`` (folder of real slices, see
 payloads.py), ``BRAINTUMOR_API_KEY`` (sent as ``x-api-key`` when set), ``BRAINTUMOR_LOADTEST_SHAPE`` (``step`` or
 ``soak``; see shapes.py), ``BRAINTUMOR_LOADTEST_CACHE_BUST`` (``0``: send identical bytes, so repeated explains
-are cache hits; default ``1``).
+are cache hits; default ``1``), ``BRAINTUMOR_LOADTEST_HEATMAP`` (``1``: /analyze asks for the heatmap too; default
+``0``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 
 import gevent
 from locust import FastHttpUser, task
-from locust_common import CACHE_BUST, pacing
+from locust_common import CACHE_BUST, HEATMAP, pacing
 from payloads import PayloadError, load_payloads, multipart, unique_bytes
 from shapes import SHAPE_ENV, locust_shape
 
@@ -67,7 +68,7 @@ class GatewayUser(FastHttpUser):
 
     @task(20)
     def analyze(self) -> None:
-        body, headers = self._body({}, fresh=False)  # /analyze has no cache
+        body, headers = self._body({"heatmap": "true"} if HEATMAP else {}, fresh=False)  # /analyze has no cache
         self._post_json("/analyze", body, headers, "/analyze", "label")
 
     @task(4)

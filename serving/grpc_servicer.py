@@ -33,7 +33,7 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
 
     async def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
         async def work():
-            result = await self.pipeline.analyze(request.image, overlay=_wants_overlay(request))
+            result = await self.pipeline.analyze(request.image, **_images_wanted(request))
             return analysis_message(result, request)
 
         return await self._unary("Analyze", context, work)
@@ -132,7 +132,7 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
         try:
             try:
                 result = await _within_deadline(
-                    context, self.pipeline.analyze(request.image, overlay=_wants_overlay(request)))
+                    context, self.pipeline.analyze(request.image, **_images_wanted(request)))
                 answer = analysis_message(result, request)
             except ServingError as exc:
                 if exc.http_status == 500:
@@ -170,5 +170,7 @@ def _gone(context) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
-def _wants_overlay(request: pb.AnalyzeRequest) -> bool:
-    return request.overlay and not request.skip_images
+def _images_wanted(request: pb.AnalyzeRequest) -> dict[str, bool]:
+    """The optional PNGs to make: none with ``skip_images``, which the answer would leave out anyway."""
+    return {"overlay": request.overlay and not request.skip_images,
+            "heatmap": request.heatmap and not request.skip_images}

@@ -1,4 +1,5 @@
-"""Model outputs for one image -> the answer a hospital system gets: label, refer, tumour area, mask and heatmap PNGs.
+"""Model outputs for one image -> the answer a hospital system gets: label, refer, tumour area, mask PNG, and the
+Grad-CAM heatmap and overlay PNGs when asked for (they cost more CPU than the rest of the answer).
 
 Torch-free (numpy + Pillow). Every map goes back onto the original image through the preprocessing's own
 :class:`Geometry`, so areas and overlays are in the pixels the caller sent.
@@ -52,10 +53,10 @@ class AnalysisResult:
     mask_label_disagree: bool
     original_shape: tuple[int, int]
     mask_png: bytes = field(repr=False)  # L mode, 0 background / 255 tumour
-    heatmap_png: bytes = field(repr=False)  # RGB, jet-coloured Grad-CAM of ``label``
+    heatmap_png: bytes | None = field(default=None, repr=False)  # RGB, jet Grad-CAM of ``label``; only when asked
     overlay_png: bytes | None = field(default=None, repr=False)  # RGB slice + heatmap + red mask outline
     mask: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0/1
-    heatmap: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0..255
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0..255; None unless asked (or overlay)
     model_name: str = ""  # the model that answered (the pipeline stamps it), so no front door asks Triton again
     model_version: str = ""
 
@@ -73,8 +74,12 @@ def postprocess(
     want_overlay: bool = False,
     modality: str | None = None,
     foreground_threshold: int = FOREGROUND_THRESHOLD,
+    want_heatmap: bool = False,
 ) -> AnalysisResult:
     """Turn the model outputs of ONE image (batch dimension 1 or none) into an :class:`AnalysisResult`.
+
+    The Grad-CAM heatmap is mapped back and PNG-encoded only with ``want_heatmap`` (the overlay also maps it, as it
+    blends it in, but returns no heatmap PNG unless asked): explanations on demand, the mask always.
 
     ``refer`` is True when the top probability is under ``refer_threshold``, when the two heads disagree beyond the
     model's fitted ``disagree_min_area`` (train/refer.py; models without it only report ``mask_label_disagree``), or
@@ -90,7 +95,8 @@ def postprocess(
 
     mask_prob = _one(outputs, MASK_PROB, 2)
     mask = mask_to_original(mask_prob, geometry, mask_threshold)
-    heat = gradcam_heatmap(_one(outputs, CAM, 3), index, geometry)
+    cam = _one(outputs, CAM, 3)  # checked on every answer: the contract holds whether or not the heatmap is asked
+    heat = gradcam_heatmap(cam, index, geometry) if want_heatmap or want_overlay else None
     area = int(mask.sum())
     area_mm2 = None
     if pixel_spacing_mm is not None:
@@ -122,7 +128,7 @@ def postprocess(
         mask_label_disagree=disagree,
         original_shape=geometry.original_shape,
         mask_png=encode_png(mask * np.uint8(255)),
-        heatmap_png=encode_png(colourise(heat)),
+        heatmap_png=encode_png(colourise(heat)) if want_heatmap else None,
         overlay_png=overlay_png,
         mask=mask,
         heatmap=heat,

@@ -36,11 +36,12 @@ from braintumor.serving.settings import ServeSettings
 log = logging.getLogger("braintumor.serving.http")
 
 FORMATS = "a JPEG, PNG or DICOM slice"
-ANALYZE_USAGE = ('send multipart/form-data with the file in field "image" (optional field "overlay": true|false), '
-                 f'or JSON {{"image_base64": "<base64 of the file>", "overlay": false}}; the file is {FORMATS}')
-BATCH_USAGE = ('send multipart/form-data with one file field "images" per image (optional "overlay"), or JSON '
-               '{"images_base64": ["<base64>", ...], "overlay": false}; at most BRAINTUMOR_MAX_BATCH_IMAGES images '
-               f"(default 64), each {FORMATS}")
+ANALYZE_USAGE = ('send multipart/form-data with the file in field "image" (optional fields "heatmap" and "overlay": '
+                 'true|false), or JSON {"image_base64": "<base64 of the file>", "heatmap": false, "overlay": false}; '
+                 f'the file is {FORMATS}')
+BATCH_USAGE = ('send multipart/form-data with one file field "images" per image (optional "heatmap", "overlay"), or '
+               'JSON {"images_base64": ["<base64>", ...], "heatmap": false, "overlay": false}; at most '
+               f"BRAINTUMOR_MAX_BATCH_IMAGES images (default 64), each {FORMATS}")
 EXPLAIN_USAGE = ('send multipart/form-data with the file in field "image" and the fields "method" '
                  f'({"|".join(EXPLAIN_METHODS)}), optional "target" (a class name), "num_samples" (LIME), '
                  '"max_evals" (SHAP); or the same as JSON with the file base64-encoded in "image_base64"')
@@ -66,12 +67,14 @@ class _Input(bentoml.IODescriptor):
 class AnalyzeInput(_Input):
     image: Path = Field(None, description=f"{FORMATS} (multipart file)")
     image_base64: str | None = Field(None, description="the same file base64-encoded (JSON)")
+    heatmap: bool = Field(False, description="also return heatmap_png: the Grad-CAM of the label (computed only then)")
     overlay: bool = Field(False, description="also return overlay_png: the slice with heatmap and mask outline")
 
 
 class AnalyzeBatchInput(_Input):
     images: list[Path] = Field(None, description=f"one multipart file per image, each {FORMATS}")
     images_base64: list[str] | None = Field(None, description="the same files base64-encoded (JSON)")
+    heatmap: bool = Field(False, description="also return heatmap_png for each image")
     overlay: bool = Field(False, description="also return overlay_png for each image")
 
 
@@ -205,24 +208,25 @@ class BrainTumorGateway:
 
     @bentoml.api(route="/analyze", input_spec=AnalyzeInput)
     async def analyze(self, image: Path | None = None, image_base64: str | None = None,
-                      overlay: bool = False) -> dict:
-        """Classify one slice, segment the tumour and explain the label with Grad-CAM.
+                      overlay: bool = False, heatmap: bool = False) -> dict:
+        """Classify one slice and segment the tumour; explain the label with Grad-CAM when asked (`heatmap`).
 
         Multipart (field `image`) or JSON (`image_base64`). Answers label, probabilities, refer (+ reasons),
-        tumour area, mask and heatmap PNGs (base64), and the model version. Errors: 400/413/415 with a message
+        tumour area, the mask PNG (base64), the heatmap PNG only with `heatmap=true` (null otherwise), the overlay
+        PNG only with `overlay=true`, and the model version. Errors: 400/413/415 with a message
         saying what to fix, 429 when busy, 503 while Triton is down (retry when /readyz is ready).
         """
 
         async def work():
             data = await _one_image(image, image_base64, ANALYZE_USAGE)
-            result = await self.pipeline.analyze(data, overlay=overlay)
+            result = await self.pipeline.analyze(data, overlay=overlay, heatmap=heatmap)
             return analysis_to_dict(result)
 
         return await self._answer("analyze", work())
 
     @bentoml.api(route="/analyze_batch", input_spec=AnalyzeBatchInput)
     async def analyze_batch(self, images: list[Path] | None = None, images_base64: list[str] | None = None,
-                            overlay: bool = False) -> dict:
+                            overlay: bool = False, heatmap: bool = False) -> dict:
         """Analyze several slices in one Triton request. `results` has one entry per image, in order: the
         /analyze answer, or `{"error": kind, "detail": message}` for an image that cannot be used."""
 
@@ -238,7 +242,7 @@ class BrainTumorGateway:
                                  else decode_base64(item, f"images_base64[{k}]"))
                 except BadInput as exc:
                     items.append(exc)  # keeps its place; the pipeline checks the batch limit and counts errors
-            analysed = await self.pipeline.analyze_many(items, overlay=overlay)
+            analysed = await self.pipeline.analyze_many(items, overlay=overlay, heatmap=heatmap)
             info = (await self.pipeline.info()).to_dict()
             results = [error_to_dict(r) if isinstance(r, ServingError) else analysis_to_dict(r, model=False)
                        for r in analysed]

@@ -56,7 +56,7 @@ def analysis_message(result: AnalysisResult, request: pb.AnalyzeRequest) -> pb.A
     )
     if not request.skip_images:
         message.mask_png = result.mask_png
-        message.heatmap_png = result.heatmap_png
+        message.heatmap_png = result.heatmap_png or b""  # only when the request asked for the heatmap
         message.overlay_png = result.overlay_png or b""
     return message
 

@@ -7,16 +7,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("image", "overlay", "id", "skip_images")
+    __slots__ = ("image", "overlay", "id", "skip_images", "heatmap")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     SKIP_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    HEATMAP_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     overlay: bool
     id: str
     skip_images: bool
-    def __init__(self, image: _Optional[bytes] = ..., overlay: _Optional[bool] = ..., id: _Optional[str] = ..., skip_images: _Optional[bool] = ...) -> None: ...
+    heatmap: bool
+    def __init__(self, image: _Optional[bytes] = ..., overlay: _Optional[bool] = ..., id: _Optional[str] = ..., skip_images: _Optional[bool] = ..., heatmap: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
     __slots__ = ("id", "label", "probabilities", "refer", "refer_reason", "tumor_area_px", "tumor_area_mm2", "mask_label_disagree", "image_height", "image_width", "mask_png", "heatmap_png", "overlay_png", "model", "error")

@@ -62,7 +62,7 @@ class BrainTumorServicer:
     """
 
     def Analyze(self, request, context):
-        """Analyse one slice: class, probabilities, tumour mask and Grad-CAM heatmap.
+        """Analyse one slice: class, probabilities, refer, tumour area and mask; the Grad-CAM heatmap when asked (heatmap).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

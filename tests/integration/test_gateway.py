@@ -178,14 +178,16 @@ def test_inputs_accepted_by_design(gateway, slice_jpeg):
 
 def test_multipart_json_and_pipeline_agree(gateway, tiny_triton, slice_jpeg):
     multipart = gateway.post("/analyze", files=_files(slice_jpeg, PATIENT_FILE))
-    as_json = gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg), "overlay": True})
+    as_json = gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg), "overlay": True, "heatmap": True})
+    with_heatmap = gateway.post("/analyze", files=_files(slice_jpeg, PATIENT_FILE), data={"heatmap": "true"})
     assert multipart.status_code == 200, multipart.text
+    assert with_heatmap.status_code == 200, with_heatmap.text
     assert as_json.status_code == 200, as_json.text
 
     async def direct():
         pipe = Pipeline.from_settings(ServeSettings(triton_url=tiny_triton.grpc_url))
         try:
-            return await pipe.analyze(slice_jpeg)
+            return await pipe.analyze(slice_jpeg, heatmap=True)
         finally:
             await pipe.close()
 
@@ -198,6 +200,10 @@ def test_multipart_json_and_pipeline_agree(gateway, tiny_triton, slice_jpeg):
     assert base64.b64decode(a["mask_png"]) == base64.b64decode(b["mask_png"]) == expected.mask_png
     assert a["overlay_png"] is None and base64.b64decode(b["overlay_png"]).startswith(b"\x89PNG")
     assert a["model"] == {"name": "brain_tumor", "version": "1"}
+    # Explanations on demand: the heatmap only when asked, the same PNG by multipart and JSON.
+    assert a["heatmap_png"] is None
+    assert base64.b64decode(b["heatmap_png"]) == base64.b64decode(with_heatmap.json()["heatmap_png"]) \
+        == expected.heatmap_png
 
 
 def test_batch_answers_each_image(gateway, slice_jpeg):

@@ -110,7 +110,7 @@ def _pipeline_analyze(url: str, data: bytes):
     async def go():
         pipe = Pipeline.from_settings(_settings(url))
         try:
-            return await pipe.analyze(data, overlay=True), await pipe.info()
+            return await pipe.analyze(data, overlay=True, heatmap=True), await pipe.info()
         finally:
             await pipe.close()
 
@@ -118,7 +118,8 @@ def _pipeline_analyze(url: str, data: bytes):
 
 
 def test_analyze_equals_the_pipeline(server, tiny_triton, slice_jpeg):
-    reply = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg, overlay=True, id="case-1"), timeout=30)
+    reply = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg, overlay=True, heatmap=True, id="case-1"),
+                                timeout=30)
     expected, info = _pipeline_analyze(tiny_triton.grpc_url, slice_jpeg)
     assert reply.id == "case-1" and not reply.HasField("error")
     assert reply.label == expected.label
@@ -134,6 +135,8 @@ def test_analyze_equals_the_pipeline(server, tiny_triton, slice_jpeg):
 
     bare = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg, overlay=True, skip_images=True), timeout=30)
     assert bare.label == reply.label and not (bare.mask_png or bare.heatmap_png or bare.overlay_png)
+    plain = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg), timeout=30)  # the heatmap is on demand
+    assert plain.mask_png == reply.mask_png and not (plain.heatmap_png or plain.overlay_png)
 
 
 def test_stream_answers_every_image_and_isolates_the_bad_one(server, slice_jpeg):
@@ -175,7 +178,7 @@ def test_model_info(server, tiny_triton, slice_jpeg):
 
 @pytest.mark.skipif(not HAS_EXPLAIN, reason="serving/explain.py is not there yet")
 def test_explain_gradcam(server, slice_jpeg):
-    analysis = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg), timeout=30)
+    analysis = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg, heatmap=True), timeout=30)
     reply = server.stub.Explain(pb.ExplainRequest(image=slice_jpeg), timeout=60)  # "" = gradcam, predicted class
     assert (reply.method, reply.target, reply.label, reply.num_samples) == ("gradcam", analysis.label,
                                                                             analysis.label, 0)

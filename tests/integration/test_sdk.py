@@ -89,9 +89,12 @@ def test_both_protocols_agree(grpc_target, http_url, slice_jpeg):
     with BrainTumorClient(grpc_target, api_key=KEY) as over_grpc, \
             BrainTumorClient(http_url, protocol="http", api_key=KEY) as over_http:
         a, b = over_grpc.analyze(slice_jpeg), over_http.analyze(slice_jpeg)
+        ha, hb = over_grpc.analyze(slice_jpeg, heatmap=True), over_http.analyze(slice_jpeg, heatmap=True)
         assert over_grpc.model() | {"temperature": None} == over_http.model() | {"temperature": None}
     assert a.probabilities == pytest.approx(b.probabilities, abs=1e-5)
     assert (a.label, a.tumor_area_px, a.refer, a.mask_png) == (b.label, b.tumor_area_px, b.refer, b.mask_png)
+    assert a.heatmap_png == b.heatmap_png == b""  # explanations on demand
+    assert ha.heatmap_png == hb.heatmap_png and ha.heatmap_png.startswith(b"\x89PNG")
 
 
 def test_analyze_many_in_order_with_a_bad_image(client, slice_jpeg):

@@ -41,7 +41,7 @@ class ScriptedPipeline:
     async def info(self) -> ModelInfo:
         return INFO
 
-    async def analyze(self, data: bytes, *, overlay: bool = False) -> AnalysisResult:
+    async def analyze(self, data: bytes, *, overlay: bool = False, heatmap: bool = False) -> AnalysisResult:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:
@@ -54,7 +54,7 @@ class ScriptedPipeline:
             if data == b"bug":
                 raise RuntimeError("a bug")
             return AnalysisResult("glioma", {c: 0.25 for c in INFO.classes}, False, [], 7, None, False, (5, 6),
-                                  b"mask", b"heat", b"overlay" if overlay else None,
+                                  b"mask", b"heat" if heatmap else None, b"overlay" if overlay else None,
                                   model_name=INFO.name, model_version=INFO.version)  # stamped, as the pipeline does
         except asyncio.CancelledError:
             self.cancelled += 1
@@ -121,16 +121,19 @@ def test_server_side_deadline_cancels_the_work():
 
 def test_analyze_message_fields():
     async def test(stub, _channel, _pipeline):
-        full = await stub.Analyze(pb.AnalyzeRequest(image=b"ok", overlay=True, id="a"), timeout=5)
-        bare = await stub.Analyze(pb.AnalyzeRequest(image=b"ok", overlay=True, skip_images=True), timeout=5)
-        return full, bare
+        full = await stub.Analyze(pb.AnalyzeRequest(image=b"ok", overlay=True, heatmap=True, id="a"), timeout=5)
+        plain = await stub.Analyze(pb.AnalyzeRequest(image=b"ok"), timeout=5)
+        bare = await stub.Analyze(pb.AnalyzeRequest(image=b"ok", overlay=True, heatmap=True, skip_images=True),
+                                  timeout=5)
+        return full, plain, bare
 
-    full, bare = _serve(test)
+    full, plain, bare = _serve(test)
     assert (full.id, full.label, full.tumor_area_px, full.image_height, full.image_width) == ("a", "glioma", 7, 5, 6)
     assert (full.mask_png, full.heatmap_png, full.overlay_png) == (b"mask", b"heat", b"overlay")
     assert not full.HasField("tumor_area_mm2") and not full.HasField("error")
     assert (full.model.name, full.model.version) == ("toy", "3")
     assert dict(full.probabilities) == {c: 0.25 for c in INFO.classes}
+    assert (plain.mask_png, plain.heatmap_png, plain.overlay_png) == (b"mask", b"", b"")  # heatmap on demand
     assert (bare.mask_png, bare.heatmap_png, bare.overlay_png) == (b"", b"", b"")
 
 

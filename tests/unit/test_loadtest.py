@@ -341,3 +341,17 @@ def test_run_group_returns_the_exit_code(tmp_path):
                                    tmp_path / "log")
     assert (code, timed_out) == (3, False)
     assert (tmp_path / "log").read_text() == "hi\n"
+
+
+@pytest.mark.parametrize("flag, value", [([], "0"), (["--heatmap"], "1")])
+def test_heatmap_flag_reaches_the_locustfiles(flag, value, monkeypatch):
+    """Explanations are on demand: analyze asks for the heatmap only with --heatmap (an inherited value is ignored)."""
+    import argparse
+
+    from braintumor.loadtest import commands
+
+    monkeypatch.setenv("BRAINTUMOR_LOADTEST_HEATMAP", "1" if value == "0" else "0")
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["loadtest", "--target", "http", "--out", "unused", *flag])
+    assert commands._child_env(args, "flat", 8, None)["BRAINTUMOR_LOADTEST_HEATMAP"] == value

@@ -134,7 +134,7 @@ def test_pngs_decode_to_the_original_size_and_modes():
     decoded = _slice()
     _, geom = preprocess(decoded.pixels, PAD)
     outputs = _outputs(40, block=(slice(14, 18), slice(10, 20)), cam_peak=(0, 3, 3))
-    result = _run(decoded, outputs, geom, want_overlay=True)
+    result = _run(decoded, outputs, geom, want_overlay=True, want_heatmap=True)
     for data, mode in ((result.mask_png, "L"), (result.heatmap_png, "RGB"), (result.overlay_png, "RGB")):
         img = _png(data)
         assert img.format == "PNG" and img.mode == mode and img.size == (80, 40)
@@ -143,13 +143,30 @@ def test_pngs_decode_to_the_original_size_and_modes():
     assert _run(decoded, _outputs(40), geom).overlay_png is None
 
 
+def test_heatmap_only_on_demand():
+    """Without want_heatmap the answer has the mask but no heatmap (neither mapped nor encoded); an overlay still
+    blends the same heatmap in, without returning its PNG."""
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    outputs = _outputs(40, block=(slice(14, 18), slice(10, 20)), cam_peak=(0, 3, 3))
+    plain = _run(decoded, outputs, geom)
+    asked = _run(decoded, outputs, geom, want_heatmap=True)
+    overlaid = _run(decoded, outputs, geom, want_overlay=True)
+    assert plain.heatmap_png is None and plain.heatmap is None and plain.overlay_png is None
+    assert plain.mask_png == asked.mask_png and plain.probabilities == asked.probabilities
+    assert asked.heatmap.max() > 0
+    np.testing.assert_array_equal(np.asarray(_png(asked.heatmap_png)), JET[asked.heatmap])
+    assert overlaid.heatmap_png is None and overlaid.overlay_png == _run(
+        decoded, outputs, geom, want_overlay=True, want_heatmap=True).overlay_png
+
+
 def test_heatmap_peak_lands_where_the_cam_peak_was():
     # resize geometry 64x64 -> 32: CAM cell (y, x) of the 8x8 grid covers original pixels [8y:8y+8, 8x:8x+8].
     decoded = _slice(64, 64)
     _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
     probs = np.full(len(CLASSES), 0.05)
     probs[2] = 0.85
-    result = _run(decoded, _outputs(32, probs=probs, cam_peak=(2, 2, 5)), geom)
+    result = _run(decoded, _outputs(32, probs=probs, cam_peak=(2, 2, 5)), geom, want_heatmap=True)
     assert result.label == CLASSES[2]
     heat = result.heatmap
     assert heat.shape == (64, 64) and heat.max() == 255 and heat.min() == 0
@@ -207,8 +224,8 @@ def test_batch_dimension_is_optional():
     decoded = _slice()
     _, geom = preprocess(decoded.pixels, PAD)
     kw = dict(block=(slice(14, 18), slice(10, 20)), cam_peak=(0, 3, 3))
-    a = _run(decoded, _outputs(40, batch=True, **kw), geom)
-    b = _run(decoded, _outputs(40, batch=False, **kw), geom)
+    a = _run(decoded, _outputs(40, batch=True, **kw), geom, want_heatmap=True)
+    b = _run(decoded, _outputs(40, batch=False, **kw), geom, want_heatmap=True)
     np.testing.assert_array_equal(a.mask, b.mask)
     np.testing.assert_array_equal(a.heatmap, b.heatmap)
     assert a.mask_png == b.mask_png and a.heatmap_png == b.heatmap_png

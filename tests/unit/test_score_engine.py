@@ -80,7 +80,8 @@ class ToyService(pb_grpc.BrainTumorServicer):
             return pb.AnalyzeResponse(
                 label=label, probabilities={c: (0.7 if c == label else 0.1) for c in CLASSES}, refer=refer,
                 refer_reason=["the top probability is under the refer threshold"] if refer else [],
-                tumor_area_px=int((mask > 0).sum()), mask_png=_png(mask), heatmap_png=b"heat",
+                tumor_area_px=int((mask > 0).sum()), mask_png=_png(mask),
+                heatmap_png=_png(np.full((SIDE, SIDE, 3), 7, np.uint8)) if request.heatmap else b"",
                 image_height=SIDE, image_width=SIDE, model=pb.ModelRef(name="toy", version="3"))
         finally:
             with self.lock:
@@ -292,6 +293,19 @@ def test_evaluate_on_a_brisc_split(toy, tmp_path, capsys):
     calls = toy.calls
     assert run_score(_opts(toy, root, tmp_path / "root.csv", evaluate=True)) == 0
     assert toy.calls == calls + 8
+
+
+def test_heatmaps_only_when_asked(toy, tmp_path):
+    from braintumor.clients.score_files import UsageError
+
+    root = _files(tmp_path / "in", ["glioma", "pituitary"])
+    assert run_score(_opts(toy, root, tmp_path / "plain.csv")) == 0  # without --heatmaps: no heatmap asked
+    assert run_score(_opts(toy, root, tmp_path / "r.csv", heatmaps=tmp_path / "heat")) == 0
+    written = sorted(p.relative_to(tmp_path / "heat").as_posix() for p in (tmp_path / "heat").rglob("*.png"))
+    assert written == ["s00.png", "s01.png"]
+    assert np.asarray(Image.open(tmp_path / "heat" / "s00.png")).shape == (SIDE, SIDE, 3)
+    with pytest.raises(UsageError, match="2 rows of .* have no heatmap"):
+        run_score(_opts(toy, root, tmp_path / "plain.csv", heatmaps=tmp_path / "heat2"))
 
 
 def test_masks_asked_for_after_a_run_without_them_is_refused(toy, tmp_path):

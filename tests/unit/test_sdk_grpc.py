@@ -31,7 +31,8 @@ ABORTS = {  # image bytes -> the status Analyze answers with
 def _answer(request: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
     label = request.image.decode(errors="replace").split(":")[-1]
     return pb.AnalyzeResponse(id=request.id, label=label, probabilities={label: 1.0}, tumor_area_px=len(request.image),
-                              mask_png=b"mask", heatmap_png=b"heat", overlay_png=b"over" if request.overlay else b"",
+                              mask_png=b"mask", heatmap_png=b"heat" if request.heatmap else b"",
+                              overlay_png=b"over" if request.overlay else b"",
                               model=pb.ModelRef(name="brain_tumor", version="2"))
 
 
@@ -156,6 +157,7 @@ def test_analyze_with_api_key(servicer):
         analysis = client.analyze(b"img:glioma", overlay=True)
     assert (analysis.label, analysis.mask_png, analysis.overlay_png, analysis.model_version) == (
         "glioma", b"mask", b"over", "2")
+    assert analysis.heatmap_png == b""  # explanations on demand: not asked by default
     assert servicer.calls == [("Analyze", b"img:glioma")]
     assert servicer.metadata[0]["x-api-key"] == "s3cret"
 
@@ -196,6 +198,15 @@ def test_connection_refused_is_unavailable_after_retries(fast_backoff):
 def test_client_timeout_is_a_deadline(servicer):
     with BrainTumorClient(servicer.target, timeout=0.3) as client, pytest.raises(DeadlineExceededError):
         client.analyze(b"slow")
+
+
+def test_heatmap_on_demand(servicer):
+    with BrainTumorClient(servicer.target) as client:
+        one = client.analyze(b"img:glioma", heatmap=True)
+        many = list(client.analyze_many([b"a:glioma", b"b:pituitary"], heatmap=True))
+        plain = list(client.analyze_many([b"c:glioma"]))
+    assert one.heatmap_png == b"heat" and [a.heatmap_png for a in many] == [b"heat", b"heat"]
+    assert plain[0].heatmap_png == b""
 
 
 def test_analyze_many_over_one_stream_in_input_order(servicer, tmp_path):
@@ -296,7 +307,7 @@ def test_close_closes_the_channel(servicer):
 def test_async_client(servicer):
     async def main():
         async with AsyncBrainTumorClient(f"grpc://{servicer.target}") as client:
-            one = await client.analyze(b"img:glioma")
+            one = await client.analyze(b"img:glioma", heatmap=True)
 
             async def images():
                 for image in (b"a:pituitary", b"bad"):
@@ -307,6 +318,7 @@ def test_async_client(servicer):
 
     one, many = asyncio.run(main())
     assert one.label == "glioma" and many[0].label == "pituitary" and isinstance(many[1], InvalidInputError)
+    assert one.heatmap_png == b"heat" and many[0].heatmap_png == b""
 
 
 @pytest.mark.parametrize("url, target", [("h:1", "h:1"), ("h", "h:50051"), ("http://h:2/", "h:2"),

@@ -17,10 +17,11 @@ from braintumor.clients.client import ExplainJob
 PNG = b"\x89PNG\r\n\x1a\n fake"
 
 
-def _analysis(label: str = "glioma") -> dict:
+def _analysis(label: str = "glioma", heatmap: bool = False) -> dict:
     return {"label": label, "probabilities": {"glioma": 0.7, "no_tumor": 0.3}, "refer": False, "refer_reason": [],
             "tumor_area_px": 12, "tumor_area_mm2": None, "mask_label_disagree": False, "image_height": 8,
-            "image_width": 8, "mask_png": base64.b64encode(PNG).decode(), "heatmap_png": base64.b64encode(PNG).decode(),
+            "image_width": 8, "mask_png": base64.b64encode(PNG).decode(),
+            "heatmap_png": base64.b64encode(PNG).decode() if heatmap else None,  # the gateway's null when not asked
             "overlay_png": None, "model": {"name": "brain_tumor", "version": "1"}}
 
 
@@ -58,7 +59,7 @@ class Gateway:
             if b"bad image" in body:
                 return _error(400, "bad_input", "the file is not a JPEG, PNG or DICOM image")
             label = "meningioma" if b"second" in body else "glioma"
-            return httpx.Response(200, json=_analysis(label))
+            return httpx.Response(200, json=_analysis(label, heatmap=b'name="heatmap"\r\n\r\ntrue' in body))
         if path == "/explain":
             return httpx.Response(200, json=_explanation("gradcam"))
         if path == "/explain/submit":
@@ -104,6 +105,19 @@ def test_analyze_sends_multipart_with_the_api_key(fast_backoff):
     assert request.headers["content-type"].startswith("multipart/form-data")
     assert b'name="image"' in request.content and b"jpeg bytes" in request.content
     assert b'name="overlay"\r\n\r\ntrue' in request.content
+    assert b'name="heatmap"\r\n\r\nfalse' in request.content  # explanations on demand: not asked by default
+    assert analysis.heatmap_png == b""
+    with pytest.raises(ValueError, match="heatmap=True"):
+        analysis.save_heatmap("unused.png")
+
+
+def test_heatmap_on_demand(fast_backoff):
+    gateway = Gateway()
+    with _client(gateway) as client:
+        one = client.analyze(b"jpeg bytes", heatmap=True)
+        many = list(client.analyze_many([b"a", b"second"], heatmap=True))
+    assert one.heatmap_png == PNG and [a.heatmap_png for a in many] == [PNG, PNG]
+    assert all(b'name="heatmap"\r\n\r\ntrue' in r.content for r in gateway.requests)
 
 
 @pytest.mark.parametrize("response, cls", [
@@ -252,9 +266,10 @@ def test_async_client(fast_backoff):
     async def main():
         async with AsyncBrainTumorClient("gateway:3000", protocol="http",
                                          http_transport=httpx.MockTransport(gateway)) as client:
-            one = await client.analyze(b"first")
+            one = await client.analyze(b"first", heatmap=True)
             many = [a async for a in client.analyze_many([b"second", b"bad image"])]
             return one, many
 
     one, many = asyncio.run(main())
     assert one.label == "glioma" and many[0].label == "meningioma" and isinstance(many[1], InvalidInputError)
+    assert one.heatmap_png == PNG and many[0].heatmap_png == b""
