@@ -526,10 +526,11 @@ def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> st
         out += _previous_table(previous, metrics, info)
     out += ["## Known limitations", "",
             f"- {init} on {_text(info.get('device'))} in {_duration(info.get('training_seconds'))} of training: "
-            f"{_text(info.get('epochs_trained'))} epochs is a short schedule; more epochs, ImageNet initialisation "
-            "and larger inputs would likely help.",
-            f"- Input is {_text(size)} px: small tumours and fine mask borders lose detail; Dice at full resolution "
-            "may differ.",
+            f"{_text(info.get('epochs_trained'))} epochs is a short schedule; more epochs"
+            + ("" if model_cfg.get("pretrained") else ", ImageNet initialisation") + " and larger inputs would likely help.",
+            f"- Input is {_text(size)} px: small tumours and fine mask borders lose detail"
+            + ("; the Dice above at the original resolution is what callers get." if "dice_original" in seg
+               else "; Dice at full resolution may differ."),
             "- Residual resolution and JPEG cues: no_tumor images come in 47 different sizes versus 1 for glioma, so "
             "interpolation texture and compression artefacts left after crop-and-resize may still carry a shortcut "
             "the squareness check above cannot see.",

@@ -65,7 +65,7 @@ def test_export_writes_both_models_with_parity(repository):
     assert [p.name for p in published[1].parity] == list(contract.CLASSIFIER_OUTPUTS)
     meta = json.loads((published[0].folder / "metadata.json").read_text())
     assert meta["classes"][3] == "no_tumor" and meta["preprocess"]["image_size"] == SIZE
-    assert meta["temperature"] == 1.0 and meta["cam_size"] == SIZE // 32
+    assert meta["temperature"] == 1.0 and meta["cam_size"] == SIZE // 16  # cam_stride 16 (the config default)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -81,7 +81,7 @@ def test_dynamic_batch_matches_pytorch(repository, checkpoint, batch):
         assert session.get_inputs()[0].name == contract.INPUT_NAME
         assert session.get_inputs()[0].type == "tensor(uint8)"
         got = run_session(session, images)
-        specs = contract.output_specs(SIZE, 4, SIZE // 32, classifier=key == "classifier")
+        specs = contract.output_specs(SIZE, 4, SIZE // 16, classifier=key == "classifier")
         assert {k: v.shape for k, v in got.items()} == {s.name: s.batched(batch) for s in specs}
         compare(got, run_torch(graphs[key], images))
 
