@@ -28,13 +28,13 @@ def _write(path: str | os.PathLike, data: bytes, what: str) -> Path:
     return target
 
 
-def _png_array(data: bytes, what: str) -> np.ndarray:
+def _png_array(data: bytes, what: str, mode: str | None = None) -> np.ndarray:
     from PIL import Image
 
     if not data:
         raise ValueError(f"this result has no {what}")
     with Image.open(io.BytesIO(data)) as picture:
-        return np.asarray(picture)
+        return np.asarray(picture if mode is None else picture.convert(mode))
 
 
 def _model_fields(model) -> dict:
@@ -122,7 +122,9 @@ class Analysis:
 
     def mask_array(self) -> np.ndarray:
         """The tumour mask as a bool array of the sent image's (height, width)."""
-        return _png_array(self.mask_png, "mask PNG") > 127
+        # As grey levels, so a 1-bit PNG (whose array is bool) reads right too: a cheaper mask encoding would not
+        # silently empty this array (loadtest/bench_mask_png.py measured it).
+        return _png_array(self.mask_png, "mask PNG", "L") > 127
 
     def to_dict(self, images: bool = False) -> dict:
         """JSON-safe fields (one CSV/JSONL row); ``images=True`` adds the PNGs base64-encoded."""

@@ -138,6 +138,10 @@ def test_analysis_helpers(tmp_path):
     analysis = Analysis.from_message(_message())
     mask = analysis.mask_array()
     assert mask.dtype == bool and mask.shape == (6, 5) and mask.sum() == 4
+    buf = io.BytesIO()
+    Image.fromarray(MASK > 0).save(buf, format="PNG")  # a 1-bit PNG: np.asarray of it is bool, not 0/255
+    one_bit = Analysis.from_message(_message(mask_png=buf.getvalue()))
+    np.testing.assert_array_equal(one_bit.mask_array(), mask)
     assert analysis.save_mask(tmp_path / "m.png").read_bytes() == analysis.mask_png
     assert analysis.save_heatmap(tmp_path / "h.png").read_bytes() == analysis.heatmap_png
     with pytest.raises(ValueError, match="overlay=True"):
