@@ -35,6 +35,20 @@ class UnsupportedMediaType(BadInput):
     kind = "unsupported_media_type"
 
 
+class RequestTimeout(BadInput):
+    """The body did not arrive in time (HTTP only: gRPC has its own deadlines)."""
+
+    http_status = 408
+    kind = "request_timeout"
+
+
+class NotSupported(BadInput):
+    """A route that exists but refuses the method (explanation retry/cancel), before any side effect."""
+
+    http_status = 405
+    kind = "not_supported"
+
+
 class Unauthenticated(ServingError):
     http_status = 401
     grpc_code = "UNAUTHENTICATED"

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 from . import explain_tasks
 from .api_key import key_accepted
-from .errors import BadInput, Busy, PayloadTooLarge, ServingError, Unauthenticated, UnsupportedMediaType
+from .errors import (
+    BadInput, Busy, NotSupported, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated, UnsupportedMediaType,
+)
 from .logsafe import escape_controls
 from .settings import ServeSettings
 
@@ -51,18 +53,6 @@ class BodyRoute:
 # Replaces BentoML's access log (off in service.py: it logged raw paths); under "bentoml" so BentoML's logging
 # configuration (level, handler, format) applies to it as it did to the original.
 access_log = logging.getLogger("bentoml.access")
-
-
-class RequestTimeout(BadInput):
-    """The body did not arrive in time (HTTP only: gRPC has its own deadlines)."""
-
-    http_status = 408
-    kind = "request_timeout"
-
-
-class NotSupported(BadInput):
-    http_status = 405
-    kind = "not_supported"
 
 
 def error_body(kind: str, detail: str) -> bytes:

@@ -4,7 +4,6 @@ needs the key (health and reflection do not); a DICOM with patient data sent thr
 task store, temporary files, metrics) nor in the score results."""
 
 import base64
-import io
 import os
 import subprocess
 import sys
@@ -23,37 +22,10 @@ from braintumor.serving.triton_embedded import free_port  # noqa: E402
 pytestmark = pytest.mark.e2e
 
 KEY = "e2e-s3cret"
-PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-98765", "PatientBirthDate": "19700101",
-       "InstitutionName": "St Example Hospital", "ReferringPhysicianName": "House^Gregory",
-       "AccessionNumber": "ACC-4242"}
-
-
-def phi_dicom() -> bytes:
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    yy, xx = np.mgrid[0:64, 0:56]
-    pixels = np.where((((yy - 32) / 28.0) ** 2 + ((xx - 28) / 24.0) ** 2) <= 1.0, 900, 0).astype(np.uint16)
-    pixels[20:30, 25:35] = 1800
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
-    for key, value in PHI.items():
-        setattr(ds, key, value)
-    ds.set_pixel_data(pixels, "MONOCHROME2", 12)
-    ds.PixelSpacing = [0.5, 0.5]
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _needles() -> dict[str, bytes]:
+def _needles(phi: dict[str, str]) -> dict[str, bytes]:
     """Each PHI value as bytes, and base64 of it at the three alignments (a stored body is often base64)."""
     needles = {}
-    for value in PHI.values():
+    for value in phi.values():
         raw = value.encode()
         needles[value] = raw
         for shift in range(3):
@@ -63,8 +35,8 @@ def _needles() -> dict[str, bytes]:
     return needles
 
 
-def _scan(blobs: dict[str, bytes]) -> list[str]:
-    return [f"{name}: {needle_name}" for name, blob in blobs.items() for needle_name, needle in _needles().items()
+def _scan(blobs: dict[str, bytes], phi: dict[str, str]) -> list[str]:
+    return [f"{name}: {needle_name}" for name, blob in blobs.items() for needle_name, needle in _needles(phi).items()
             if needle in blob]
 
 
@@ -122,11 +94,11 @@ def test_every_rpc_needs_the_key_but_health_and_reflection(keyed, slice_jpeg):
         assert any("braintumor.v1.BrainTumor" in s.name for r in listed for s in r.list_services_response.service)
 
 
-def test_patient_data_leaves_no_trace(keyed, tmp_path):
+def test_patient_data_leaves_no_trace(keyed, tmp_path, phi, phi_dicom):
     from braintumor.clients.v1 import braintumor_pb2 as pb
 
     served, root = keyed
-    dicom = phi_dicom()
+    dicom = phi_dicom
     auth = {"x-api-key": KEY}
     # the gateway: analyze (multipart and JSON), a synchronous explanation, a task fetched and one left unfetched
     for kwargs in ({"files": {"image": ("slice.dcm", dicom, "application/dicom")}},
@@ -134,7 +106,7 @@ def test_patient_data_leaves_no_trace(keyed, tmp_path):
         answer = httpx.post(f"{served.http_url}/analyze", headers=auth, timeout=60, **kwargs)
         assert answer.status_code == 200, answer.text
         assert answer.json()["tumor_area_mm2"] is not None  # the DICOM's pixel spacing was read
-        assert not _scan({"HTTP answer": answer.content})
+        assert not _scan({"HTTP answer": answer.content}, phi)
     assert httpx.post(f"{served.http_url}/explain", headers=auth, timeout=60,
                       files={"image": ("slice.dcm", dicom, "application/dicom")},
                       data={"method": "gradcam"}).status_code == 200
@@ -155,7 +127,7 @@ def test_patient_data_leaves_no_trace(keyed, tmp_path):
     channel, stub = _stub(served)
     with channel:
         reply = stub.Analyze(pb.AnalyzeRequest(image=dicom), metadata=[("x-api-key", KEY)], timeout=60)
-        assert reply.label and not _scan({"gRPC answer": reply.SerializeToString()})
+        assert reply.label and not _scan({"gRPC answer": reply.SerializeToString()}, phi)
         stub.Explain(pb.ExplainRequest(image=dicom, method="gradcam"), metadata=[("x-api-key", KEY)], timeout=60)
     # `braintumor score`, over both protocols
     inputs = tmp_path / "in"
@@ -183,14 +155,14 @@ def test_patient_data_leaves_no_trace(keyed, tmp_path):
     written["gRPC /metrics"] = httpx.get(f"http://127.0.0.1:{served.ports['grpc_metrics']}/metrics",
                                          timeout=30).content
     assert any(name.endswith("task_result.db") for name in written), sorted(written)  # the task store was scanned
-    assert not _scan(written), _scan(written)
-    assert not _scan(outputs), _scan(outputs)
+    assert not _scan(written, phi), _scan(written, phi)
+    assert not _scan(outputs, phi), _scan(outputs, phi)
     # the pixels did go through: the scan would have seen the DICOM if it had been kept
     assert not any(b"DICM" in blob for blob in written.values())
 
 
-def test_the_scan_finds_what_it_looks_for():
+def test_the_scan_finds_what_it_looks_for(phi, phi_dicom):
     """The scan is not blind: raw and base64-encoded patient data in a blob are both found."""
-    dicom = phi_dicom()
-    assert _scan({"raw": dicom}) and _scan({"base64": base64.b64encode(b"xy" + dicom)})
-    assert not _scan({"pixels": np.zeros(100, np.uint8).tobytes()})
+    dicom = phi_dicom
+    assert _scan({"raw": dicom}, phi) and _scan({"base64": base64.b64encode(b"xy" + dicom)}, phi)
+    assert not _scan({"pixels": np.zeros(100, np.uint8).tobytes()}, phi)

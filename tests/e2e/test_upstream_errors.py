@@ -13,7 +13,6 @@ import io
 import logging
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -203,34 +203,6 @@ def test_uploads_held_at_once_are_capped(strict_gateway, slice_jpeg):
 
 
 # -- explanation tasks: pixels only, gone once fetched or expired; no retry/cancel side effects -----------------------
-PHI = {"PatientName": "Doe^Jane", "PatientID": "PID-98765", "PatientBirthDate": "19700101",
-       "InstitutionName": "St Example Hospital", "ReferringPhysicianName": "House^Gregory"}
-
-
-def phi_dicom() -> bytes:
-    """A valid MR slice with patient data in its header (synthetic pixels: an ellipse 'head' and a blob)."""
-    pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    yy, xx = np.mgrid[0:64, 0:56]
-    pixels = np.where((((yy - 32) / 28.0) ** 2 + ((xx - 28) / 24.0) ** 2) <= 1.0, 900, 0).astype(np.uint16)
-    pixels[20:30, 25:35] = 1800
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
-    for key, value in PHI.items():
-        setattr(ds, key, value)
-    ds.set_pixel_data(pixels, "MONOCHROME2", 12)
-    ds.PixelSpacing = [0.5, 0.5]
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _stored_inputs(gateway) -> list[bytes]:
     import sqlite3
 
@@ -250,8 +222,8 @@ def _wait_status(gateway, task_id: str, headers=None, until=("completed", "faile
         time.sleep(0.2)
 
 
-def test_a_task_stores_pixels_only_and_is_deleted_once_fetched(gateway):
-    dicom = phi_dicom()
+def test_a_task_stores_pixels_only_and_is_deleted_once_fetched(gateway, phi, phi_dicom):
+    dicom = phi_dicom
     submitted = gateway.post("/explain/submit", files={"image": ("Doe^Jane_PID-98765.dcm", dicom, "application/dicom")},
                              data={"method": "gradcam"}, headers=AUTH)
     assert submitted.status_code == 200, submitted.text
@@ -266,14 +238,14 @@ def test_a_task_stores_pixels_only_and_is_deleted_once_fetched(gateway):
     image = base64.b64decode(body["image_base64"])
     assert image.startswith(b"\x89PNG") and b"DICM" not in image
     everything = json.dumps(row["scope"]).encode() + image + json.dumps(body).encode()
-    for value in [*PHI.values(), "Doe^Jane_PID-98765", "Doe", "PID-98765", KEY]:
+    for value in [*phi.values(), "Doe^Jane_PID-98765", "Doe", "PID-98765", KEY]:
         assert value.encode() not in everything, value
     result = gateway.get("/explain/get", params={"task_id": task_id}, headers=AUTH)
     assert result.status_code == 200 and result.json()["method"] == "gradcam"
     assert gateway.get("/explain/status", params={"task_id": task_id}, headers=AUTH).status_code == 404
     assert gateway.get("/explain/get", params={"task_id": task_id}, headers=AUTH).status_code == 404
     log = gateway.log.read_text(errors="replace")
-    for value in [*PHI.values(), "Doe^Jane", "PID-98765"]:
+    for value in [*phi.values(), "Doe^Jane", "PID-98765"]:
         assert value not in log, value
 
 
