@@ -1,21 +1,30 @@
-"""Gateway benchmark: `braintumor serve`'s HTTP /analyze versus a naive baseline, one run, table of ratios.
+"""Gateway benchmark: the model alone, `braintumor serve` (HTTP /analyze and gRPC Analyze) and a naive baseline, side by
+side in one run, with the ratios and the serving processes' CPU per image.
 
-The baseline is how most BRISC projects serve: one web process holding the eager PyTorch model and answering each
-request with ``model(x)`` (a sync Starlette handler on uvicorn, i.e. FastAPI's default). It does the same work per
-request as our pipeline — same decoding, preprocessing, temperature-scaled outputs and postprocessing into the same
-JSON with mask and heatmap PNGs — so the difference is the serving architecture (Triton's dynamic batching, ONNX
-Runtime, the async gateway), not the payload.
+- **model alone**: ONNX Runtime in this process on pre-decoded, preprocessed uint8 input from the same model
+  repository, with the session settings of the served python backend (intra-op threads = CPUs, no spinning), one
+  batch of ``concurrency`` images (at most the model's max batch) after another: what the model costs with perfect
+  batching and no serving at all. CUDA when this onnxruntime has it (``--device``).
+- **ours**: `braintumor serve` on the same repository; HTTP /analyze (multipart) and gRPC Analyze, ``concurrency``
+  closed-loop users each. Explanations are on demand, so no heatmap is asked unless ``--heatmap``.
+- **baseline** (with ``--checkpoint``): how most BRISC projects serve: one web process holding the eager PyTorch model
+  and answering each request with ``model(x)`` (a sync Starlette handler on uvicorn, i.e. FastAPI's default), doing
+  the same decoding, preprocessing and postprocessing into the same JSON. Without a checkpoint it is left out.
+- **CPU per image**: user + system CPU seconds of each serving process (psutil ``cpu_times`` before and after each
+  cell, summed by role: gateway, gRPC server, Triton with its python backend) divided by the images answered.
 
-    python loadtest/bench_gateway.py --checkpoint RUN/release.pt --data ../shared/data/brisc2025
+    python loadtest/bench_gateway.py --model-repository model_repository --data ../shared/data/brisc2025 \
+        [--checkpoint RUN/release.pt] [--seconds 15] [--concurrency 1 8 32]
 
-Both servers are started here on free ports (ours with `braintumor serve`, unless --gateway points at a running
-one), loaded in turn with the same real images at concurrency 1, 8 and 32 for --seconds each.
+The load generator runs on the same host and takes CPU from the servers (not from the model-alone line, which runs
+alone); run on an otherwise idle machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import statistics
 import subprocess
@@ -26,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve()
+CPU_ROLES = ("gateway", "grpc", "triton")
 
 
 # -- the baseline server (runs in its own process: `bench_gateway.py --baseline-server`) --------------------------
@@ -50,21 +60,22 @@ def baseline_app(checkpoint: str):
     cfg = PreprocessConfig.from_dict(state["preprocess"])
     classes = state.get("classes") or ["glioma", "meningioma", "pituitary", "no_tumor"]
 
-    def work(data: bytes) -> dict:
+    def work(data: bytes, heatmap: bool) -> dict:
         decoded, _ = decode_any(data)
         image, geometry = preprocess(decoded.pixels, cfg)
         with torch.inference_mode():
             outs = graph(torch.from_numpy(image[None, None]))
         outputs = {name: out.numpy() for name, out in zip(FULL_OUTPUTS, outs)}
         result = postprocess(outputs, geometry, decoded, classes=classes,
-                             refer_threshold=state.get("refer_threshold"))
+                             refer_threshold=state.get("refer_threshold"), want_heatmap=heatmap)
         return analysis_to_dict(result, model=False)
 
     async def analyze(request: Request) -> JSONResponse:
         form = await request.form()
         data = await form["image"].read()
+        heatmap = str(form.get("heatmap", "false")).lower() == "true"
         # What FastAPI does with a plain `def` endpoint: the model call runs in the thread pool, one request each.
-        return JSONResponse(await run_in_threadpool(work, data))
+        return JSONResponse(await run_in_threadpool(work, data, heatmap))
 
     async def ready(_request: Request) -> JSONResponse:
         return JSONResponse({"ready": True})
@@ -78,7 +89,7 @@ def run_baseline_server(checkpoint: str, port: int) -> None:
     uvicorn.run(baseline_app(checkpoint), host="127.0.0.1", port=port, log_level="warning")
 
 
-# -- load generation ----------------------------------------------------------------------------------------------
+# -- request images -----------------------------------------------------------------------------------------------
 def load_payloads(data: str | None, count: int) -> list[bytes]:
     if data:
         paths = sorted(Path(data).glob("classification_task/*/*/*.jpg"))
@@ -101,21 +112,90 @@ def load_payloads(data: str | None, count: int) -> list[bytes]:
     return out
 
 
-async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float) -> dict:
+def _summary(latencies: list[float], images: int, elapsed: float, failures: int) -> dict:
+    lat = sorted(latencies)
+    return {"rps": images / elapsed if elapsed > 0 else 0.0,
+            "p50": statistics.median(lat) * 1000 if lat else float("nan"),
+            "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000 if lat else float("nan"),
+            "n": images, "failures": failures}
+
+
+# -- the model alone ----------------------------------------------------------------------------------------------
+class ModelAlone:
+    """The served ONNX graph in this process, with the python backend's session settings, on pre-decoded input."""
+
+    def __init__(self, repository: str, name: str, payloads: list[bytes], device: str) -> None:
+        import onnxruntime as ort
+
+        from braintumor.export import contract
+        from braintumor.train.decode import decode_image
+        from braintumor.train.preprocess import PreprocessConfig, preprocess
+
+        versions = sorted((Path(repository) / name).glob("[0-9]*"), key=lambda p: int(p.name))
+        if not versions:
+            raise SystemExit(f"no version of {name} under {repository}")
+        version = versions[-1]
+        meta = json.loads((version / "metadata.json").read_text())
+        cfg = PreprocessConfig.from_dict(meta["preprocess"])
+        self.images = np.stack([preprocess(decode_image(d).pixels, cfg)[0] for d in payloads])[:, None]
+        self.max_batch = self._max_batch(Path(repository) / name / "config.pbtxt")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = os.cpu_count() or 1
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+        if device == "cuda" and not cuda:
+            raise SystemExit("--device cuda: this onnxruntime has no CUDAExecutionProvider")
+        providers = (["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda and device != "cpu"
+                     else ["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(version / contract.ONNX_FILE), options, providers=providers)
+        self.provider = self.session.get_providers()[0]
+        self.input = contract.INPUT_NAME
+        self.outputs = list(contract.FULL_OUTPUTS)  # what the served model computes for every request
+        self.label = f"{name}/{version.name} at {cfg.image_size} px on {self.provider}"
+
+    @staticmethod
+    def _max_batch(config: Path) -> int:
+        for line in config.read_text().splitlines():
+            if line.strip().startswith("max_batch_size:"):
+                return max(1, int(line.split(":", 1)[1]))
+        return 1
+
+    def run(self, concurrency: int, seconds: float) -> dict:
+        batch = min(concurrency, self.max_batch)
+        n = len(self.images)
+        batches = [np.ascontiguousarray(self.images[np.arange(i, i + batch) % n]) for i in range(0, n, batch)]
+        self.session.run(self.outputs, {self.input: batches[0]})  # warm
+        latencies, images, k = [], 0, 0
+        start = time.perf_counter()
+        deadline = start + seconds
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            self.session.run(self.outputs, {self.input: batches[k % len(batches)]})
+            latencies.append(time.perf_counter() - t0)
+            images += batch
+            k += 1
+        return _summary(latencies, images, time.perf_counter() - start, 0) | {"batch": batch}
+
+
+# -- load generation ----------------------------------------------------------------------------------------------
+async def load_http(url: str, payloads: list[bytes], concurrency: int, seconds: float, heatmap: bool) -> dict:
     import httpx
 
     latencies: list[float] = []
     failures = 0
-    deadline = time.perf_counter() + seconds
+    fields = {"heatmap": "true" if heatmap else "false"}
 
-    async def user(client: httpx.AsyncClient, k: int) -> None:
+    async def user(client: httpx.AsyncClient, k: int, deadline: float) -> None:
         nonlocal failures
         i = k
         while time.perf_counter() < deadline:
             body = payloads[i % len(payloads)]
             i += concurrency
             t0 = time.perf_counter()
-            response = await client.post(url, files={"image": ("slice.jpg", body, "image/jpeg")})
+            response = await client.post(url, files={"image": ("slice.jpg", body, "image/jpeg")}, data=fields)
             if response.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
             else:
@@ -123,16 +203,91 @@ async def load(url: str, payloads: list[bytes], concurrency: int, seconds: float
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        await client.post(url, files={"image": ("slice.jpg", payloads[0], "image/jpeg")})  # warm
+        await client.post(url, files={"image": ("slice.jpg", payloads[0], "image/jpeg")}, data=fields)  # warm
         start = time.perf_counter()
-        await asyncio.gather(*(user(client, k) for k in range(concurrency)))
+        await asyncio.gather(*(user(client, k, start + seconds) for k in range(concurrency)))
         elapsed = time.perf_counter() - start
-    lat = sorted(latencies)
-    return {"rps": len(lat) / elapsed, "p50": statistics.median(lat) * 1000 if lat else float("nan"),
-            "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000 if lat else float("nan"),
-            "n": len(lat), "failures": failures}
+    return _summary(latencies, len(latencies), elapsed, failures)
 
 
+async def load_grpc(target: str, payloads: list[bytes], concurrency: int, seconds: float, heatmap: bool) -> dict:
+    import grpc
+
+    from braintumor.clients.v1 import braintumor_pb2 as pb
+    from braintumor.clients.v1 import braintumor_pb2_grpc as pb_grpc
+
+    latencies: list[float] = []
+    failures = 0
+
+    async def user(stub, k: int, deadline: float) -> None:
+        nonlocal failures
+        i = k
+        while time.perf_counter() < deadline:
+            request = pb.AnalyzeRequest(image=payloads[i % len(payloads)], heatmap=heatmap, id=str(i))
+            i += concurrency
+            t0 = time.perf_counter()
+            try:
+                await stub.Analyze(request, timeout=120)
+                latencies.append(time.perf_counter() - t0)
+            except grpc.RpcError:
+                failures += 1
+
+    options = [("grpc.max_receive_message_length", 128 * 2**20)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        stub = pb_grpc.BrainTumorStub(channel)
+        await stub.Analyze(pb.AnalyzeRequest(image=payloads[0], heatmap=heatmap), timeout=120)  # warm
+        start = time.perf_counter()
+        await asyncio.gather(*(user(stub, k, start + seconds) for k in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return _summary(latencies, len(latencies), elapsed, failures)
+
+
+# -- CPU of the serving processes ---------------------------------------------------------------------------------
+class CpuMeter:
+    """User + system CPU seconds of a process tree by role (loadtest/memory.py ``role_of``), read before and after a
+    cell; processes that appear or exit in between are counted from zero / dropped (none do while serving)."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+
+    def read(self) -> dict[int, tuple[str, float]]:
+        import psutil
+
+        from braintumor.loadtest.memory import role_of
+
+        if self.pid is None:
+            return {}
+        try:
+            root = psutil.Process(self.pid)
+            processes = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return {}
+        out = {}
+        for process in processes:
+            try:
+                times = process.cpu_times()
+                out[process.pid] = (role_of(process.cmdline()), times.user + times.system)
+            except psutil.Error:
+                continue
+        return out
+
+    @staticmethod
+    def per_image_ms(before: dict, after: dict, images: int) -> dict[str, float]:
+        """CPU milliseconds per answered image, by role."""
+        used = dict.fromkeys(CPU_ROLES, 0.0)
+        for pid, (role, seconds) in after.items():
+            if role in used:
+                used[role] += seconds - before.get(pid, (role, 0.0))[1]
+        return {role: (1000.0 * s / images if images else float("nan")) for role, s in used.items()}
+
+
+def measured(meter: CpuMeter, run) -> tuple[dict, dict[str, float]]:
+    before = meter.read()
+    result = run()
+    return result, CpuMeter.per_image_ms(before, meter.read(), result["n"])
+
+
+# -- processes ----------------------------------------------------------------------------------------------------
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout: float = 300) -> None:
     import httpx
 
@@ -156,21 +311,77 @@ def stop(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+def _ratio(a: dict | None, b: dict | None) -> str:
+    if not a or not b or not b["rps"]:
+        return "—"
+    return f"{a['rps'] / b['rps']:.2f}x"
+
+
+def _rps(r: dict | None) -> str:
+    return "—" if r is None else f"{r['rps']:.1f}"
+
+
+def _lat(r: dict | None) -> str:
+    return "—" if r is None else f"{r['p50']:.0f} / {r['p99']:.0f}"
+
+
+def _cpu(c: dict | None, role: str) -> str:
+    return "—" if not c or c.get(role) is None or np.isnan(c[role]) else f"{c[role]:.1f}"
+
+
+def report(rows: list[dict], args, model_label: str, images: int) -> str:
+    lines = [f"/analyze, {images} real images, {args.seconds:g} s per cell, {os.cpu_count()} CPUs, model {model_label}, "
+             f"heatmap {'asked' if args.heatmap else 'not asked'}", ""]
+    lines += ["| concurrency | model alone img/s (batch) | HTTP img/s | gRPC img/s | baseline img/s "
+              "| HTTP / model | gRPC / model | HTTP / baseline | gRPC / baseline |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        m = r["model"]
+        lines.append(f"| {r['c']} | {m['rps']:.1f} ({m['batch']}) | {_rps(r['http'])} | {_rps(r['grpc'])} "
+                     f"| {_rps(r['base'])} | {_ratio(r['http'], m)} | {_ratio(r['grpc'], m)} "
+                     f"| {_ratio(r['http'], r['base'])} | {_ratio(r['grpc'], r['base'])} |")
+    lines += ["", "| concurrency | p50 / p99 ms: model alone (per batch) | HTTP | gRPC | baseline "
+              "| CPU ms/img, HTTP cell: gateway / Triton | gRPC cell: gRPC server / Triton | baseline "
+              "| failures (HTTP/gRPC/base) |",
+              "|---:|---|---|---|---|---|---|---:|---|"]
+    for r in rows:
+        fails = "/".join("—" if r[k] is None else str(r[k]["failures"]) for k in ("http", "grpc", "base"))
+        lines.append(f"| {r['c']} | {_lat(r['model'])} | {_lat(r['http'])} | {_lat(r['grpc'])} | {_lat(r['base'])} "
+                     f"| {_cpu(r['http_cpu'], 'gateway')} / {_cpu(r['http_cpu'], 'triton')} "
+                     f"| {_cpu(r['grpc_cpu'], 'grpc')} / {_cpu(r['grpc_cpu'], 'triton')} "
+                     f"| {_cpu(r['base_cpu'], 'gateway')} | {fails} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="the release checkpoint (the baseline serves it eagerly)")
-    ap.add_argument("--model-repository", default="model_repository", help="what `braintumor serve` serves")
+    ap.add_argument("--model-repository", default="model_repository", help="what `braintumor serve` and the "
+                    "model-alone line run")
+    ap.add_argument("--model", default="brain_tumor", help="the full model's name in the repository")
+    ap.add_argument("--checkpoint", default=None, help="the release checkpoint: the baseline serves it eagerly "
+                    "(without it the baseline is left out)")
     ap.add_argument("--data", default=None, help="BRISC root for real request images (default: synthetic)")
     ap.add_argument("--images", type=int, default=64, help="distinct request images")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    ap.add_argument("--seconds", type=float, default=15.0, help="load duration per server and concurrency")
+    ap.add_argument("--seconds", type=float, default=15.0, help="load duration per cell")
     ap.add_argument("--settle", type=float, default=30.0,
                     help="seconds to wait after start-up before measuring: each front-door process warms its "
                          "explainers (imports lime/shap, compiles shap's numba kernels) in the background")
-    ap.add_argument("--gateway", default=None, help="URL of a running gateway (else `braintumor serve` is started)")
+    ap.add_argument("--heatmap", action="store_true", help="ask for the Grad-CAM heatmap on every request")
+    ap.add_argument("--no-grpc", action="store_true", help="leave out the gRPC Analyze column")
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="model-alone execution provider (auto: CUDA when this onnxruntime has it)")
+    ap.add_argument("--gateway", default=None, help="URL of a running gateway (else `braintumor serve` is started); "
+                    "its serve process tree is found by port for the CPU columns")
+    ap.add_argument("--grpc", default=None, help="HOST:PORT of the running gRPC API that goes with --gateway")
+    ap.add_argument("--json", default=None, metavar="PATH", help="also write the raw numbers as JSON")
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -178,13 +389,22 @@ def main() -> None:
         run_baseline_server(args.checkpoint, args.port)
         return
 
+    from braintumor.loadtest.memory import find_serve_pid
     from braintumor.serving.triton_embedded import free_port
 
     payloads = load_payloads(args.data, args.images)
-    procs = []
+    model = ModelAlone(args.model_repository, args.model, payloads, args.device)
+    procs: list[subprocess.Popen] = []
+    rows = []
     try:
+        grpc_target = None if args.no_grpc else args.grpc
         if args.gateway:
             gateway = args.gateway.rstrip("/")
+            try:
+                serve = CpuMeter(find_serve_pid(gateway))
+            except (ValueError, ImportError) as exc:
+                print(f"no CPU columns: {exc}", file=sys.stderr)
+                serve = CpuMeter(None)
         else:
             ports = {k: free_port() for k in ("http", "grpc", "gm", "th", "tg", "tm")}
             cmd = [sys.executable, "-m", "braintumor.serving.cli", "serve", "--host", "127.0.0.1",
@@ -194,33 +414,52 @@ def main() -> None:
                    "--triton-metrics-port", str(ports["tm"])]
             procs.append(subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL))
             gateway = f"http://127.0.0.1:{ports['http']}"
+            grpc_target = None if args.no_grpc else f"127.0.0.1:{ports['grpc']}"
+            serve = CpuMeter(procs[-1].pid)
             wait_ready(f"{gateway}/readyz", procs[-1])
-        port = free_port()
-        procs.append(subprocess.Popen([sys.executable, str(HERE), "--baseline-server", "--port", str(port),
-                                       "--checkpoint", args.checkpoint], start_new_session=True))
-        baseline = f"http://127.0.0.1:{port}"
-        wait_ready(f"{baseline}/readyz", procs[-1])
+        baseline, base_meter = None, CpuMeter(None)
+        if args.checkpoint:
+            port = free_port()
+            procs.append(subprocess.Popen([sys.executable, str(HERE), "--baseline-server", "--port", str(port),
+                                           "--checkpoint", args.checkpoint], start_new_session=True))
+            baseline = f"http://127.0.0.1:{port}"
+            base_meter = BaselineMeter(procs[-1].pid)
+            wait_ready(f"{baseline}/readyz", procs[-1])
 
         time.sleep(args.settle)
-        for url in (gateway, baseline):  # first requests: connection pools, lazy imports, allocator warm-up
-            asyncio.run(load(f"{url}/analyze", payloads, max(args.concurrency), 5.0))
-        rows = []
+        warm = min(5.0, args.seconds)
+        for url in filter(None, (gateway, baseline)):  # first requests: connection pools, lazy imports, allocators
+            asyncio.run(load_http(f"{url}/analyze", payloads, max(args.concurrency), warm, args.heatmap))
+        if grpc_target:
+            asyncio.run(load_grpc(grpc_target, payloads, max(args.concurrency), warm, args.heatmap))
         for c in args.concurrency:
-            ours = asyncio.run(load(f"{gateway}/analyze", payloads, c, args.seconds))
-            base = asyncio.run(load(f"{baseline}/analyze", payloads, c, args.seconds))
-            rows.append((c, ours, base))
+            row = {"c": c, "model": model.run(c, args.seconds), "grpc": None, "grpc_cpu": None, "base": None,
+                   "base_cpu": None}
+            row["http"], row["http_cpu"] = measured(serve, lambda: asyncio.run(
+                load_http(f"{gateway}/analyze", payloads, c, args.seconds, args.heatmap)))
+            if grpc_target:
+                row["grpc"], row["grpc_cpu"] = measured(serve, lambda: asyncio.run(
+                    load_grpc(grpc_target, payloads, c, args.seconds, args.heatmap)))
+            if baseline:
+                row["base"], row["base_cpu"] = measured(base_meter, lambda: asyncio.run(
+                    load_http(f"{baseline}/analyze", payloads, c, args.seconds, args.heatmap)))
+            rows.append(row)
     finally:
         for proc in reversed(procs):
             stop(proc)
 
-    print(f"\n/analyze, {len(payloads)} real images, {args.seconds:g} s per cell, {os.cpu_count()} CPUs\n")
-    print("| concurrency | ours img/s | baseline img/s | throughput ratio | ours p50 / p99 ms | baseline p50 / p99 ms "
-          "| ours p99 <= baseline p50 | failures (ours/base) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for c, o, b in rows:
-        print(f"| {c} | {o['rps']:.1f} | {b['rps']:.1f} | {o['rps'] / b['rps']:.2f}x | {o['p50']:.0f} / {o['p99']:.0f} "
-              f"| {b['p50']:.0f} / {b['p99']:.0f} | {'yes' if o['p99'] <= b['p50'] else 'no'} "
-              f"| {o['failures']}/{b['failures']} |")
+    print("\n" + report(rows, args, model.label, len(payloads)))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": model.label, "seconds": args.seconds,
+                                               "heatmap": args.heatmap, "cpus": os.cpu_count(), "rows": rows},
+                                              indent=2, default=float) + "\n")
+
+
+class BaselineMeter(CpuMeter):
+    """The baseline is one uvicorn process: all of its CPU counts as its 'gateway'."""
+
+    def read(self) -> dict[int, tuple[str, float]]:
+        return {pid: ("gateway", seconds) for pid, (_, seconds) in super().read().items()}
 
 
 if __name__ == "__main__":

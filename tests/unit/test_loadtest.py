@@ -9,6 +9,7 @@ import io
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -355,3 +356,34 @@ def test_heatmap_flag_reaches_the_locustfiles(flag, value, monkeypatch):
     commands.register(parser.add_subparsers())
     args = parser.parse_args(["loadtest", "--target", "http", "--out", "unused", *flag])
     assert commands._child_env(args, "flat", 8, None)["BRAINTUMOR_LOADTEST_HEATMAP"] == value
+
+
+def test_bench_gateway_cpu_per_image_by_role():
+    """CPU ms per image: each role's CPU seconds between two reads over the images answered; a process that appeared
+    in between counts from zero; roles outside the serving ones (supervisor, other) are left out."""
+    from braintumor.loadtest.bench_gateway import CpuMeter
+
+    before = {1: ("gateway", 10.0), 2: ("triton", 4.0), 3: ("supervisor", 1.0)}
+    after = {1: ("gateway", 10.5), 2: ("triton", 5.0), 3: ("supervisor", 9.0), 4: ("triton", 0.25)}
+    assert CpuMeter.per_image_ms(before, after, 100) == {"gateway": 5.0, "grpc": 0.0, "triton": 12.5}
+
+
+def test_bench_gateway_cpu_meter_reads_a_real_process_tree():
+    pytest.importorskip("psutil")
+    import subprocess
+
+    from braintumor.loadtest.bench_gateway import CpuMeter
+
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
+    try:
+        meter = CpuMeter(os.getpid())
+        deadline = time.monotonic() + 20
+        while meter.read().get(child.pid, ("", 0.0))[1] < 0.25 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        role, seconds = meter.read()[child.pid]
+        assert role == "other" and seconds >= 0.25  # its busy loop, seen through psutil's cpu_times
+        assert CpuMeter(None).read() == {}
+    finally:
+        child.kill()
+        child.wait()
