@@ -143,6 +143,10 @@ BAD_INPUTS = [
      "unknown target class"),
     ("num_samples not a number", "/explain", lambda s: {"files": _files(s), "data": {"num_samples": "many"}}, 400,
      "num_samples"),
+    ("heatmap flag not a boolean", "/analyze", lambda s: {"files": _files(s), "data": {"heatmap": "maybe"}}, 400,
+     "heatmap"),
+    ("heatmap flag not a boolean (JSON)", "/analyze_batch", lambda s: _json(images_base64=[_b64(s)], heatmap="maybe"),
+     400, "heatmap"),
 ]
 
 
