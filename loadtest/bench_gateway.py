@@ -281,6 +281,19 @@ class CpuMeter:
         return {role: (1000.0 * s / images if images else float("nan")) for role, s in used.items()}
 
 
+def settle(meters: list[CpuMeter], most_s: float, quiet: float = 0.05) -> float:
+    """Wait until every meter's process tree uses under ``quiet`` of a core over one second (the front doors warm
+    their explainers in the background after readiness, which would count as serving CPU), at most ``most_s``."""
+    start = time.monotonic()
+    while time.monotonic() - start < most_s:
+        before = [m.read() for m in meters]
+        time.sleep(1.0)
+        busy = [sum(s for _, s in m.read().values()) - sum(s for _, s in b.values()) for m, b in zip(meters, before)]
+        if all(b < quiet for b in busy):
+            break
+    return time.monotonic() - start
+
+
 def measured(meter: CpuMeter, run) -> tuple[dict, dict[str, float]]:
     before = meter.read()
     result = run()
@@ -371,9 +384,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="distinct request images")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--seconds", type=float, default=15.0, help="load duration per cell")
-    ap.add_argument("--settle", type=float, default=30.0,
-                    help="seconds to wait after start-up before measuring: each front-door process warms its "
-                         "explainers (imports lime/shap, compiles shap's numba kernels) in the background")
+    ap.add_argument("--settle", type=float, default=120.0,
+                    help="at most this many seconds to wait after start-up for the servers to go quiet (under 5%% "
+                         "of a core): each front-door process warms its explainers (imports lime/shap, compiles "
+                         "shap's numba kernels) in the background, which would count as serving CPU")
     ap.add_argument("--heatmap", action="store_true", help="ask for the Grad-CAM heatmap on every request")
     ap.add_argument("--no-grpc", action="store_true", help="leave out the gRPC Analyze column")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -426,7 +440,8 @@ def main() -> None:
             base_meter = BaselineMeter(procs[-1].pid)
             wait_ready(f"{baseline}/readyz", procs[-1])
 
-        time.sleep(args.settle)
+        waited = settle([serve, base_meter], args.settle)
+        print(f"servers quiet after {waited:.0f} s", file=sys.stderr)
         warm = min(5.0, args.seconds)
         for url in filter(None, (gateway, baseline)):  # first requests: connection pools, lazy imports, allocators
             asyncio.run(load_http(f"{url}/analyze", payloads, max(args.concurrency), warm, args.heatmap))
