@@ -189,12 +189,17 @@ class AsyncExplainJob:
         self.id = job_id
         self._client = client
         self._local = local
+        # The gateway deletes a task once its result has been fetched (it keeps no image longer than needed), so the
+        # job keeps what it fetched: status() and result() keep answering from it.
+        self._fetched: Explanation | None = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(id={self.id!r})"
 
     async def status(self) -> str:
         """``in_progress``, ``completed``, ``failed`` (or ``canceled``)."""
+        if self._fetched is not None:
+            return "completed"
         if self._local is not None:
             if not self._local.done():
                 return "in_progress"
@@ -206,6 +211,8 @@ class AsyncExplainJob:
         """Wait (polling with backoff over HTTP) for the explanation; a failed job raises its error. ``timeout``:
         seconds to wait, default the client's; past it DeadlineExceededError (the job carries on)."""
         budget = self._client.timeout if timeout is None else float(timeout)
+        if self._fetched is not None:
+            return self._fetched
         if self._local is not None:
             try:
                 return await asyncio.wait_for(asyncio.shield(self._local), budget)
@@ -223,7 +230,8 @@ class AsyncExplainJob:
             delay = min(delay * 1.5, POLL_MAX_S)
         transport = self._client._transport
         # A failed task's /explain/get answers its error (e.g. 400 for a bad option), raised here.
-        return await self._client._retrying(lambda t: transport.task_result(self.id, t))
+        self._fetched = await self._client._retrying(lambda t: transport.task_result(self.id, t))
+        return self._fetched
 
 
 async def _load(image: Image) -> bytes:

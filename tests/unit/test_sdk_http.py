@@ -228,6 +228,18 @@ def test_explain_job_status_and_failure(fast_backoff):
             ExplainJob(client, AsyncExplainJob(client._async, "no-such-task")).status()
 
 
+def test_a_fetched_job_answers_from_what_it_fetched(fast_backoff):
+    """The gateway deletes a task once its result is fetched; the job keeps answering without asking again."""
+    gateway = Gateway()
+    with _client(gateway) as client:
+        job = client.submit_explain(b"jpeg", method="lime", target="glioma", num_samples=20)
+        first = job.result(timeout=5)
+        gateway.tasks.pop(job.id, None)
+        sent = len(gateway.requests)
+        assert job.status() == "completed" and job.result(timeout=5) is first
+        assert len(gateway.requests) == sent
+
+
 def test_health_and_model(fast_backoff):
     with _client(Gateway()) as client:
         health = client.health()
