@@ -331,7 +331,7 @@ def _previous_table(previous: Mapping[str, Any], metrics: Mapping[str, Any], inf
         cur_v = (info.get("model_config") or {}).get(key) if key == "encoder" else (info.get("preprocess") or {}).get(key)
         rows.append([label, _text(prev_v), _text(cur_v)])
     out = [f"## Version {_text(prev_i.get('version'))} and version {_text(info.get('version'))} side by side", "",
-           "Each on its own run's validation split (the splits are drawn the same way with the same seed; numbers "
+           "Each on its own run's validation split (the same seed and fraction draw the same slices; numbers "
            "not recorded for the earlier version show as n/a).", ""]
     out += _table(["", f"v{_text(prev_i.get('version'))}", f"v{_text(info.get('version'))}"], rows)
     return out + [""]

@@ -1,0 +1,78 @@
+"""`braintumor serve` with its defaults serves the bundled release model: the answers equal ONNX Runtime on the
+shipped files, the served calibration constants are the card's, and a slice under the refer threshold is referred
+through Triton with the threshold as its reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+httpx = pytest.importorskip("httpx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("bentoml")
+
+from braintumor.export import contract  # noqa: E402
+from braintumor.export.evaluate import latest_version  # noqa: E402
+from braintumor.serving.triton_embedded import free_port  # noqa: E402
+from braintumor.train.decode import decode_image  # noqa: E402
+from braintumor.train.preprocess import PreprocessConfig, preprocess  # noqa: E402
+from braintumor.train.samples import build_index  # noqa: E402
+
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
+
+ROOT = Path(__file__).resolve().parents[2]
+VERSION = latest_version(ROOT / "model_repository" / contract.DEFAULT_NAME)
+META = json.loads((VERSION / contract.METADATA_FILE).read_text())
+
+
+def _val_slices(real_data: Path) -> list[Path]:
+    keys = set(META["validation_keys"])
+    return [Path(s.image_path) for s in build_index(real_data).samples if s.key in keys]
+
+
+def _onnx_probs(session, path: Path) -> np.ndarray:
+    decoded = decode_image(path)
+    image, _ = preprocess(decoded.pixels, PreprocessConfig.from_dict(META["preprocess"]))
+    return session.run([contract.CLASS_PROBS], {contract.INPUT_NAME: image[None, None]})[0][0]
+
+
+def test_default_serve_runs_the_bundled_model_and_refers_through_triton(real_data, serve_factory):
+    session = ort.InferenceSession(str(VERSION / contract.ONNX_FILE), providers=["CPUExecutionProvider"])
+    threshold = META["refer_threshold"]
+    probs, unsure, confident = {}, None, None
+    for path in _val_slices(real_data):  # scored until one of each is found (the card's refer rate is ~1%)
+        probs[path] = _onnx_probs(session, path)
+        if probs[path].max() < threshold:
+            unsure = unsure or path
+        else:
+            confident = confident or path
+        if unsure and confident:
+            break
+    assert unsure and confident, "no validation slice under the refer threshold: the card's refer rate says otherwise"
+
+    served = serve_factory("--triton-http-port", str(free_port()), "--triton-grpc-port", str(free_port()),
+                         "--triton-metrics-port", str(free_port()))  # no --model-repository: the bundled one
+    try:
+        model = httpx.get(f"{served.http_url}/model", timeout=30).json()
+        assert model["version"] in ("", str(META["version"])) or int(model["version"]) == META["version"]
+        assert model["temperature"] == pytest.approx(META["temperature"])
+        assert model["refer_threshold"] == pytest.approx(threshold)
+        assert model["disagree_min_area"] == pytest.approx(META["disagree_min_area"])
+        assert model["image_size"] == META["image_size"]
+
+        for path, expect_refer in ((unsure, True), (confident, None)):
+            body = httpx.post(f"{served.http_url}/analyze", timeout=60,
+                              files={"image": (path.name, path.read_bytes(), "image/jpeg")}).json()
+            for name, p in zip(META["classes"], probs[path]):
+                assert body["probabilities"][name] == pytest.approx(float(p), abs=1e-5)
+            threshold_reason = any("refer threshold" in r for r in body["refer_reason"])
+            if expect_refer:
+                assert body["refer"] and threshold_reason, body["refer_reason"]
+            else:
+                assert not threshold_reason, body["refer_reason"]
+    finally:
+        code = served.stop()
+    assert code == 0, "".join(served.lines[-40:])
