@@ -6,7 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from braintumor.train.model_card import build_model_card, card_metrics, render_model_card, select_true_class_cams
+from braintumor.train.card_metrics import card_metrics, select_true_class_cams
+from braintumor.train.model_card import build_model_card, render_model_card
 from braintumor.train.naming import CLASSES
 
 NT = CLASSES.index("no_tumor")
@@ -52,7 +53,7 @@ def test_cis_contain_point_estimates_and_are_deterministic():
 
 
 def test_fast_bootstrap_metrics_match_sklearn_point_estimates():
-    from braintumor.train.model_card import _auc_ovr, _macro_f1
+    from braintumor.train.card_metrics import _auc_ovr, _macro_f1
     from sklearn.metrics import f1_score, roc_auc_score
 
     y, probs, *_ = _toy(seed=1)
