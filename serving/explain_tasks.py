@@ -82,35 +82,9 @@ def _fields_and_image(body: bytes, media: str, content_type: str) -> tuple[dict,
 
 
 def _multipart_parts(content_type: str, body: bytes) -> dict[str, bytes]:
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    from .multipart import boundary_of, read_parts
 
-    _, options = parse_options_header(content_type)
-    parts: list[list] = []  # [name, bytearray]
-    header: dict[str, bytes] = {}
-
-    def on_part_begin() -> None:
-        parts.append(["", bytearray()])
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["field"] = header.get("field", b"") + data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"] = header.get("value", b"") + data[start:end]
-
-    def on_header_end() -> None:
-        if header.get("field", b"").lower() == b"content-disposition":
-            parts[-1][0] = parse_options_header(header.get("value", b""))[1].get(b"name", b"").decode()
-        header.clear()
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1][1] += data[start:end]
-
-    parser = MultipartParser(options.get(b"boundary", b""), {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_part_data": on_part_data})
-    parser.write(body)
-    parser.finalize()
-    return {name: bytes(data) for name, data in parts}
+    return {part.name: bytes(part.data) for part in read_parts(boundary_of(content_type) or b"", body)}
 
 
 class TaskStore:

@@ -217,48 +217,23 @@ class GatewayMiddleware:
 
 def _check_multipart(content_type: str, body: bytes, route: BodyRoute) -> None:
     """Reject what BentoML would answer with a 500 or silently ignore: no boundary, unparsable parts, unknown or
-    repeated fields, a file where a value belongs, an oversized value. Only part headers are kept, not data."""
+    repeated fields, a file where a value belongs, an oversized value."""
     from python_multipart.exceptions import FormParserError
-    from python_multipart.multipart import MultipartParser, parse_options_header
 
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
+    from .multipart import boundary_of, read_parts
+
+    boundary = boundary_of(content_type)
     if not boundary:
         raise BadInput(f"multipart body without a boundary in its content type; {route.usage}")
-    parts: list[dict] = []
-    header: dict[str, bytes] = {}
-
-    def on_part_begin() -> None:
-        parts.append({"disposition": b"", "size": 0})
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        header["field"] = header.get("field", b"") + data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        header["value"] = header.get("value", b"") + data[start:end]
-
-    def on_header_end() -> None:
-        if header.get("field", b"").lower() == b"content-disposition":
-            parts[-1]["disposition"] = header.get("value", b"")
-        header.clear()
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1]["size"] += end - start
-
-    parser = MultipartParser(boundary, {"on_part_begin": on_part_begin, "on_header_field": on_header_field,
-                                        "on_header_value": on_header_value, "on_header_end": on_header_end,
-                                        "on_part_data": on_part_data})
     try:
-        parser.write(body)
-        parser.finalize()
+        parts = read_parts(boundary, body)
     except FormParserError as exc:
         raise BadInput(f"malformed multipart body ({exc}); {route.usage}") from exc
     if not parts:
         raise BadInput(f"multipart body without any part; {route.usage}")
     counts: dict[str, int] = {}
     for part in parts:
-        _, opts = parse_options_header(part["disposition"])
-        name = opts.get(b"name", b"").decode("utf-8", "replace")
+        opts, name = part.options, part.name
         if not name:
             raise BadInput(f"a multipart part has no field name; {route.usage}")
         counts[name] = counts.get(name, 0) + 1
@@ -268,7 +243,7 @@ def _check_multipart(content_type: str, body: bytes, route: BodyRoute) -> None:
         elif name in route.fields:
             if b"filename" in opts:
                 raise BadInput(f"field {name!r} takes a plain form value, not a file; {route.usage}")
-            if part["size"] > MAX_FORM_VALUE_BYTES:
+            if len(part.data) > MAX_FORM_VALUE_BYTES:
                 raise BadInput(f"form value {name!r} is over {MAX_FORM_VALUE_BYTES} bytes; send images as file "
                                f"parts; {route.usage}")
         else:

@@ -136,7 +136,8 @@ def test_cam_at_stride_16_fuses_the_two_deepest_maps_exactly() -> None:
     channels = model.encoder.channels
     assert fused.shape == (2, channels[-1] + channels[-2], 4, 4) and cams.shape == (2, len(CLASSES), 4, 4)
     # Nearest upsampling keeps the deep map's mean: GAP of the fused map is GAP of each feature.
-    torch.testing.assert_close(fused[:, : channels[-1]].mean(dim=(2, 3)), features[-1].mean(dim=(2, 3)))
+    torch.testing.assert_close(fused[:, channels[-2]:].mean(dim=(2, 3)), features[-1].mean(dim=(2, 3)))
+    torch.testing.assert_close(fused[:, : channels[-2]], features[-2])
     torch.testing.assert_close(cams.mean(dim=(2, 3)) + model.classification_head.fc.bias, logits)
     assert build_model(**model.config).cam_stride == 16
 
