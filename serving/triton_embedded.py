@@ -11,6 +11,7 @@ import importlib.metadata
 import importlib.util
 import logging
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -188,10 +189,30 @@ def check_ports(ports: Mapping[str, int], host: str = "0.0.0.0") -> None:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free now (bind to 0); for tests and benchmarks."""
+    """A port free now, for tests and benchmarks, drawn BELOW the kernel's ephemeral range when it can be.
+
+    Binding to port 0 returns an ephemeral port, the same pool every outgoing connection takes its local port
+    from: between this call and the server binding it, a client connection elsewhere on the host can take it
+    (seen as "Address already in use" in the e2e suite). Ports under the range are never handed out that way.
+    """
+    low = _ephemeral_low()
+    for port in random.sample(range(20000, low), min(64, max(0, low - 20000))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low(default: int = 32768) -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return default
 
 
 def check_repository(path: str | os.PathLike) -> Path:

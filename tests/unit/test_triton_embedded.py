@@ -327,3 +327,16 @@ def test_abort_start_ends_the_wait_for_readiness(fake_triton):
     finally:
         triton.stop()
     assert not triton.is_running()
+
+
+def test_free_port_is_below_the_ephemeral_range_and_bindable():
+    """Outgoing connections take their local port from the ephemeral range; a port under it cannot be taken by one
+    between free_port() and the server binding it."""
+    import socket
+
+    from braintumor.serving.triton_embedded import _ephemeral_low, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p < _ephemeral_low() for p in ports) and len(ports) > 1
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports.pop()))
