@@ -97,3 +97,43 @@ def serve_factory():
     yield factory
     for instance in started:
         instance.stop()
+
+
+class ProcessTree:
+    """The host's processes read from /proc: who is below a ``braintumor serve`` and what outlived it."""
+
+    @staticmethod
+    def table() -> dict[int, tuple[int, str, bool]]:
+        """pid -> (parent pid, command line, zombie)."""
+        table = {}
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{pid}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            table[int(pid)] = (int(fields[1]), cmd, fields[0] == "Z")
+        return table
+
+    def descendants(self, root: int) -> dict[int, str]:
+        """Every live process below ``root`` (Triton, its python stubs, the gateway and its workers, the gRPC server)."""
+        table, found, frontier = self.table(), {}, [root]
+        while frontier:
+            parent = frontier.pop()
+            for pid, (ppid, cmd, zombie) in table.items():
+                if ppid == parent and pid not in found and not zombie:
+                    found[pid] = cmd
+                    frontier.append(pid)
+        return found
+
+    def alive(self, pids) -> list[str]:
+        """``pid: command`` of each of ``pids`` still running (zombies do not count)."""
+        table = self.table()
+        return [f"{pid}: {table[pid][1]}" for pid in pids if pid in table and not table[pid][2]]
+
+
+@pytest.fixture
+def proc_tree() -> ProcessTree:
+    return ProcessTree()

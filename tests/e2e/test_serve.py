@@ -3,7 +3,6 @@ image over HTTP and gRPC gives ONNX Runtime's answer; metrics move; SIGTERM leav
 drill: Triton killed while requests flow -> fast 503 / UNAVAILABLE, readiness false within 1 s, recovery by itself."""
 
 import base64
-import os
 import time
 
 import pytest
@@ -22,42 +21,6 @@ from braintumor.train.preprocess import PreprocessConfig, preprocess  # noqa: E4
 pytestmark = pytest.mark.e2e
 
 
-def _process_table() -> dict[int, tuple[int, str, bool]]:
-    """pid -> (parent pid, command line, zombie)."""
-    table = {}
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        table[int(pid)] = (int(fields[1]), cmd, fields[0] == "Z")
-    return table
-
-
-def _descendants(root: int) -> dict[int, str]:
-    """Every live process below ``root`` (Triton, its python stubs, the gateway and its workers, the gRPC server)."""
-    table = _process_table()
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, cmd, zombie) in table.items():
-            if ppid == parent and pid not in found:
-                frontier.append(pid)
-                if not zombie:
-                    found[pid] = cmd
-    return found
-
-
-def _still_alive(pids: dict[int, str]) -> list[str]:
-    table = _process_table()
-    return [f"{pid}: {cmd}" for pid, cmd in pids.items() if pid in table and not table[pid][2]]
-
-
 def _grpc_analyze(port: int, data: bytes):
     from braintumor.clients.v1 import braintumor_pb2, braintumor_pb2_grpc
 
@@ -66,13 +29,13 @@ def _grpc_analyze(port: int, data: bytes):
                                                                    timeout=60)
 
 
-def test_serve_http_and_grpc_agree_with_onnxruntime(tiny_repository, slice_jpeg, serve_factory):
+def test_serve_http_and_grpc_agree_with_onnxruntime(tiny_repository, slice_jpeg, serve_factory, proc_tree):
     served = serve_factory("--model-repository", str(tiny_repository),
                            "--triton-http-port", str(free_port()), "--triton-grpc-port", str(free_port()),
                            "--triton-metrics-port", str(free_port()))
     ports, lines = served.ports, served.lines
     gateway = f"http://127.0.0.1:{ports['http']}"
-    children = _descendants(served.proc.pid)
+    children = proc_tree.descendants(served.proc.pid)
     for part in ("tritonserver", "triton_python_backend_stub", "bentoml serve", "grpc-server"):
         assert any(part in cmd for cmd in children.values()), f"no {part} under `braintumor serve`: {children}"
     try:
@@ -109,7 +72,7 @@ def test_serve_http_and_grpc_agree_with_onnxruntime(tiny_repository, slice_jpeg,
         code = served.stop()
     assert code == 0, "".join(lines[-40:])
     # SIGKILL of the group in stop() does not reach the children: each runs in its own process group
-    assert not _still_alive(children), "processes outlived `braintumor serve`"
+    assert not proc_tree.alive(children), "processes outlived `braintumor serve`"
 
 
 def test_triton_killed_then_back(tiny_repository, slice_jpeg, serve_factory):

@@ -21,34 +21,9 @@ pytestmark = pytest.mark.e2e
 RECOVERY_S = 90  # Triton's restart includes loading the model; on 2 busy CPU cores it took ~10-20 s
 
 
-def _table() -> dict[int, tuple[int, str, bool]]:
-    table = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                cmd = fh.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        table[int(pid)] = (int(fields[1]), cmd, fields[0] == "Z")
-    return table
-
-
-def _descendants(root: int) -> dict[int, str]:
-    table, found, frontier = _table(), {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, (ppid, cmd, zombie) in table.items():
-            if ppid == parent and pid not in found and not zombie:
-                found[pid] = cmd
-                frontier.append(pid)
-    return found
-
-
-def _child(served, needle: str) -> int:
+def _child(served, needle: str, procs) -> int:
     """The direct child of `serve` whose command line holds ``needle``."""
-    table = _table()
+    table = procs.table()
     pids = [pid for pid, (ppid, cmd, zombie) in table.items()
             if ppid == served.proc.pid and needle in cmd and not zombie]
     assert len(pids) == 1, (needle, pids)
@@ -123,14 +98,14 @@ def _serve(serve_factory, tiny_repository):
 
 
 @pytest.mark.slow
-def test_each_part_killed_under_load_comes_back_without_a_500(tiny_repository, slice_jpeg, serve_factory):
+def test_each_part_killed_under_load_comes_back_without_a_500(tiny_repository, slice_jpeg, serve_factory, proc_tree):
     served = _serve(serve_factory, tiny_repository)
     recovery = {}
     with Load(served, slice_jpeg) as load:
         time.sleep(2)
         for part in ("tritonserver", "bentoml serve", "grpc-server"):
-            victim = _child(served, part)
-            family = {victim, *_descendants(victim)}  # BentoML's workers run in their own sessions
+            victim = _child(served, part, proc_tree)
+            family = {victim, *proc_tree.descendants(victim)}  # BentoML's workers run in their own sessions
             os.kill(victim, signal.SIGKILL)
             killed = time.monotonic()
             time.sleep(1)
@@ -139,9 +114,8 @@ def test_each_part_killed_under_load_comes_back_without_a_500(tiny_repository, s
                     served.lines[-40:])
                 time.sleep(0.5)
             recovery[part] = round(time.monotonic() - killed, 1)
-            assert _child(served, part) != victim
-            table = _table()
-            assert not [pid for pid in family if pid in table and not table[pid][2]], f"{part} left processes behind"
+            assert _child(served, part, proc_tree) != victim
+            assert not proc_tree.alive(family), f"{part} left processes behind"
             assert served.proc.poll() is None, "serve exited"
             time.sleep(2)
     print(f"recovery seconds {recovery}; HTTP outcomes {dict(load.http)}; gRPC outcomes {dict(load.grpc)}")
@@ -153,15 +127,14 @@ def test_each_part_killed_under_load_comes_back_without_a_500(tiny_repository, s
     assert "Triton exited" in log and "HTTP gateway exited" in log and "gRPC API exited" in log
 
 
-def test_sigkill_of_serve_leaves_no_process_behind(tiny_repository, serve_factory):
+def test_sigkill_of_serve_leaves_no_process_behind(tiny_repository, serve_factory, proc_tree):
     served = _serve(serve_factory, tiny_repository)
-    family = _descendants(served.proc.pid)
+    family = proc_tree.descendants(served.proc.pid)
     for part in ("tritonserver", "triton_python_backend_stub", "bentoml serve", "grpc-server"):
         assert any(part in cmd for cmd in family.values()), (part, family)
     os.kill(served.proc.pid, signal.SIGKILL)
     served.proc.wait(timeout=10)
     deadline = time.monotonic() + 30
-    while left := [f"{pid}: {cmd}" for pid, cmd in family.items()
-                   if pid in (table := _table()) and not table[pid][2]]:
+    while left := proc_tree.alive(family):
         assert time.monotonic() < deadline, f"outlived a SIGKILLed serve: {left}"
         time.sleep(0.2)
