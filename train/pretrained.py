@@ -126,11 +126,12 @@ def convert_state_dict(source: dict[str, torch.Tensor], target: dict[str, torch.
     return converted
 
 
-def load_imagenet_classifier(encoder: str) -> torch.nn.Module:
-    """The full timm ImageNet model (3 channels, 1000 classes) with the package's weights, strictly loaded."""
+def load_imagenet_classifier(encoder: str, path: Path | None = None) -> torch.nn.Module:
+    """The full timm ImageNet model (3 channels, 1000 classes) with the package's weights (or ``path``), strictly
+    loaded."""
     import timm
 
-    path, _ = weight_file(encoder)
+    path = path or weight_file(encoder)[0]
     model = timm.create_model(encoder, pretrained=False, num_classes=1000)
     source = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(convert_state_dict(source, model.state_dict(), _timm_block_names(model)), strict=True)
@@ -141,7 +142,7 @@ def imagenet_encoder_state(encoder: str, features: torch.nn.Module) -> tuple[dic
     """State dict for a timm ``features_only`` greyscale encoder: the ImageNet weights without the classifier
     head (conv_head, bn2, classifier are not part of the feature pyramid) and with the stem summed over RGB."""
     path, source = weight_file(encoder)
-    full = load_imagenet_classifier(encoder).state_dict()
+    full = load_imagenet_classifier(encoder, path).state_dict()
     target = features.state_dict()
     state = {k: v for k, v in full.items() if k in target}
     stem = state["conv_stem.weight"]
