@@ -15,11 +15,11 @@ import numpy as np
 from PIL import Image
 
 from ..export.contract import CAM, CLASS_PROBS, MASK_PROB
-from ..train.naming import NO_TUMOR
-from ..train.refer import heads_disagree, mask_area
 from ..train.decode import DecodedImage
 from ..train.heatmap import cam_heatmap, heatmap_levels
+from ..train.naming import NO_TUMOR
 from ..train.preprocess import Geometry, PreprocessConfig, invert_geometry, mask_to_original
+from ..train.refer import heads_disagree, mask_area
 
 MIN_STD = 2.0  # grey levels; below this the image is blank or near-constant
 MIN_FOREGROUND = 0.01  # fraction of pixels above the foreground threshold; below this the image is mostly blank

@@ -48,26 +48,24 @@ def calibrate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pa
     temperature = fit_temperature(logits, y)
     before, after = softmax(logits), softmax(logits, temperature)
     threshold = refer_threshold(after.max(1), after.argmax(1) == y, target_accuracy)
-    accepted = after.max(1) >= threshold
     labels, areas = after.argmax(1), mask_area(pred["mask_probs"])
     min_area = fit_disagree_min_area(labels, y, areas)
-    disagree = heads_disagree(labels, areas, min_area)
+    policies = {"threshold": refer_policy_stats(y, after, threshold, None),
+                "threshold+disagreement": refer_policy_stats(y, after, threshold, heads_disagree(labels, areas, min_area))}
+    by_threshold = policies["threshold"]
     summary = {
         "temperature": temperature,
         "ece_before": expected_calibration_error(before, y),
         "ece_after": expected_calibration_error(after, y),
         "refer_threshold": threshold,
         "target_accuracy": target_accuracy,
-        "refer_rate": float(1 - accepted.mean()),
-        "accepted_accuracy": float((after.argmax(1) == y)[accepted].mean()) if accepted.any() else None,
+        "refer_rate": by_threshold["refer_rate"],
+        "accepted_accuracy": by_threshold["accepted_accuracy"] if by_threshold["n_accepted"] else None,
         "n": int(len(y)),
         "fitted_on": "validation split of the run",
         "disagree_min_area": min_area,
         "disagree_false_refer_budget": DISAGREE_FALSE_REFER,
-        "policies": {
-            "threshold": refer_policy_stats(y, after, threshold, None),
-            "threshold+disagreement": refer_policy_stats(y, after, threshold, disagree),
-        },
+        "policies": policies,
     }
     state["temperature"] = temperature
     state["refer_threshold"] = threshold

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import dice_iou, classification_metrics, pointing_game_hits, segmentation_metrics, to_jsonable
-from .naming import CLASSES
 from .decode import decode_image, decode_mask
 from .heatmap import cam_heatmap
+from .metrics import classification_metrics, dice_iou, pointing_game_hits, segmentation_metrics, to_jsonable
+from .naming import CLASSES
 from .preprocess import PreprocessConfig, compute_geometry, mask_to_original
 from .refer import heads_disagree, mask_area, refer_policy_stats
 from .report import write_report
