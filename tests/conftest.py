@@ -175,25 +175,11 @@ def phi() -> dict[str, str]:
 def phi_dicom() -> bytes:
     """A valid MR slice with patient data in its header (synthetic pixels: an ellipse 'head' and a blob)."""
     pytest.importorskip("pydicom")
-    import io
-
     import numpy as np
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    from braintumor.train.synthetic import synthetic_dicom
 
     yy, xx = np.mgrid[0:64, 0:56]
     pixels = np.where((((yy - 32) / 28.0) ** 2 + ((xx - 28) / 24.0) ** 2) <= 1.0, 900, 0).astype(np.uint16)
     pixels[20:30, 25:35] = 1800
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
-    for key, value in PHI_FIELDS.items():
-        setattr(ds, key, value)
-    ds.set_pixel_data(pixels, "MONOCHROME2", 12)
-    ds.PixelSpacing = [0.5, 0.5]
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    return synthetic_dicom(pixels, 12, **PHI_FIELDS, PixelSpacing=[0.5, 0.5])

@@ -66,3 +66,27 @@ def make_synthetic_dataset(
                 pil.save(seg_img / f"{stem}.jpg", quality=95)
                 Image.fromarray(mask).save(seg_mask / f"{stem}.png")
     return root
+
+
+def synthetic_dicom(pixels: np.ndarray | None, bits_stored: int | None = None, photometric: str = "MONOCHROME2",
+                    **tags) -> bytes:
+    """An MR DICOM file (explicit VR little endian) holding ``pixels`` (none: no PixelData) and the header ``tags``,
+    set after the pixels (e.g. ``PatientName``, ``RescaleSlope``, ``PixelSpacing``)."""
+    import io
+
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = MRImageStorage, meta.MediaStorageSOPInstanceUID, "MR"
+    if pixels is not None:
+        ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

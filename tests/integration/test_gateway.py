@@ -23,6 +23,7 @@ from PIL import Image  # noqa: E402
 from braintumor.serving.pipeline import Pipeline  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
 from braintumor.serving.triton_embedded import free_port  # noqa: E402
+from braintumor.train.synthetic import synthetic_dicom  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -81,20 +82,10 @@ def _png_claiming(width: int, height: int) -> bytes:
 
 def _dicom_without_pixels() -> bytes:
     pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.Modality, ds.PatientName = MRImageStorage, "MR", "Doe^Jane"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 16, 16, 1, "MONOCHROME2"
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    assert pydicom.dcmread(io.BytesIO(buf.getvalue())).get("PixelData") is None
-    return buf.getvalue()
+    data = synthetic_dicom(None, PatientName="Doe^Jane", Rows=16, Columns=16, SamplesPerPixel=1,
+                           PhotometricInterpretation="MONOCHROME2")
+    assert pydicom.dcmread(io.BytesIO(data)).get("PixelData") is None
+    return data
 
 
 def _multipart(data: bytes) -> dict:

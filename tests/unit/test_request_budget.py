@@ -15,6 +15,7 @@ from braintumor.serving.pipeline import Pipeline
 from braintumor.serving.triton_client import ModelInfo, TritonModel
 from braintumor.train.decode import MAX_SIDE, ImageDecodeError, UnsupportedFormatError, decode_image
 from braintumor.train.preprocess import Geometry, PreprocessConfig, compute_geometry, invert_geometry
+from braintumor.train.synthetic import synthetic_dicom
 
 # Measured peak RSS growth of decode -> preprocess -> postprocess (mask, heatmap, overlay PNGs) at 2048x2048:
 # grey PNG 77 MB, 16-bit PNG 78 MB, colour JPEG 89 MB, 16-bit DICOM 168 MB; a 512x512 slice 8 MB.
@@ -143,22 +144,9 @@ def _peak_bytes(data: bytes) -> int:
 
 
 def _dicom16(side: int) -> bytes:
-    pydicom = pytest.importorskip("pydicom")
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = MRImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.Modality = MRImageStorage, "MR"
-    ds.set_pixel_data(np.random.default_rng(0).integers(0, 4000, (side, side), dtype=np.uint16), "MONOCHROME2", 16)
-    ds.RescaleSlope, ds.RescaleIntercept = 2, -100
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    assert pydicom
-    return buf.getvalue()
+    pytest.importorskip("pydicom")
+    pixels = np.random.default_rng(0).integers(0, 4000, (side, side), dtype=np.uint16)
+    return synthetic_dicom(pixels, 16, RescaleSlope=2, RescaleIntercept=-100)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
