@@ -6,6 +6,10 @@ submission is rewritten before BentoML sees it: the image is decoded (JPEG, PNG,
 lossless greyscale PNG of the same pixels (no DICOM header, no file name, no EXIF), and only the content headers
 are kept. A task's row is deleted once its result has been fetched, and every row after ``ttl_s``. Retry and
 cancel are refused: a retry would re-run the stored request, and BentoML's cancel only relabels the row.
+
+With API keys, a task belongs to the caller that submitted it: the caller's name (serving/api_key.py, never the key)
+is stored as a header of the rewritten submission, in the same row, so it lives and dies with the task. Status and
+result are answered only to that caller; any other task id gets one 404, whether it exists or not.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ log = logging.getLogger("braintumor.serving.tasks")
 
 SUBMIT = "/explain/submit"
 GET = "/explain/get"
+OWNED = frozenset({"/explain/status", GET})  # answered only to the task's caller when keys are set
+CALLER_HEADER = b"x-braintumor-caller"  # stored with the submission; a caller's own header of that name is dropped
+NOT_FOUND = ("no task with this task_id for your API key (a task is visible only to the key that submitted it, "
+             "until its result is fetched or BRAINTUMOR_EXPLAIN_TASK_TTL_S passes)")
 REFUSED = {
     "/explain/retry": "explanation tasks cannot be retried: submit the image again (a repeated image is answered "
                       "from the cache)",
@@ -102,17 +110,34 @@ class TaskStore:
         return cls(BentoMLContainer.result_store_file.get(), ttl_s)
 
     def _execute(self, sql: str, params: tuple) -> int:
+        return self._run(sql, params, lambda cursor: cursor.rowcount) or 0
+
+    def _run(self, sql: str, params: tuple, read):
         if self.path == ":memory:":
-            return 0
+            return None
         try:
             with sqlite3.connect(self.path, timeout=10) as conn:
-                return conn.execute(sql, params).rowcount
+                return read(conn.execute(sql, params))
         except sqlite3.OperationalError as exc:  # no table yet (no task submitted), or locked for 10 s
             log.warning("task store %s: %s", self.path, exc)
-            return 0
+            return None
 
     def delete(self, task_id: str) -> bool:
         return self._execute("DELETE FROM result WHERE task_id = ?", (task_id,)) > 0
+
+    def caller_of(self, task_id: str) -> str | None:
+        """The caller stored with ``task_id``'s submission (:data:`CALLER_HEADER`), or None: no such task, or it was
+        submitted without one (before keys were configured)."""
+        row = self._run("SELECT input FROM result WHERE task_id = ?", (task_id,), lambda cursor: cursor.fetchone())
+        if row is None:
+            return None
+        try:  # BentoML's JSONSerde: {"scope": {"headers": [[name, value], ...]}, "content": base64}
+            headers = json.loads(row[0])["scope"]["headers"]
+            callers = [value for name, value in headers if name.lower() == CALLER_HEADER.decode()]
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("task store %s: unreadable request row (%s)", self.path, type(exc).__name__)
+            return None
+        return callers[0] if len(callers) == 1 else None
 
     def purge(self, now: float | None = None) -> int:
         """Delete every task older than ``ttl_s`` (at most once per ``purge_every_s``); how many were deleted."""

@@ -6,7 +6,7 @@ import grpc
 from grpc_health.v1 import health
 from grpc_reflection.v1alpha import reflection
 
-from .api_key import key_accepted
+from .api_key import ApiKeys
 from .errors import Unauthenticated
 from .metrics import Metrics
 
@@ -15,10 +15,12 @@ AUTH_HELP = "missing or wrong API key: send it as metadata `x-api-key: KEY` or `
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """Every method except health and reflection needs the key (``x-api-key`` or ``authorization: Bearer``)."""
+    """Every method except health and reflection needs one of the keys (``x-api-key`` or ``authorization: Bearer``)."""
 
-    def __init__(self, key: str, metrics: Metrics | None = None) -> None:
-        self._key = key
+    def __init__(self, keys: ApiKeys, metrics: Metrics | None = None) -> None:
+        if not keys:
+            raise ValueError("ApiKeyInterceptor needs at least one key")
+        self._keys = keys
         self._metrics = metrics
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -31,7 +33,7 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, method.rsplit("/", 1)[-1], self._metrics)
 
     def _authorised(self, metadata) -> bool:
-        return key_accepted(metadata or (), self._key)
+        return self._keys.caller(metadata or ()) is not None
 
 
 def _refusing(handler: grpc.RpcMethodHandler, rpc: str, metrics: Metrics | None) -> grpc.RpcMethodHandler:

@@ -27,7 +27,7 @@ def _grpc_server(args: argparse.Namespace) -> int:
     settings = replace(settings, **overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logsafe.install()
-    exposed = exposure_warning(args.host, settings.api_key)
+    exposed = exposure_warning(args.host, settings.authenticates)
     if exposed:  # a warning, not a refusal: in a cluster a NetworkPolicy or a mesh may be what authenticates
         logging.getLogger("braintumor.grpc").warning("%s", exposed)
     metrics_port = args.metrics_port if args.metrics_port > 0 else None

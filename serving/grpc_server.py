@@ -66,7 +66,8 @@ class GrpcServer:
         metrics = Metrics(prometheus_client, "grpc", registry=registry)
         pipeline = pipeline or Pipeline.from_settings(settings, metrics)
         receive, send = message_limits(settings)
-        interceptors = [ApiKeyInterceptor(settings.api_key, metrics)] if settings.api_key else []
+        keys = settings.api_keys()
+        interceptors = [ApiKeyInterceptor(keys, metrics)] if keys else []
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", receive),
             ("grpc.max_send_message_length", send),
@@ -90,7 +91,7 @@ class GrpcServer:
         await server.start()
         task = asyncio.create_task(_update_health(pipeline, health_servicer), name="grpc-health")
         log.info("gRPC API listening on %s:%d (%s, health, reflection%s); metrics on port %s", host, bound,
-                 SERVICE_NAME, ", API key required" if settings.api_key else "", metrics_port)
+                 SERVICE_NAME, f", {len(keys)} API key(s)" if keys else "", metrics_port)
         return cls(server, pipeline, health_servicer, bound, metrics_port, task, metrics_http)
 
     async def stop(self, grace: float = STOP_GRACE_S) -> None:

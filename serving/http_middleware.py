@@ -16,9 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from . import explain_tasks
-from .api_key import key_accepted
 from .errors import (
-    BadInput, Busy, NotSupported, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated, UnsupportedMediaType,
+    BadInput, Busy, NotFound, NotSupported, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated,
+    UnsupportedMediaType,
 )
 from .logsafe import escape_controls
 from .settings import ServeSettings
@@ -67,6 +67,7 @@ class GatewayMiddleware:
         self.routes = dict(routes)
         self.endpoints = {**{p: r.endpoint for p, r in routes.items()}, **endpoints}
         self.settings = settings or ServeSettings.from_env()
+        self.keys = self.settings.api_keys()  # read once: a changed keys file needs a restart
         self._metrics = metrics
         self.buffered = 0  # body bytes held by the requests in flight in this worker (max_buffered_bytes)
         self._tasks: explain_tasks.TaskStore | None = None  # made on first use: BentoML configures its path
@@ -104,17 +105,20 @@ class GatewayMiddleware:
         try:
             body = None
             try:
-                self._authenticate(scope)
+                caller = self._authenticate(scope)
                 # The key goes no further: BentoML stores task requests, headers included, in its task database.
                 scope = {**scope, "headers": [(k, v) for k, v in scope.get("headers", ())
-                                              if k.lower() not in (b"x-api-key", b"authorization")]}
+                                              if k.lower() not in (b"x-api-key", b"authorization",
+                                                                   explain_tasks.CALLER_HEADER)]}
                 if path in explain_tasks.REFUSED:
                     raise NotSupported(explain_tasks.REFUSED[path])  # before BentoML: no side effect
+                if path in explain_tasks.OWNED:
+                    await self._check_owner(scope, caller)
                 route = self.routes.get(path)
                 if route is not None and scope["method"] == "POST":
                     body = await self._read_body(scope, receive, route, held)
                     if path == explain_tasks.SUBMIT:
-                        body, scope = await self._pixels_only(scope, body)
+                        body, scope = await self._pixels_only(scope, body, caller)
             except ServingError as exc:
                 await _answer(exc, counted)
                 return
@@ -129,34 +133,51 @@ class GatewayMiddleware:
                 self.metrics.observe_request(self.endpoints.get(path, OTHER_ENDPOINT), str(seen["status"]), seconds)
             _log_access(scope, seen["status"], start)
 
-    # -- explanation tasks: pixels only, deleted once fetched or expired ---------------------------------------
+    # -- explanation tasks: pixels only, their caller's only, deleted once fetched or expired -------------------
 
-    async def _pixels_only(self, scope, body: bytes):
-        """The submission as BentoML will store it: decoded pixels as PNG + options, content headers only."""
+    @property
+    def tasks(self) -> explain_tasks.TaskStore:
+        if self._tasks is None:
+            self._tasks = explain_tasks.TaskStore.of_bentoml(self.settings.explain_task_ttl_s)
+        return self._tasks
+
+    async def _pixels_only(self, scope, body: bytes, caller: str | None):
+        """The submission as BentoML will store it: decoded pixels as PNG + options, content headers and the
+        caller's name only."""
         content_type = _headers(scope).get("content-type", "")
         media = content_type.split(";")[0].strip().lower()
         body = await asyncio.to_thread(explain_tasks.pixels_only, body, media, content_type)
         headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() == b"host"]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        if caller is not None:
+            headers.append((explain_tasks.CALLER_HEADER, caller.encode()))
         return body, {**scope, "headers": headers}
 
-    async def _forget_tasks(self, scope, path: str, status: int) -> None:
-        if self._tasks is None:
-            self._tasks = explain_tasks.TaskStore.of_bentoml(self.settings.explain_task_ttl_s)
-        if path == explain_tasks.GET and status == 200:
-            from urllib.parse import parse_qs
+    async def _check_owner(self, scope, caller: str | None) -> None:
+        """With keys, a task id that is not the caller's (someone else's, fetched, expired or never issued) gets one
+        404, before BentoML reads or changes anything."""
+        task_id = _task_id(scope)
+        if caller is None or task_id is None:
+            return
+        if await asyncio.to_thread(self.tasks.caller_of, task_id) != caller:
+            raise NotFound(explain_tasks.NOT_FOUND)
 
-            task_id = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("task_id", [""])[0]
-            await asyncio.to_thread(self._tasks.delete, task_id)
-        await asyncio.to_thread(self._tasks.purge)
+    async def _forget_tasks(self, scope, path: str, status: int) -> None:
+        if path == explain_tasks.GET and status == 200:
+            await asyncio.to_thread(self.tasks.delete, _task_id(scope) or "")
+        await asyncio.to_thread(self.tasks.purge)
 
     # -- checks --------------------------------------------------------------------------------------------
 
-    def _authenticate(self, scope) -> None:
-        key = self.settings.api_key
-        if key and not key_accepted(_headers(scope).items(), key):
+    def _authenticate(self, scope) -> str | None:
+        """The caller's name (serving/api_key.py), None when no key is configured; Unauthenticated otherwise."""
+        if not self.keys:
+            return None
+        caller = self.keys.caller(_headers(scope).items())
+        if caller is None:
             raise Unauthenticated("missing or wrong API key: send it as the `x-api-key` header or as "
                                   "`authorization: Bearer <key>`")
+        return caller
 
     def _hold(self, size: int, held: list[int]) -> None:
         """Count ``size`` more body bytes against the worker's budget, or refuse the request (busy)."""
@@ -257,6 +278,17 @@ def _log_access(scope, status: int, start: float) -> None:
     client = scope.get("client") or ("-", 0)
     access_log.info("%s:%s %s %s %s %.1f ms", client[0], client[1], escape_controls(scope.get("method", "-")),
                     escape_controls(scope.get("path", "")), status, (time.perf_counter() - start) * 1000)
+
+
+def _task_id(scope) -> str | None:
+    """The ``task_id`` BentoML will read (Starlette's query parser, the same one); refused if given twice, so the
+    id checked here is the id BentoML uses."""
+    from starlette.datastructures import QueryParams
+
+    ids = QueryParams(scope.get("query_string", b"")).getlist("task_id")
+    if len(ids) > 1:
+        raise BadInput("give task_id once")
+    return ids[0] if ids else None
 
 
 def _headers(scope) -> dict[str, str]:

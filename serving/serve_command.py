@@ -36,11 +36,11 @@ def _serve(args: argparse.Namespace) -> int:
     logsafe.install()
     log = logging.getLogger("braintumor.serve")
     settings = ServeSettings.from_env()
-    exposed = exposure_warning(args.host, settings.api_key)
+    exposed = exposure_warning(args.host, settings.authenticates)
     if exposed and not args.allow_unauthenticated:
         print(f"braintumor serve: error: --host {args.host} without an API key would let anyone on the network use "
-              "the service; set BRAINTUMOR_API_KEY, bind to 127.0.0.1 (the default), or pass "
-              "--allow-unauthenticated if something in front authenticates", file=sys.stderr)
+              "the service; set BRAINTUMOR_API_KEY or BRAINTUMOR_API_KEYS_FILE, bind to 127.0.0.1 (the default), or "
+              "pass --allow-unauthenticated if something in front authenticates", file=sys.stderr)
         return 2
     if exposed:
         for line in ("!" * 100, exposed, "!" * 100):  # one record a line: log records are one line each

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
 from ..export.contract import DEFAULT_NAME
+from .api_key import ApiKeys
 
 PREFIX = "BRAINTUMOR_"
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -33,6 +34,7 @@ class ServeSettings:
     model_name: str = DEFAULT_NAME
     model_version: str = ""  # "" = the newest ready version
     api_key: str = ""  # "" = no authentication; else callers send it as `x-api-key` / `authorization: Bearer`
+    api_keys_file: str = ""  # `name:key` lines, one caller each (serving/api_key.py); with api_key, all are accepted
     max_body_bytes: int = 20 * 1024 * 1024  # largest accepted request / gRPC message
     # HTTP bodies held at once by one gateway worker (uploads being read or processed); beyond it: 429 busy
     max_buffered_bytes: int = 128 * 1024 * 1024
@@ -76,9 +78,18 @@ class ServeSettings:
         for name in ("triton_timeout_s", "body_timeout_s", "explain_task_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
+        self.api_keys()  # a keys file that cannot be used fails here, naming the file and line
         if self.max_buffered_bytes < self.max_body_bytes:
             raise ValueError(f"{PREFIX}MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "
                              f"{PREFIX}MAX_BODY_BYTES ({self.max_body_bytes}), or no full-size request could pass")
+
+    def api_keys(self) -> ApiKeys:
+        """The keys callers may present (read from the keys file each call: load once per process)."""
+        return ApiKeys.load(self.api_key, self.api_keys_file)
+
+    @property
+    def authenticates(self) -> bool:
+        return bool(self.api_key or self.api_keys_file)
 
     def to_env(self) -> dict[str, str]:
         """The variables that reproduce these settings in a child process."""
@@ -95,11 +106,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def exposure_warning(host: str, api_key: str) -> str | None:
-    """The warning for binding ``host`` without an API key, or None when only this host can reach it or a key is set.
-    One rule for `serve` (which refuses without --allow-unauthenticated) and `grpc-server` (which warns)."""
-    if api_key or is_loopback(host):
+def exposure_warning(host: str, authenticates: bool) -> str | None:
+    """The warning for binding ``host`` without an API key, or None when only this host can reach it or keys are set
+    (``ServeSettings.authenticates``). One rule for `serve` (which refuses without --allow-unauthenticated) and
+    `grpc-server` (which warns)."""
+    if authenticates or is_loopback(host):
         return None
     return (f"listening on {host or 'every interface'} WITHOUT an API key: anyone who can reach this host can send "
-            "images and read results. Set BRAINTUMOR_API_KEY, or bind to 127.0.0.1 and put an authenticating "
-            "proxy in front.")
+            "images and read results. Set BRAINTUMOR_API_KEY or BRAINTUMOR_API_KEYS_FILE, or bind to 127.0.0.1 and "
+            "put an authenticating proxy in front.")

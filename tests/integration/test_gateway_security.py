@@ -241,7 +241,9 @@ def test_a_task_stores_pixels_only_and_is_deleted_once_fetched(gateway, phi, phi
     import json
 
     (row,) = [json.loads(r) for r in _stored_inputs(gateway) if b'"/explain/submit"' in r][-1:]
-    assert {name for name, _ in row["scope"]["headers"]} <= {"host", "content-type", "content-length"}
+    headers = dict(row["scope"]["headers"])
+    assert set(headers) <= {"host", "content-type", "content-length", "x-braintumor-caller"}
+    assert headers["x-braintumor-caller"] == "env:BRAINTUMOR_API_KEY"  # who submitted it: a name, not the key
     body = json.loads(base64.b64decode(row["content"]))  # BentoML keeps the body base64-encoded
     assert set(body) == {"method", "image_base64"}
     image = base64.b64decode(body["image_base64"])
@@ -285,5 +287,66 @@ def test_an_unfetched_task_is_deleted_after_its_ttl(strict_gateway, slice_jpeg):
     task_id = strict_gateway.post("/explain/submit", json={"image_base64": _b64(slice_jpeg),
                                                            "method": "gradcam"}).json()["task_id"]
     assert _wait_status(strict_gateway, task_id) == "completed"
+    assert not [r for r in _stored_inputs(strict_gateway) if b"x-braintumor-caller" in r]  # no keys: no caller
     time.sleep(2.5)  # the TTL is 2 s here; the next /explain request purges
     assert _wait_status(strict_gateway, task_id, until=(404,), timeout=10) == 404
+
+
+# -- several callers: a task is its caller's only ------------------------------------------------------------------
+ALICE, BOB = "alice-key-0123456789abcdef", "bob-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def callers_gateway(tiny_triton, tmp_path_factory, running_gateway):
+    home = tmp_path_factory.mktemp("gateway_callers")
+    keys = home / "api-keys"
+    keys.write_text(f"# name:key\nalice:{ALICE}\nbob:{BOB}\n")
+    with running_gateway(home, tiny_triton.grpc_url, BRAINTUMOR_API_KEY=KEY, BRAINTUMOR_API_KEYS_FILE=str(keys)) as gw:
+        yield gw
+
+
+def _task_answer(gateway, path: str, headers: dict, params, method: str = "GET"):
+    answer = httpx.request(method, gateway.url + path, params=params, headers=headers, timeout=30)
+    return answer.status_code, answer.content, sorted((k, v) for k, v in answer.headers.items() if k != "date")
+
+
+def test_a_task_is_visible_only_to_the_key_that_submitted_it(callers_gateway, slice_jpeg):
+    import json
+    import uuid
+
+    gw = callers_gateway
+    alice, bob, env = {"x-api-key": ALICE}, {"authorization": f"Bearer {BOB}"}, AUTH
+    task_id = gw.post("/explain/submit", json={"image_base64": _b64(slice_jpeg), "method": "gradcam"},
+                      headers=alice).json()["task_id"]
+    assert _wait_status(gw, task_id, alice) == "completed"
+    import sqlite3
+
+    with sqlite3.connect(gw.log.parent / "task_result.db") as conn:
+        (stored,) = conn.execute("SELECT input FROM result WHERE task_id = ?", (task_id,)).fetchone()
+    assert dict(json.loads(stored)["scope"]["headers"])["x-braintumor-caller"] == "name:alice"
+    unknown = uuid.uuid4().hex
+    for other in (bob, env):  # another file key, and BRAINTUMOR_API_KEY: both are other callers
+        for method, path in (("GET", "/explain/status"), ("GET", "/explain/get"), ("HEAD", "/explain/status"),
+                             ("POST", "/explain/retry"), ("PUT", "/explain/cancel")):
+            theirs = _task_answer(gw, path, other, {"task_id": task_id}, method)
+            assert theirs == _task_answer(gw, path, other, {"task_id": unknown}, method), (path, method)
+            assert theirs[0] == (405 if path in ("/explain/retry", "/explain/cancel") else 404)
+        # a second task_id cannot carry alice's id past the check (BentoML reads the last one)
+        own = gw.post("/explain/submit", json={"image_base64": _b64(slice_jpeg), "method": "gradcam"},
+                      headers=other).json()["task_id"]
+        for params in ([("task_id", own), ("task_id", task_id)], [("task_id", task_id), ("task_id", own)]):
+            for path in ("/explain/status", "/explain/get"):
+                smuggled = httpx.get(gw.url + path, params=params, headers=other, timeout=30)
+                assert smuggled.status_code == 400 and smuggled.json()["error"] == "bad_input", smuggled.text
+        assert _wait_status(gw, own, other) == "completed"  # their own task answers them
+        assert gw.get("/explain/get", params={"task_id": own}, headers=other).status_code == 200
+    assert task_id in _task_ids(gw)  # nothing of alice's touched
+    assert _wait_status(gw, task_id, alice) == "completed"  # not cancelled, still there for alice
+    result = gw.get("/explain/get", params={"task_id": task_id}, headers=alice)
+    assert result.status_code == 200 and result.json()["method"] == "gradcam"
+    assert gw.get("/explain/get", params={"task_id": task_id}, headers=alice).status_code == 404  # fetched: gone
+    # no key in the log, the task store or the metrics
+    stored = b"".join(_stored_inputs(gw))
+    for text in (gw.log.read_bytes(), stored, gw.get("/metrics").content):
+        for key in (ALICE, BOB, KEY):
+            assert key.encode() not in text and base64.b64encode(key.encode()) not in text

@@ -181,6 +181,29 @@ def test_api_key(metadata, ok):
     assert unary == stream == expected
 
 
+def test_every_configured_key_is_accepted(tmp_path):
+    """BRAINTUMOR_API_KEY and each key of BRAINTUMOR_API_KEYS_FILE open the API; nothing else does."""
+    keys = tmp_path / "keys"
+    keys.write_text("alice:alice-key-0123456789\nbob:bob-key-0123456789ab\n")
+    tried = [(("x-api-key", "s3cret"),), (("x-api-key", "alice-key-0123456789"),),
+             (("authorization", "Bearer bob-key-0123456789ab"),), (("x-api-key", "alice-key-012345678"),),
+             (("x-api-key", "alice"),), ()]
+
+    async def test(stub, _channel, _pipeline):
+        codes = []
+        for metadata in tried:
+            try:
+                await stub.Analyze(pb.AnalyzeRequest(image=b"ok"), metadata=metadata, timeout=5)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.aio.AioRpcError as exc:
+                codes.append(exc.code())
+        return codes
+
+    ok, refused = grpc.StatusCode.OK, grpc.StatusCode.UNAUTHENTICATED
+    assert _serve(test, api_key="s3cret", api_keys_file=str(keys)) == [ok, ok, ok, refused, refused, refused]
+    assert _serve(test, api_keys_file=str(keys)) == [refused, ok, ok, refused, refused, refused]
+
+
 def test_health_follows_pipeline_readiness():
     async def test(_stub, channel, pipeline):
         health = health_pb2_grpc.HealthStub(channel)
