@@ -8,6 +8,7 @@ into pixels is :mod:`.decode`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -102,20 +103,38 @@ def invert_geometry(square: np.ndarray, geom: Geometry, *, nearest: bool = False
     y0, y1, x0, x1 = geom.crop
     top, bottom, left, right = geom.pad
     ch, cw = y1 - y0, x1 - x0
-    full_h, full_w = ch + top + bottom, cw + left + right
     out = np.zeros(geom.original_shape, dtype=square.dtype)
     if nearest:  # Pillow's nearest picks other source pixels with a box; this path is not on the serving side
-        restored = np.asarray(Image.fromarray(square).resize((full_w, full_h), Image.NEAREST), dtype=square.dtype)
+        restored = np.asarray(Image.fromarray(square).resize((cw + left + right, ch + top + bottom), Image.NEAREST),
+                              dtype=square.dtype)
         out[y0:y1, x0:x1] = restored[top : top + ch, left : left + cw]
         return out
-    # Bilinear: resample only the crop's part of the square (Pillow's ``box``), the same pixels as resizing the whole
-    # padded square and cutting the crop out (within one grey level: Pillow's fixed-point rounding), without
-    # allocating that square.
-    sy, sx = square.shape[0] / full_h, square.shape[1] / full_w
-    box = (left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
-    out[y0:y1, x0:x1] = np.asarray(Image.fromarray(square).resize((cw, ch), Image.BILINEAR, box=box),
-                                   dtype=square.dtype)
+    out[y0:y1, x0:x1] = _bilinear_window(square, geom, (0, ch, 0, cw))
     return out
+
+
+def _bilinear_window(square: np.ndarray, geom: Geometry, window: tuple[int, int, int, int]) -> np.ndarray:
+    """Rows ``wy0:wy1`` and columns ``wx0:wx1`` of the crop, bilinearly resampled from the (size, size) map.
+
+    Pillow's ``box`` resamples only that part of the padded square: the same pixels as resizing the whole padded
+    square and cutting the window out (within one grey level: Pillow's fixed-point rounding), without allocating
+    that square."""
+    top, bottom, left, right = geom.pad
+    y0, y1, x0, x1 = geom.crop
+    sy, sx = square.shape[0] / (y1 - y0 + top + bottom), square.shape[1] / (x1 - x0 + left + right)
+    wy0, wy1, wx0, wx1 = window
+    box = ((left + wx0) * sx, (top + wy0) * sy, (left + wx1) * sx, (top + wy1) * sy)
+    return np.asarray(Image.fromarray(square).resize((wx1 - wx0, wy1 - wy0), Image.BILINEAR, box=box),
+                      dtype=square.dtype)
+
+
+def _reach(hot: np.ndarray, scale: float, pad: int, length: int) -> tuple[int, int]:
+    """The crop rows (or columns) ``[a, b)`` whose bilinear resampling reads any of the source rows ``hot`` (sorted):
+    an output centre reads source rows within ``max(1, scale)`` of it (Pillow's bilinear support); 2 rows spare."""
+    support = max(1.0, scale)
+    a = math.floor((hot[0] - support - 0.5) / scale - 0.5) - 2 - pad
+    b = math.ceil((hot[-1] + support + 0.5) / scale - 0.5) + 3 - pad
+    return max(0, a), min(length, b)
 
 
 def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float = 0.5) -> np.ndarray:
@@ -124,13 +143,26 @@ def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float
     thresholded, so an enlarged mask has smooth edges rather than model-pixel blocks.
 
     Resized as uint8 levels (probability x 255), not float32: the full-size intermediate is 1 byte a pixel, and the
-    threshold becomes a level (0.5 -> 128); edges may move by one level's worth of interpolation."""
+    threshold becomes a level (0.5 -> 128); edges may move by one level's worth of interpolation. Only the window
+    around the source pixels at or above the level is resampled: bilinear weights are positive and sum to one, so
+    every other pixel stays under the level (an empty mask costs no resize at all)."""
     if mask_prob.shape != (geometry.size, geometry.size):
         raise ValueError(f"mask_prob of shape {mask_prob.shape} does not match the model input size {geometry.size}")
     levels = np.clip(np.rint(np.asarray(mask_prob, dtype=np.float32) * 255.0), 0, 255).astype(np.uint8)
-    restored = invert_geometry(levels, geometry)
     level = np.uint8(min(255, max(1, int(np.ceil(threshold * 255.0 - 1e-6)))))
-    return (restored >= level).view(np.uint8)
+    out = np.zeros(geometry.original_shape, dtype=np.uint8)
+    hot = levels >= level
+    rows, cols = np.flatnonzero(hot.any(axis=1)), np.flatnonzero(hot.any(axis=0))
+    if not rows.size:
+        return out
+    y0, y1, x0, x1 = geometry.crop
+    top, bottom, left, right = geometry.pad
+    wy0, wy1 = _reach(rows, geometry.size / (y1 - y0 + top + bottom), top, y1 - y0)
+    wx0, wx1 = _reach(cols, geometry.size / (x1 - x0 + left + right), left, x1 - x0)
+    if wy0 < wy1 and wx0 < wx1:
+        window = _bilinear_window(levels, geometry, (wy0, wy1, wx0, wx1))
+        out[y0 + wy0 : y0 + wy1, x0 + wx0 : x0 + wx1] = window >= level
+    return out
 
 
 def preprocess(pixels: np.ndarray, cfg: PreprocessConfig) -> tuple[np.ndarray, Geometry]:

@@ -5,7 +5,14 @@ import pytest
 from PIL import Image
 
 from braintumor.train.decode import ImageDecodeError, decode_image, decode_mask
-from braintumor.train.preprocess import PreprocessConfig, invert_geometry, preprocess, preprocess_mask
+from braintumor.train.preprocess import (
+    PreprocessConfig,
+    compute_geometry,
+    invert_geometry,
+    mask_to_original,
+    preprocess,
+    preprocess_mask,
+)
 
 
 def _png(arr, mode=None) -> bytes:
@@ -82,6 +89,51 @@ def test_crop_pad_removes_the_canvas_shape():
     a, _ = preprocess(_head(), cfg)
     b, _ = preprocess(same_head_wide_canvas, cfg)
     np.testing.assert_array_equal(a, b)  # the canvas' aspect ratio leaves no trace
+
+
+@pytest.mark.parametrize("offset, colour", [(0, False), (1, False), (2, False), (3, True)])
+def test_grey_is_a_mean_channel_difference_of_at_most_two_levels(offset, colour):
+    """JPEG chroma noise: channels a few levels apart are still a grey slice (its red channel); more is a photo."""
+    grey = _head()
+    rgb = np.stack([grey, grey + offset, grey + 2 * offset], -1).astype(np.uint8)
+    out = decode_image(_png(rgb))
+    assert out.is_colour is colour
+    if not colour:
+        np.testing.assert_array_equal(out.pixels, grey)
+
+
+def _blobs(size: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.ogrid[:size, :size]
+    prob = np.zeros((size, size), np.float32)
+    for cy, cx, r in [(size // 2, size // 2, size // 2), *rng.integers(0, size, (2, 3))]:  # one blob in the middle
+        prob = np.maximum(prob, np.clip(1.3 - np.hypot(yy - cy, xx - cx) / max(r / 3, 2), 0, 1))
+    return prob
+
+
+@pytest.mark.parametrize("shape, box, size", [
+    ((512, 512), (40, 480, 60, 470), 192),  # enlarged: the usual slice
+    ((300, 700), (0, 300, 0, 700), 192),  # a head touching the frame: padding on both sides
+    ((120, 90), (5, 115, 10, 85), 192),  # a small slice: the map is reduced
+    ((900, 260), (100, 890, 3, 257), 64),
+])
+@pytest.mark.parametrize("seed", range(4))
+def test_mask_to_original_resamples_only_where_the_mask_can_be(shape, box, size, seed):
+    """The windowed mask equals thresholding the full bilinear resample (invert_geometry), except where Pillow's
+    fixed-point rounding puts a pixel one level from the threshold; an empty map costs nothing and maps to zeros."""
+    pixels = np.zeros(shape, np.uint8)
+    pixels[box[0]:box[1], box[2]:box[3]] = 200
+    geom = compute_geometry(pixels, PreprocessConfig(image_size=size))
+    prob = _blobs(size, seed)
+    levels = np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+    full = invert_geometry(levels, geom)
+    got = mask_to_original(prob, geom)
+    assert got.shape == shape and got.dtype == np.uint8
+    differ = got != (full >= 128)
+    assert np.isin(full[differ], (127, 128)).all()
+    assert differ.sum() <= max(3, 0.001 * got.sum())
+    assert got.sum() > 0
+    np.testing.assert_array_equal(mask_to_original(np.full((size, size), 0.49, np.float32), geom), 0)
 
 
 def test_mask_follows_image_geometry_and_inverts():
