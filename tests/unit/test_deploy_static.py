@@ -361,6 +361,27 @@ def test_compose_gpu_override_reserves_a_gpu_for_triton():
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
 
 
+def test_compose_http_api_is_reached_through_the_nginx_front(compose, port):
+    """The gateway has no request-head timeout (README, Security): from the network the HTTP API is nginx running
+    serving/deploy/nginx/braintumor.conf (run against a real gateway by tests/integration/test_proxy_timeouts.py)."""
+    services = compose["services"]
+    assert all(str(p).startswith("127.0.0.1:") for p in services["gateway"]["ports"]), "the gateway: loopback only"
+    proxy = services["proxy"]
+    (published,) = proxy["ports"]
+    (mount,) = proxy["volumes"]
+    source, target = mount.split(":")[:2]
+    conf = (COMPOSE.parent / source).resolve()
+    assert conf == (ROOT / "serving" / "deploy" / "nginx" / "braintumor.conf").resolve() and conf.exists()
+    assert target.startswith("/etc/nginx/conf.d/") and target.endswith(".conf")
+    text = conf.read_text()
+    listen = int(re.search(r"^\s*listen (\d+);", text, re.M).group(1))
+    assert published == f"{port['http']}:{listen}"  # the documented HTTP port, served by nginx
+    assert re.search(rf"^\s*server gateway:{port['http']};", text, re.M), "the upstream is the gateway service"
+    assert re.search(r"^\s*client_header_timeout \d+s;", text, re.M)
+    assert f"127.0.0.1:{listen}/healthz" in " ".join(proxy["healthcheck"]["test"])
+    assert proxy["depends_on"]["gateway"]["condition"] == "service_healthy"
+
+
 def test_compose_monitoring_mounts_exist_and_agree(compose):
     services = compose["services"]
     mounts = {}

@@ -1,0 +1,122 @@
+"""The deploy's nginx front (serving/deploy/nginx/braintumor.conf) in front of a real gateway: it closes connections
+whose request head is incomplete (the gateway's uvicorn has no such timeout, issue 13 finding 5) and bodies that
+stall, which never reach the gateway. Needs an nginx binary: on PATH or in NGINX_BIN."""
+
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("bentoml")
+
+pytestmark = pytest.mark.integration
+
+CONF = Path(__file__).resolve().parents[2] / "serving" / "deploy" / "nginx" / "braintumor.conf"
+HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 10, 15  # what CONF says (checked below)
+
+
+def _nginx() -> str:
+    found = os.environ.get("NGINX_BIN") or shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    if not found:
+        pytest.skip("nginx is not installed (apt-get install nginx, or set NGINX_BIN)")
+    return found
+
+
+@pytest.fixture(scope="module")
+def proxied(tmp_path_factory, running_gateway):
+    """(proxy url, gateway): nginx running CONF, its upstream pointed at a gateway without Triton."""
+    from braintumor.serving.triton_embedded import free_port
+
+    nginx = _nginx()
+    root = tmp_path_factory.mktemp("proxy")
+    with running_gateway(root / "gateway", "127.0.0.1:9", ready=False, BRAINTUMOR_API_KEY="k") as gateway:
+        text = CONF.read_text()
+        assert f"client_header_timeout {HEADER_TIMEOUT_S}s;" in text and f"client_body_timeout {BODY_TIMEOUT_S}s;" in text
+        port = free_port()
+        for old, new in (("server gateway:3000;", f"server {gateway.url.removeprefix('http://')};"),
+                         ("listen 8080;", f"listen 127.0.0.1:{port};")):
+            assert text.count(old) == 1, old
+            text = text.replace(old, new)
+        (root / "braintumor.conf").write_text(text)
+        temp = " ".join(f"{kind}_temp_path {root / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
+                                                                        "scgi"))
+        (root / "nginx.conf").write_text(
+            ("user root root;\n" if os.geteuid() == 0 else "")
+            + f"daemon off;\nworker_processes 1;\npid {root / 'nginx.pid'};\nerror_log {root / 'error.log'} info;\n"
+            f"events {{ worker_connections 256; }}\nhttp {{ access_log off; {temp} include {root / 'braintumor.conf'}; }}\n")
+        proc = subprocess.Popen([nginx, "-p", str(root), "-c", str(root / "nginx.conf")], start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("nginx did not proxy /healthz:\n" + (root / "error.log").read_text(errors="replace"))
+                time.sleep(0.2)
+            yield url, gateway
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=15)
+
+
+def test_the_proxy_passes_requests_and_the_key_check(proxied):
+    url, gateway = proxied
+    assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+    before = _analyze_requests(gateway)
+    refused = httpx.post(url + "/analyze", json={"image_base64": "x"}, timeout=10)
+    assert refused.status_code == 401 and refused.json()["error"] == "unauthenticated"  # the gateway's answer
+    assert _analyze_requests(gateway) == before + 1
+
+
+def _analyze_requests(gateway) -> float:
+    """/analyze requests the gateway has answered (its own request counter, read directly, not through nginx)."""
+    lines = httpx.get(gateway.url + "/metrics", timeout=10).text.splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines
+               if line.startswith("braintumor_requests_total{") and 'endpoint="analyze"' in line)
+
+
+def test_slow_request_heads_and_stalled_bodies_are_closed(proxied):
+    url, gateway = proxied
+    host, port = url.removeprefix("http://").split(":")
+    analyze_before = _analyze_requests(gateway)
+    trickling = [socket.create_connection((host, int(port)), timeout=5) for _ in range(20)]
+    for sock in trickling:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+    silent = socket.create_connection((host, int(port)), timeout=5)  # connects, never sends a byte
+    stalled = socket.create_connection((host, int(port)), timeout=5)
+    stalled.sendall(b"POST /analyze HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: 100000\r\n\r\n" + b"{" * 1000)
+    start, closed = time.monotonic(), {}
+    everyone = [*trickling, silent, stalled]
+    while len(closed) < len(everyone) and time.monotonic() - start < BODY_TIMEOUT_S + 10:
+        for i, sock in enumerate(everyone):
+            if i in closed:
+                continue
+            try:
+                readable, _, _ = select.select([sock], [], [], 0)
+                if readable and sock.recv(4096) == b"":
+                    closed[i] = time.monotonic() - start
+                elif sock in trickling:
+                    sock.sendall(b"a")  # one byte a second: never a complete head
+            except OSError:
+                closed[i] = time.monotonic() - start
+        time.sleep(1.0)
+    for sock in everyone:
+        sock.close()
+    heads = [closed.get(i) for i in range(len(trickling) + 1)]
+    print(f"closed after (s): heads {heads}, stalled body {closed.get(len(everyone) - 1)}")
+    assert all(t is not None and HEADER_TIMEOUT_S - 1 <= t <= HEADER_TIMEOUT_S + 4 for t in heads), heads
+    assert BODY_TIMEOUT_S - 1 <= closed.get(len(everyone) - 1, 1e9) <= BODY_TIMEOUT_S + 4, closed
+    assert _analyze_requests(gateway) == analyze_before  # the stalled body never reached the gateway
