@@ -21,6 +21,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .logsafe import escape_controls
+from .multipart import SCOPE_KEY
 from .settings import ServeSettings
 
 # Always open, also when an API key is set: the probes and Prometheus. Everything else needs the key when one is
@@ -116,9 +117,11 @@ class GatewayMiddleware:
                     await self._check_owner(scope, caller)
                 route = self.routes.get(path)
                 if route is not None and scope["method"] == "POST":
-                    body = await self._read_body(scope, receive, route, held)
+                    body, parts = await self._read_body(scope, receive, route, held)
                     if path == explain_tasks.SUBMIT:
                         body, scope = await self._pixels_only(scope, body, caller)
+                    elif parts is not None:
+                        scope = {**scope, SCOPE_KEY: parts}  # parsed once: the endpoint reads these, not the body
             except ServingError as exc:
                 await _answer(exc, counted)
                 return
@@ -199,9 +202,9 @@ class GatewayMiddleware:
                                      "(BRAINTUMOR_BODY_TIMEOUT_S); send it in one go") from None
             raise RequestTimeout(f"the request body stalled for {BODY_IDLE_S:g} s; send it in one go") from None
 
-    async def _read_body(self, scope, receive, route: BodyRoute, held: list[int]) -> bytes:
+    async def _read_body(self, scope, receive, route: BodyRoute, held: list[int]) -> tuple[bytes, list | None]:
         """The whole body, within the size limit, time limit and the worker's buffer budget, of an accepted
-        content type; multipart parts checked."""
+        content type, and its checked multipart parts (None for a JSON body)."""
         headers = _headers(scope)
         limit = self.settings.max_body_bytes
         media = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -230,15 +233,16 @@ class GatewayMiddleware:
                 break
         body = b"".join(chunks)
         if media == "multipart/form-data":
-            _check_multipart(headers["content-type"], body, route)
-        elif body and not media:
+            return body, _check_multipart(headers["content-type"], body, route)
+        if body and not media:
             raise UnsupportedMediaType(f"the request has a body but no content type; {route.usage}")
-        return body
+        return body, None
 
 
-def _check_multipart(content_type: str, body: bytes, route: BodyRoute) -> None:
-    """Reject what BentoML would answer with a 500 or silently ignore: no boundary, unparsable parts, unknown or
-    repeated fields, a file where a value belongs, an oversized value."""
+def _check_multipart(content_type: str, body: bytes, route: BodyRoute) -> list:
+    """The body's parts, parsed once (the endpoints read them from the scope, :data:`.multipart.SCOPE_KEY`); refused
+    where BentoML would answer with a 500 or silently ignore: no boundary, unparsable parts, unknown or repeated
+    fields, a file where a value belongs, an oversized value."""
     from python_multipart.exceptions import FormParserError
 
     from .multipart import boundary_of, read_parts
@@ -269,6 +273,7 @@ def _check_multipart(content_type: str, body: bytes, route: BodyRoute) -> None:
                                f"parts; {route.usage}")
         else:
             raise BadInput(f"unknown field {name!r}; {route.usage}")
+    return parts
 
 
 # -- ASGI helpers ----------------------------------------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""One multipart/form-data reader for the gateway's own checks and rewrites (python-multipart's push parser)."""
+"""One multipart/form-data reader for the gateway (python-multipart's push parser): the front guard parses a body
+once, checks it, and leaves the parts in the ASGI scope under :data:`SCOPE_KEY`, where the endpoints' input specs
+read them instead of parsing the body again (service.py ``_Input.from_http_request``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from python_multipart.multipart import MultipartParser, parse_options_header
+
+
+SCOPE_KEY = "braintumor.multipart_parts"  # ASGI scope key: the checked list[Part] of this request's body
 
 
 @dataclass

@@ -29,6 +29,7 @@ from braintumor.serving import logsafe
 from braintumor.serving.errors import BadInput, ServingError
 from braintumor.serving.http_middleware import BodyRoute, GatewayMiddleware
 from braintumor.serving.metrics import Metrics
+from braintumor.serving.multipart import SCOPE_KEY
 from braintumor.serving.pipeline import EXPLAIN_METHODS, ExplainOptions, Pipeline
 from braintumor.serving.wire import analysis_to_dict, error_to_dict, explanation_to_dict
 from braintumor.serving.settings import ServeSettings
@@ -53,6 +54,25 @@ class _Input(bentoml.IODescriptor):
     # an upload (`X | None` is not patched; `Optional[Path]` fails to build, FileSchema being unhashable).
     # Unknown fields are refused by name; inputs are never echoed in validation errors or logs (patient data).
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+
+    @classmethod
+    async def from_http_request(cls, request, serde):
+        """The input from the multipart parts the front guard already parsed and checked (:mod:`.multipart`): file
+        fields become the parts' bytes, no temporary files; text fields are validated as BentoML would. A JSON
+        body (or a request that did not pass the guard) is BentoML's to parse."""
+        parts = request.scope.get(SCOPE_KEY)
+        if parts is None:
+            return await super().from_http_request(request, serde)
+        files: dict[str, list[bytes]] = {}
+        values: dict[str, str] = {}
+        for part in parts:
+            if part.name in cls.multipart_fields:
+                files.setdefault(part.name, []).append(bytes(part.data))
+            else:
+                values[part.name] = part.data.decode("utf-8", "replace")
+        model = cls.model_validate(values)
+        return model.model_copy(update={name: items if _several(cls.model_fields[name].annotation) else items[0]
+                                        for name, items in files.items()})
 
     @field_validator("image", "images", mode="before", check_fields=False)
     @classmethod
@@ -87,11 +107,13 @@ class ExplainInput(_Input):
     max_evals: int | None = Field(None, description="SHAP evaluations (BRAINTUMOR_SHAP_MAX_MAX_EVALS bounds it)")
 
 
-def _body_route(endpoint: str, spec: type[_Input], usage: str) -> BodyRoute:
-    def several(annotation) -> bool:
-        return any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
+def _several(annotation) -> bool:
+    """A file field that takes several files (``list[Path]``)."""
+    return any(typing.get_origin(a) is list for a in (annotation, *typing.get_args(annotation)))
 
-    files = {name: several(spec.model_fields[name].annotation) for name in spec.multipart_fields}
+
+def _body_route(endpoint: str, spec: type[_Input], usage: str) -> BodyRoute:
+    files = {name: _several(spec.model_fields[name].annotation) for name in spec.multipart_fields}
     return BodyRoute(endpoint, files, frozenset(spec.model_fields) - set(files), usage)
 
 
@@ -135,11 +157,16 @@ def decode_base64(text: str, field: str) -> bytes:
                        "(standard alphabet, with padding)") from exc
 
 
-async def _one_image(image: Path | None, image_base64: str | None, usage: str) -> bytes:
+async def _file_bytes(item: Path | bytes) -> bytes:
+    """A file field's bytes: the parsed part (the usual case, see ``_Input.from_http_request``) or BentoML's file."""
+    return item if isinstance(item, bytes) else await asyncio.to_thread(item.read_bytes)
+
+
+async def _one_image(image: Path | bytes | None, image_base64: str | None, usage: str) -> bytes:
     if image is not None and image_base64 is not None:
         raise BadInput('send the image once: either the multipart file "image" or JSON "image_base64"')
     if image is not None:
-        return await asyncio.to_thread(image.read_bytes)
+        return await _file_bytes(image)
     if image_base64 is not None:
         return decode_base64(image_base64, "image_base64")
     raise BadInput(f"no image in the request; {usage}")
@@ -220,7 +247,7 @@ class BrainTumorGateway:
         async def work():
             data = await _one_image(image, image_base64, ANALYZE_USAGE)
             result = await self.pipeline.analyze(data, overlay=overlay, heatmap=heatmap)
-            return analysis_to_dict(result)
+            return JSONResponse(analysis_to_dict(result))  # BentoML's output serde, skipped: the dict is plain JSON
 
         return await self._answer("analyze", work())
 
@@ -238,15 +265,15 @@ class BrainTumorGateway:
             items: list[bytes | ServingError] = []
             for k, item in enumerate(images or images_base64):
                 try:
-                    items.append(await asyncio.to_thread(item.read_bytes) if isinstance(item, Path)
-                                 else decode_base64(item, f"images_base64[{k}]"))
+                    items.append(decode_base64(item, f"images_base64[{k}]") if isinstance(item, str)
+                                 else await _file_bytes(item))
                 except BadInput as exc:
                     items.append(exc)  # keeps its place; the pipeline checks the batch limit and counts errors
             analysed = await self.pipeline.analyze_many(items, overlay=overlay, heatmap=heatmap)
             info = (await self.pipeline.info()).to_dict()
             results = [error_to_dict(r) if isinstance(r, ServingError) else analysis_to_dict(r, model=False)
                        for r in analysed]
-            return {"model": {"name": info["name"], "version": info["version"]}, "results": results}
+            return JSONResponse({"model": {"name": info["name"], "version": info["version"]}, "results": results})
 
         return await self._answer("analyze_batch", work())
 
