@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .decode import ImageDecodeError, decode_image, decode_mask
-from .preprocess import PreprocessConfig, preprocess, preprocess_mask
+from .preprocess import Geometry, PreprocessConfig, preprocess, preprocess_mask
 from .progress import progress_bar
 from .samples import Sample, read_samples_csv, write_samples_csv
 
@@ -36,7 +36,7 @@ class SliceCache:
         return [s.label for s in self.samples]
 
 
-def _load_one(args: tuple[Sample, dict]) -> tuple[np.ndarray, np.ndarray] | str:
+def _load_one(args: tuple[Sample, dict]) -> tuple[np.ndarray, np.ndarray, Geometry] | str:
     sample, cfg_dict = args
     cfg = PreprocessConfig.from_dict(cfg_dict)
     try:
@@ -50,7 +50,7 @@ def _load_one(args: tuple[Sample, dict]) -> tuple[np.ndarray, np.ndarray] | str:
             mask = preprocess_mask(full, geom)
     except ImageDecodeError as exc:
         return str(exc)
-    return image, mask
+    return image, mask, geom
 
 
 def fingerprint(samples: list[Sample], cfg: PreprocessConfig) -> str:
@@ -66,9 +66,10 @@ def default_cache_root() -> Path:
 
 def decode_samples(
     samples: list[Sample], cfg: PreprocessConfig, *, skip_bad: bool = False, workers: int | None = None,
-    progress: bool = True, desc: str = "decoding",
-) -> tuple[np.ndarray, np.ndarray, list[Sample], list[dict]]:
-    """Decode and preprocess ``samples`` in parallel; returns images, masks, kept samples and skipped problems."""
+    progress: bool = True, desc: str = "decoding", geometries: bool = False,
+) -> tuple:
+    """Decode and preprocess ``samples`` in parallel; returns images, masks, kept samples and skipped problems, and with
+    ``geometries`` each kept slice's Geometry too (to map predictions back to the original without decoding again)."""
     workers = workers or min(4, os.cpu_count() or 1)
     jobs = [(s, cfg.to_dict()) for s in samples]
     size = cfg.image_size
@@ -76,6 +77,7 @@ def decode_samples(
     masks = np.zeros((len(samples), size, size), np.uint8)
     kept: list[Sample] = []
     skipped: list[dict] = []
+    geoms: list[Geometry] = []
     with ProcessPoolExecutor(workers) as pool:
         results = pool.map(_load_one, jobs, chunksize=32) if workers > 1 and len(jobs) > 64 else map(_load_one, jobs)
         for sample, result in progress_bar(zip(samples, results), total=len(jobs), desc=desc, unit="img", disable=not progress):
@@ -84,9 +86,11 @@ def decode_samples(
                     raise ImageDecodeError(f"{result}\n  fix or remove the file, or pass --skip-bad to skip and count it")
                 skipped.append({"path": sample.image_path, "reason": result})
                 continue
-            images[len(kept)], masks[len(kept)] = result
+            images[len(kept)], masks[len(kept)], geom = result
+            geoms.append(geom)
             kept.append(sample)
-    return images[: len(kept)], masks[: len(kept)], kept, skipped
+    decoded = images[: len(kept)], masks[: len(kept)], kept, skipped
+    return (*decoded, geoms) if geometries else decoded
 
 
 def prepare_cache(

@@ -15,7 +15,7 @@ from .decode import decode_image, decode_mask
 from .heatmap import cam_heatmap
 from .metrics import classification_metrics, dice_iou, pointing_game_hits, segmentation_metrics, to_jsonable
 from .naming import CLASSES
-from .preprocess import PreprocessConfig, compute_geometry, mask_to_original
+from .preprocess import Geometry, PreprocessConfig, compute_geometry, mask_to_original
 from .refer import heads_disagree, mask_area, refer_policy_stats
 from .report import write_report
 from .samples import Sample, build_index
@@ -64,15 +64,18 @@ def cams_for_classes(cams: np.ndarray, classes: np.ndarray, size: int) -> np.nda
 
 
 def original_resolution_segmentation(samples: list[Sample], mask_probs: np.ndarray, preprocess: PreprocessConfig,
-                                     threshold: float = 0.5) -> dict[str, np.ndarray]:
+                                     threshold: float = 0.5, geometries: list[Geometry] | None = None,
+                                     ) -> dict[str, np.ndarray]:
     """Per-slice Dice and IoU on the ORIGINAL image: each predicted (S, S) mask is mapped back with the inverse
     geometry exactly as serving answers (``mask_to_original``) and compared with the original mask file.
-    NaN for slices without a tumour mask."""
+    NaN for slices without a tumour mask. ``geometries`` (``decode_samples(..., geometries=True)``) spare decoding
+    each image again to compute its geometry."""
     dice, iou = np.full(len(samples), np.nan), np.full(len(samples), np.nan)
     for i, (sample, probs) in enumerate(zip(samples, mask_probs)):
         if not sample.has_mask:
             continue
-        geometry = compute_geometry(decode_image(sample.image_path).pixels, preprocess)
+        geometry = (geometries[i] if geometries is not None
+                    else compute_geometry(decode_image(sample.image_path).pixels, preprocess))
         truth = decode_mask(sample.mask_path, preprocess.mask_threshold).astype(bool)
         pred = mask_to_original(np.asarray(probs, np.float32), geometry, threshold).astype(bool)
         d, j = dice_iou(truth[None], pred[None])
@@ -87,7 +90,7 @@ def _nanmean(values: np.ndarray) -> float:
 def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarray, probs: np.ndarray,
                      mask_probs: np.ndarray, cams: np.ndarray, out: str | Path, info: dict, *,
                      preprocess: PreprocessConfig | None = None, refer_threshold: float | None = None,
-                     disagree_min_area: float | None = None) -> dict:
+                     disagree_min_area: float | None = None, geometries: list[Geometry] | None = None) -> dict:
     """Metrics (classification on all slices, segmentation on tumour slices at the model input and, with
     ``preprocess``, at the original resolution; pointing game of Grad-CAM and of the mask peak; the refer policies)
     -> metrics.json and report.html."""
@@ -102,7 +105,7 @@ def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarra
         metrics["pointing_game_gradcam"] = _nanmean(pointing_game_hits(cam_true, tumour))
         metrics["pointing_game_mask_peak"] = _nanmean(pointing_game_hits(mask_probs[has_mask], tumour))
         if preprocess is not None:
-            original = original_resolution_segmentation(samples, mask_probs, preprocess)
+            original = original_resolution_segmentation(samples, mask_probs, preprocess, geometries=geometries)
             metrics["dice_original"] = _nanmean(original["dice_per_slice"])
             metrics["iou_original"] = _nanmean(original["iou_per_slice"])
     labels, areas = probs.argmax(1), mask_area(mask_probs)
@@ -133,10 +136,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str, ou
     model, state = load_model(checkpoint, device)
     preprocess = PreprocessConfig.from_dict(state["preprocess"])
     samples = split_samples(checkpoint, state, data, split)
-    images, masks, samples, _ = decode_samples(samples, preprocess, progress=progress, desc=f"decoding {split}")
+    images, masks, samples, _, geometries = decode_samples(samples, preprocess, progress=progress,
+                                                           desc=f"decoding {split}", geometries=True)
     temperature = float(state.get("temperature") or 1.0)
     pred = predict_arrays(model, images, batch_size=batch_size, device=device, temperature=temperature, with_cams=True)
     info = {"split": split, "checkpoint": str(checkpoint), "epoch": state.get("epoch"), "temperature": temperature}
     return score_and_report(samples, images, masks, pred["probs"], pred["mask_probs"], pred["cams"], out, info,
                             preprocess=preprocess, refer_threshold=state.get("refer_threshold"),
-                            disagree_min_area=state.get("disagree_min_area"))
+                            disagree_min_area=state.get("disagree_min_area"), geometries=geometries)
