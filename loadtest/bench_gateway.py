@@ -17,7 +17,7 @@ side in one run, with the ratios and the serving processes' CPU per image.
         [--checkpoint RUN/release.pt] [--seconds 15] [--concurrency 1 8 32]
 
 The load generator runs on the same host and takes CPU from the servers (not from the model-alone line, which runs
-alone); run on an otherwise idle machine.
+alone); its own CPU per image is printed too. Run on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -295,9 +295,15 @@ def settle(meters: list[CpuMeter], most_s: float, quiet: float = 0.05) -> float:
 
 
 def measured(meter: CpuMeter, run) -> tuple[dict, dict[str, float]]:
-    before = meter.read()
+    """The cell's result and CPU ms per image by role, with ``client``: this process, the load generator, which
+    shares the host with the servers (the model-alone line has no such neighbour)."""
+    before, client = meter.read(), os.times()
     result = run()
-    return result, CpuMeter.per_image_ms(before, meter.read(), result["n"])
+    used = os.times()
+    cpu = CpuMeter.per_image_ms(before, meter.read(), result["n"])
+    spent = (used.user - client.user) + (used.system - client.system)
+    cpu["client"] = 1000.0 * spent / result["n"] if result["n"] else float("nan")
+    return result, cpu
 
 
 # -- processes ----------------------------------------------------------------------------------------------------
@@ -362,14 +368,15 @@ def report(rows: list[dict], args, model_label: str, images: int) -> str:
                      f"| {_ratio(r['http'], r['base'])} | {_ratio(r['grpc'], r['base'])} |")
     lines += ["", "| concurrency | p50 / p99 ms: model alone (per batch) | HTTP | gRPC | baseline "
               "| CPU ms/img, HTTP cell: gateway / Triton | gRPC cell: gRPC server / Triton | baseline "
-              "| failures (HTTP/gRPC/base) |",
-              "|---:|---|---|---|---|---|---|---:|---|"]
+              "| load generator (HTTP / gRPC) | failures (HTTP/gRPC/base) |",
+              "|---:|---|---|---|---|---|---|---:|---|---|"]
     for r in rows:
         fails = "/".join("—" if r[k] is None else str(r[k]["failures"]) for k in ("http", "grpc", "base"))
         lines.append(f"| {r['c']} | {_lat(r['model'])} | {_lat(r['http'])} | {_lat(r['grpc'])} | {_lat(r['base'])} "
                      f"| {_cpu(r['http_cpu'], 'gateway')} / {_cpu(r['http_cpu'], 'triton')} "
                      f"| {_cpu(r['grpc_cpu'], 'grpc')} / {_cpu(r['grpc_cpu'], 'triton')} "
-                     f"| {_cpu(r['base_cpu'], 'gateway')} | {fails} |")
+                     f"| {_cpu(r['base_cpu'], 'gateway')} "
+                     f"| {_cpu(r['http_cpu'], 'client')} / {_cpu(r['grpc_cpu'], 'client')} | {fails} |")
     return "\n".join(lines)
 
 

@@ -368,6 +368,21 @@ def test_bench_gateway_cpu_per_image_by_role():
     assert CpuMeter.per_image_ms(before, after, 100) == {"gateway": 5.0, "grpc": 0.0, "triton": 12.5}
 
 
+def test_bench_gateway_counts_the_load_generators_own_cpu():
+    """The load generator shares the host with the servers: its CPU per image is measured with the cell."""
+    from braintumor.loadtest.bench_gateway import CpuMeter, measured
+
+    def run():
+        t = time.process_time()
+        while time.process_time() - t < 0.2:
+            pass
+        return {"n": 10}
+
+    result, cpu = measured(CpuMeter(None), run)
+    assert result == {"n": 10}
+    assert 15.0 <= cpu["client"] <= 200.0 and cpu["gateway"] == 0.0
+
+
 def test_bench_gateway_cpu_meter_reads_a_real_process_tree():
     pytest.importorskip("psutil")
     import subprocess
