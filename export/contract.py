@@ -18,9 +18,14 @@ INPUT_DTYPE = "uint8"  # numpy dtype name at the Triton boundary; the ONNX graph
 CLASS_PROBS = "class_probs"  # (B, num_classes) softmax(logits / temperature)
 MASK_PROB = "mask_prob"  # (B, 1, H, W) sigmoid of the mask logits
 CAM = "cam"  # (B, num_classes, h, w) bias-free class activation maps (Grad-CAM up to a positive factor)
+# (B, 1) min over classes of the Mahalanobis distance of the class head's pooled feature (train/ood.py). (B, 1), not
+# (B,): a batched Triton model describes each item with at least one dim, so no reshape rule is needed anywhere.
+OOD_SCORE = "ood_score"
 OUTPUT_DTYPE = "float32"
 
-FULL_OUTPUTS: tuple[str, ...] = (CLASS_PROBS, MASK_PROB, CAM)
+FULL_OUTPUTS: tuple[str, ...] = (CLASS_PROBS, MASK_PROB, CAM, OOD_SCORE)
+# The full graph of a checkpoint without a fitted OOD score (and of every model exported before it existed).
+BASE_OUTPUTS: tuple[str, ...] = FULL_OUTPUTS[:3]
 CLASSIFIER_OUTPUTS: tuple[str, ...] = (CLASS_PROBS,)
 
 # File names inside a version folder. Triton's default file names per backend.
@@ -42,6 +47,7 @@ PARAM_TEMPERATURE = "temperature"
 PARAM_REFER_THRESHOLD = "refer_threshold"
 PARAM_CAM_SIZE = "cam_size"
 PARAM_DISAGREE_MIN_AREA = "disagree_min_area"  # model-input pixels; no_tumor with a larger mask is referred
+PARAM_OOD_THRESHOLD = "ood_threshold"  # an ood_score above it is referred as out of distribution
 PARAM_INTRA_OP_THREADS = "intra_op_threads"  # python backend: ONNX Runtime threads; 0 = CPUs / instances
 PARAM_INTER_OP_THREADS = "inter_op_threads"
 
@@ -75,11 +81,14 @@ def input_spec(image_size: int) -> TensorSpec:
     return TensorSpec(INPUT_NAME, INPUT_DTYPE, (1, image_size, image_size))
 
 
-def output_specs(image_size: int, num_classes: int, cam_size: int, *, classifier: bool = False) -> tuple[TensorSpec, ...]:
-    """Outputs in graph order: (class_probs, mask_prob, cam), or (class_probs,) for the classifier graph."""
+def output_specs(image_size: int, num_classes: int, cam_size: int, *, classifier: bool = False,
+                 ood: bool = True) -> tuple[TensorSpec, ...]:
+    """Outputs in graph order: (class_probs, mask_prob, cam, ood_score) — without ood_score when ``ood`` is False (no
+    fitted OOD score) — or (class_probs,) for the classifier graph."""
     specs = (
         TensorSpec(CLASS_PROBS, OUTPUT_DTYPE, (num_classes,)),
         TensorSpec(MASK_PROB, OUTPUT_DTYPE, (1, image_size, image_size)),
         TensorSpec(CAM, OUTPUT_DTYPE, (num_classes, cam_size, cam_size)),
+        TensorSpec(OOD_SCORE, OUTPUT_DTYPE, (1,)),
     )
-    return specs[:1] if classifier else specs
+    return specs[:1] if classifier else specs if ood else specs[:3]

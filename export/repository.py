@@ -128,8 +128,10 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
     image_size = int(state["preprocess"]["image_size"])
     grid = cam_size(model, image_size)
     classes = list(state.get("classes") or [])
+    ood = state.get("ood")
+    ood_threshold = float(ood["threshold"]) if ood else None
     params = model_parameters(classes, state["preprocess"], state.get("temperature"), grid,
-                              state.get("refer_threshold"), state.get("disagree_min_area"))
+                              state.get("refer_threshold"), state.get("disagree_min_area"), ood_threshold)
     step("preprocess parity images")
     images = parity_images(state["preprocess"], options.parity_data, options.parity_count)
     graphs = build_graphs(model, state)
@@ -174,9 +176,10 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
                 "name": model_name, "version": version, "variant": variant, "classes": classes,
                 "preprocess": state["preprocess"], "temperature": float(state.get("temperature") or 1.0),
                 "refer_threshold": state.get("refer_threshold"), "disagree_min_area": state.get("disagree_min_area"),
-                "image_size": image_size, "cam_size": grid, "init_weights": state.get("init_weights"),
+                "ood_threshold": ood_threshold, "image_size": image_size, "cam_size": grid, "init_weights": state.get("init_weights"),
                 "inputs": [asdict(input_spec(image_size))],
-                "outputs": [asdict(s) for s in output_specs(image_size, len(classes), grid, classifier=classifier)],
+                "outputs": [asdict(s) for s in output_specs(image_size, len(classes), grid, classifier=classifier,
+                                                            ood=bool(ood))],
                 "weights_storage": "float16" if options.weights_fp16 else "float32",
                 "parity": {"onnxruntime_vs_pytorch": [asdict(p) for p in parity],
                            "tensorrt_vs_onnxruntime": [asdict(p) for p in trt_parity],
@@ -187,7 +190,7 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
             write_manifest(tmp, {"name": model_name, "version": version})
             config = model_config(model_name, variant, image_size, len(classes), grid, classifier=classifier,
-                                  options=options.triton, parameters=params)
+                                  options=options.triton, parameters=params, ood=bool(ood))
             _write_text_atomic(out / model_name / CONFIG_FILE, config)
             os.replace(tmp, final)
         finally:
@@ -201,7 +204,9 @@ def _fp16_parity(graph, onnx_path: Path, images) -> list[OutputParity]:
     """Rewrite ``onnx_path`` with fp16-stored weights, then checker -> ONNX Runtime -> PyTorch at fp16 tolerances."""
     from .fp16_storage import FP16_PARITY_TOLERANCES, store_weights_fp16
 
-    store_weights_fp16(onnx_path)
+    from .wrappers import OOD_CONSTANTS
+
+    store_weights_fp16(onnx_path, keep_fp32=OOD_CONSTANTS)
     check_onnx(onnx_path)
     outputs = run_session(onnx_session(onnx_path), images)
     return compare(outputs, run_torch(graph, images), tolerances=FP16_PARITY_TOLERANCES,

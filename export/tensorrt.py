@@ -22,6 +22,7 @@ TRT_TOLERANCES: dict[str, tuple[float, float]] = {
     "class_probs": (2e-2, 0.0),
     "mask_prob": (2e-2, 0.0),
     "cam": (5e-2, 2e-2),
+    "ood_score": (1e-1, 5e-2),  # a squared distance in the hundreds: relative; not yet measured on a GPU host
 }
 DEFAULT_WORKSPACE_BYTES = 2 << 30
 

@@ -16,6 +16,7 @@ from .contract import (
     PARAM_CLASSES,
     PARAM_INTER_OP_THREADS,
     PARAM_INTRA_OP_THREADS,
+    PARAM_OOD_THRESHOLD,
     PARAM_PREPROCESS,
     PARAM_REFER_THRESHOLD,
     PARAM_TEMPERATURE,
@@ -72,7 +73,8 @@ class TritonOptions:
 
 
 def model_parameters(classes, preprocess: dict, temperature: float | None, cam_size: int,
-                     refer_threshold: float | None = None, disagree_min_area: float | None = None) -> dict[str, str]:
+                     refer_threshold: float | None = None, disagree_min_area: float | None = None,
+                     ood_threshold: float | None = None) -> dict[str, str]:
     """Model metadata carried as config parameters (JSON strings), readable over Triton's model-config API."""
     params = {
         PARAM_CLASSES: json.dumps(list(classes)),
@@ -84,13 +86,16 @@ def model_parameters(classes, preprocess: dict, temperature: float | None, cam_s
         params[PARAM_REFER_THRESHOLD] = json.dumps(float(refer_threshold))
     if disagree_min_area is not None:
         params[PARAM_DISAGREE_MIN_AREA] = json.dumps(float(disagree_min_area))
+    if ood_threshold is not None:
+        params[PARAM_OOD_THRESHOLD] = json.dumps(float(ood_threshold))
     return params
 
 
 def model_config(name: str, variant: str, image_size: int, num_classes: int, cam_size: int, *,
                  classifier: bool = False, options: TritonOptions | None = None,
-                 parameters: dict[str, str] | None = None) -> str:
-    """The config.pbtxt text of the full model or, with ``classifier=True``, of ``<name>_classifier``."""
+                 parameters: dict[str, str] | None = None, ood: bool = False) -> str:
+    """The config.pbtxt text of the full model or, with ``classifier=True``, of ``<name>_classifier``; ``ood``: the
+    full graph has the ``ood_score`` output."""
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r} is not one of {VARIANTS}")
     options = options or TritonOptions()
@@ -110,7 +115,8 @@ def model_config(name: str, variant: str, image_size: int, num_classes: int, cam
         _tensor(image),
         "]",
         "output [",
-        ",\n".join(_tensor(spec) for spec in output_specs(image_size, num_classes, cam_size, classifier=classifier)),
+        ",\n".join(_tensor(spec) for spec in output_specs(image_size, num_classes, cam_size, classifier=classifier,
+                                                            ood=ood)),
         "]",
         "dynamic_batching {",
         *([f"  preferred_batch_size: [ {', '.join(str(b) for b in options.preferred_batch_sizes)} ]"]

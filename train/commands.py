@@ -77,6 +77,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fit_ood(args: argparse.Namespace) -> int:
+    from .ood import fit_ood_checkpoint
+
+    summary = fit_ood_checkpoint(args.checkpoint, args.data, args.out, quantile=args.quantile,
+                                 progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _model_card(args: argparse.Namespace) -> int:
     from .model_card import build_model_card
 
@@ -150,6 +159,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target-accuracy", type=float, default=0.99,
                    help="accepted (not referred) validation cases must reach this accuracy")
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("fit-ood", formatter_class=fmt,
+                       help="fit the out-of-distribution score (Mahalanobis distance of the class head's pooled "
+                            "feature) on the run's training portion; run after calibrate, before export")
+    p.add_argument("--checkpoint", required=True, help="the calibrated checkpoint (RUN/release.pt)")
+    p.add_argument("--data", required=True, help="the dataset the run was trained on (its train split minus the "
+                                                 "validation keys is fitted; validation is only measured)")
+    p.add_argument("--out", help="write the checkpoint here (default: update --checkpoint in place)")
+    p.add_argument("--quantile", type=float, default=0.995,
+                   help="threshold = this quantile of the training slices' out-of-fold scores")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    p.set_defaults(func=_fit_ood)
 
     p = sub.add_parser("model-card", help="write MODEL_CARD.md: validation metrics with bootstrap CIs, calibration, "
                        "pointing game, shortcut check", formatter_class=fmt)

@@ -41,8 +41,13 @@ class ClassificationHead(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(in_channels, num_classes)
 
+    @staticmethod
+    def pool(x: torch.Tensor) -> torch.Tensor:
+        """(B, K, h, w) -> (B, K): the pooled feature the linear layer reads (also the OOD score's feature)."""
+        return x.mean(dim=(2, 3))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(x.mean(dim=(2, 3))))
+        return self.fc(self.dropout(self.pool(x)))
 
     def activation_maps(self, x: torch.Tensor) -> torch.Tensor:
         """Bias-free CAM, (B, num_classes, h, w): ``sum_k fc.weight[c, k] * x[:, k]``.

@@ -64,6 +64,10 @@ class MultiTaskModel(nn.Module):
     def classify(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.classification_head(self.cam_fusion(features))
 
+    def class_features(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """(B, K) the class head's input after GAP, before dropout and the linear layer (train/ood.py's feature)."""
+        return self.classification_head.pool(self.cam_fusion(features))
+
     def segment(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.segmentation_head(self.decoder(features))
 

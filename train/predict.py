@@ -10,11 +10,13 @@ from .metrics import softmax
 
 @torch.inference_mode()
 def predict_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: int = 64, device: str | torch.device = "cpu",
-                   temperature: float = 1.0, with_cams: bool = False, channels_last: bool = False) -> dict[str, np.ndarray]:
-    """``images`` (N, S, S) uint8 -> logits (N, C), probs (N, C), mask_probs (N, S, S) and optionally cams (N, C, h, w)."""
+                   temperature: float = 1.0, with_cams: bool = False, channels_last: bool = False,
+                   with_masks: bool = True, with_features: bool = False) -> dict[str, np.ndarray]:
+    """``images`` (N, S, S) uint8 -> logits (N, C), probs (N, C), mask_probs (N, S, S) (None without ``with_masks``)
+    and optionally cams (N, C, h, w) and the class head's pooled features (N, K)."""
     was_training = model.training
     model.eval()
-    out: dict[str, list[np.ndarray]] = {"logits": [], "mask_probs": [], "cams": []}
+    out: dict[str, list[np.ndarray]] = {"logits": [], "mask_probs": [], "cams": [], "features": []}
     try:
         for start in range(0, len(images), batch_size):
             x = torch.from_numpy(np.asarray(images[start : start + batch_size])).to(device)[:, None].float()
@@ -22,7 +24,10 @@ def predict_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: in
                 x = x.contiguous(memory_format=torch.channels_last)
             feats = model.forward_features(x)
             out["logits"].append(model.classify(feats).float().cpu().numpy())
-            out["mask_probs"].append(torch.sigmoid(model.segment(feats)).float()[:, 0].cpu().numpy())
+            if with_masks:
+                out["mask_probs"].append(torch.sigmoid(model.segment(feats)).float()[:, 0].cpu().numpy())
+            if with_features:
+                out["features"].append(model.class_features(feats).float().cpu().numpy())
             if with_cams:
                 out["cams"].append(model.class_activation_maps(feats).float().cpu().numpy())
     finally:
@@ -32,4 +37,6 @@ def predict_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: in
     result = {"logits": logits, "probs": probs, "mask_probs": np.concatenate(out["mask_probs"]) if out["mask_probs"] else None}
     if with_cams:
         result["cams"] = np.concatenate(out["cams"])
+    if with_features:
+        result["features"] = np.concatenate(out["features"])
     return result

@@ -5,7 +5,7 @@ import pytest
 
 from braintumor.serving.cli import build_parser, main
 
-SUBCOMMANDS = ["audit-data", "prepare-data", "train", "evaluate", "calibrate", "model-card", "export"]
+SUBCOMMANDS = ["audit-data", "prepare-data", "train", "evaluate", "calibrate", "fit-ood", "model-card", "export"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

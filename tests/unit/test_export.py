@@ -24,6 +24,7 @@ from braintumor.export.repository import ExportOptions, export_repository, next_
 from braintumor.export.tensorrt import BatchProfile, TensorRTUnavailable, require_tensorrt
 from braintumor.export.triton_config import TritonOptions, model_config, model_parameters
 from braintumor.export.wrappers import build_graphs
+from braintumor.train.ood import mahalanobis
 
 SIZE = 32
 TINY = {"model.encoder": "test_resnet", "data.image_size": SIZE, "optim.batch_size": 8, "optim.epochs": 1,
@@ -36,10 +37,14 @@ def checkpoint(tmp_path_factory):
     from braintumor.train.run import run_training
     from braintumor.train.synthetic import make_synthetic_dataset
 
+    from braintumor.train.ood import fit_ood_checkpoint
+
     root = tmp_path_factory.mktemp("export_run")
-    data = make_synthetic_dataset(root / "data", n_per_class=4, size=(40, 36))
+    data = make_synthetic_dataset(root / "data", n_per_class=6, size=(40, 36))
     cfg = resolve_config(None, {**TINY, "data.cache_dir": str(root / "cache")})
-    return run_training(cfg, data, root / "run"), data
+    ckpt = run_training(cfg, data, root / "run")
+    fit_ood_checkpoint(ckpt, data, progress=False)  # the full graph gets ood_score, as the release model's
+    return ckpt, data
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def repository(checkpoint, tmp_path_factory):
     return out, published
 
 
-def test_export_writes_both_models_with_parity(repository):
+def test_export_writes_both_models_with_parity(repository, checkpoint):
     out, published = repository
     assert [(p.name, p.version) for p in published] == [("brain_tumor", 1), ("brain_tumor_classifier", 1)]
     for item in published:
@@ -59,13 +64,17 @@ def test_export_writes_both_models_with_parity(repository):
         assert (out / item.name / "config.pbtxt").is_file()
         assert not list((out / item.name).glob(".*tmp*")), "temporary version folder left behind"
         assert not list(item.folder.glob("*.data")), "weights must be inside model.onnx"
-        for p in item.parity:
-            assert p.max_abs <= p.atol + p.rtol, str(p)
+        for p in item.parity:  # outputs of order 1, except ood_score (hundreds): its relative error is the bound
+            assert p.max_abs <= p.atol + p.rtol or (p.name == contract.OOD_SCORE and p.max_rel <= p.rtol), str(p)
     assert [p.name for p in published[0].parity] == list(contract.FULL_OUTPUTS)
     assert [p.name for p in published[1].parity] == list(contract.CLASSIFIER_OUTPUTS)
     meta = json.loads((published[0].folder / "metadata.json").read_text())
     assert meta["classes"][3] == "no_tumor" and meta["preprocess"]["image_size"] == SIZE
     assert meta["temperature"] == 1.0 and meta["cam_size"] == SIZE // 16  # cam_stride 16 (the config default)
+    state = torch.load(checkpoint[0], map_location="cpu", weights_only=False)
+    config = (out / "brain_tumor" / "config.pbtxt").read_text()
+    assert meta["ood_threshold"] == state["ood"]["threshold"] > 0
+    assert f'key: "ood_threshold" value {{ string_value: "{json.dumps(meta["ood_threshold"])}" }}' in config
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -94,11 +103,47 @@ def test_graph_outputs_follow_the_model_exactly(checkpoint):
     x = torch.randint(0, 256, (2, 1, SIZE, SIZE), dtype=torch.uint8)
     with torch.no_grad():
         logits, mask_logits = model(x.float())
-        probs, mask, cam = build_graphs(model, {**state, "temperature": 2.0})["full"](x)
+        probs, mask, cam, ood = build_graphs(model, {**state, "temperature": 2.0})["full"](x)
+        pooled = model.class_features(model.forward_features(x.float())).double().numpy()
     torch.testing.assert_close(probs, torch.softmax(logits / 2.0, dim=1))
     torch.testing.assert_close(mask, torch.sigmoid(mask_logits))
     bias = model.classification_head.fc.bias
     torch.testing.assert_close(cam.mean(dim=(2, 3)) + bias, logits, atol=1e-5, rtol=1e-5)
+    # ood_score = min_c (f - mu_c)^T P (f - mu_c), P = W W^T, on the class head's pooled input
+    means, w = (state["ood"][k].astype(np.float64) for k in ("means", "whitening"))
+    expected = mahalanobis(pooled, means, w @ w.T)
+    assert ood.shape == (2, 1)
+    np.testing.assert_allclose(ood[:, 0].numpy(), expected, rtol=1e-4)
+
+
+def test_onnx_ood_score_equals_the_fitted_score(repository, checkpoint):
+    """ONNX Runtime's ood_score vs train/ood.py's float64 score of the PyTorch features, at the parity tolerance."""
+    from braintumor.export.onnx_export import PARITY_ATOL, PARITY_RTOL
+    from braintumor.train.ood import OodModel
+    from braintumor.train.predict import predict_arrays
+    from braintumor.train.trainer.checkpoint import load_model
+
+    _, published = repository
+    model, state = load_model(checkpoint[0])
+    images = parity_images(state["preprocess"], checkpoint[1], count=6)
+    got = run_session(onnx_session(published[0].folder / "model.onnx"), images)[contract.OOD_SCORE]
+    features = predict_arrays(model, images[:, 0], with_masks=False, with_features=True)["features"]
+    expected = OodModel.from_state(state["ood"]).score(features)
+    np.testing.assert_allclose(got[:, 0], expected, atol=PARITY_ATOL, rtol=PARITY_RTOL)
+    assert any(p.name == contract.OOD_SCORE for p in published[0].parity)
+
+
+def test_a_checkpoint_without_ood_exports_the_base_outputs(checkpoint, tmp_path):
+    state = torch.load(checkpoint[0], map_location="cpu", weights_only=False)
+    for key in ("ood", "ood_threshold"):
+        state.pop(key)
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    published = export_repository(old, tmp_path / "repo", ExportOptions(parity_count=2))
+    assert [p.name for p in published[0].parity] == list(contract.BASE_OUTPUTS)
+    meta = json.loads((published[0].folder / "metadata.json").read_text())
+    assert meta["ood_threshold"] is None and [o["name"] for o in meta["outputs"]] == list(contract.BASE_OUTPUTS)
+    assert "ood" not in (tmp_path / "repo" / "brain_tumor" / "config.pbtxt").read_text()
 
 
 def test_parity_failure_names_the_output():
@@ -135,10 +180,10 @@ def _parse(text):
 )
 def test_config_parses_with_tritons_protobuf(variant, classifier, runtime, kind):
     params = model_parameters(["glioma", "meningioma", "pituitary", "no_tumor"], {"image_size": 128, "mean": 48.0},
-                              1.5, 4, refer_threshold=0.3)
+                              1.5, 4, refer_threshold=0.3, ood_threshold=123.5)
     name = contract.classifier_name() if classifier else contract.DEFAULT_NAME
     cfg, pb = _parse(model_config(name, variant, 128, 4, 4, classifier=classifier, parameters=params,
-                                  options=TritonOptions(warmup="random")))
+                                  options=TritonOptions(warmup="random"), ood=True))
     assert cfg.name == name and getattr(cfg, runtime[0]) == runtime[1]
     assert cfg.max_batch_size == 32
     assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("image", pb.TYPE_UINT8, [1, 128, 128])]
@@ -154,6 +199,7 @@ def test_config_parses_with_tritons_protobuf(variant, classifier, runtime, kind)
     assert json.loads(cfg.parameters["preprocess"].string_value) == {"image_size": 128, "mean": 48.0}
     assert json.loads(cfg.parameters["temperature"].string_value) == 1.5
     assert json.loads(cfg.parameters["refer_threshold"].string_value) == 0.3
+    assert json.loads(cfg.parameters["ood_threshold"].string_value) == 123.5
     assert ("intra_op_threads" in cfg.parameters) == (variant == "python")
 
 
@@ -464,7 +510,7 @@ def test_fp16_storage_halves_the_file_and_keeps_fp32_compute(resnet18_onnx, tmp_
     got = run_session(onnx_session(tmp_path / "fp16.onnx"), images)
     assert all(v.dtype == np.float32 for v in got.values())
     report = compare(got, run_torch(graph, images), tolerances=FP16_PARITY_TOLERANCES)
-    assert [p.name for p in report] == list(contract.FULL_OUTPUTS)
+    assert [p.name for p in report] == list(contract.BASE_OUTPUTS)  # no fitted OOD score on this graph
     assert max(p.max_abs for p in report) > 0, "weights were not rounded"
 
 
