@@ -99,6 +99,7 @@ class GrpcTransport:
         return {"name": info.name, "version": info.version, "classes": list(info.classes),
                 "refer_threshold": info.refer_threshold if info.HasField("refer_threshold") else None,
                 "disagree_min_area": info.disagree_min_area if info.HasField("disagree_min_area") else None,
+                "ood_threshold": info.ood_threshold if info.HasField("ood_threshold") else None,
                 "image_size": info.image_size, "geometry": info.geometry}
 
     async def health(self, timeout: float) -> Health:

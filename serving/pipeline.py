@@ -125,6 +125,7 @@ class Pipeline:
             outputs, prepared.geometry, prepared.decoded, classes=info.classes,
             refer_threshold=info.refer_threshold,
             disagree_min_area=info.disagree_min_area,
+            ood_threshold=info.ood_threshold,
             pixel_spacing_mm=dicom.pixel_spacing_mm if dicom else None,
             modality=dicom.modality if dicom else None,
             want_overlay=overlay,

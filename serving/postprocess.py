@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from ..export.contract import CAM, CLASS_PROBS, MASK_PROB
+from ..export.contract import CAM, CLASS_PROBS, MASK_PROB, OOD_SCORE
 from ..train.decode import DecodedImage
 from ..train.heatmap import cam_heatmap, heatmap_levels
 from ..train.naming import NO_TUMOR
@@ -69,6 +69,7 @@ def postprocess(
     classes: Sequence[str],
     refer_threshold: float | None,
     disagree_min_area: float | None = None,
+    ood_threshold: float | None = None,
     pixel_spacing_mm: tuple[float, float] | None = None,
     mask_threshold: float = 0.5,
     want_overlay: bool = False,
@@ -82,8 +83,9 @@ def postprocess(
     blends it in, but returns no heatmap PNG unless asked): explanations on demand, the mask always.
 
     ``refer`` is True when the top probability is under ``refer_threshold``, when the two heads disagree beyond the
-    model's fitted ``disagree_min_area`` (train/refer.py; models without it only report ``mask_label_disagree``), or
-    :func:`out_of_distribution` finds a reason; each reason is one sentence in ``refer_reason``.
+    model's fitted ``disagree_min_area`` (train/refer.py; models without it only report ``mask_label_disagree``), when
+    the graph's ``ood_score`` is above the model's ``ood_threshold`` (train/ood.py; a model without it has only the
+    heuristics), or :func:`out_of_distribution` finds a reason; each reason is one sentence in ``refer_reason``.
     """
     probs = _one(outputs, CLASS_PROBS, 1).astype(np.float64)
     if probs.shape != (len(classes),):
@@ -115,6 +117,8 @@ def postprocess(
                            f"pixels (the model refers no_tumor above {disagree_min_area:g} and any tumour class at 0)")
     else:
         disagree = (label == NO_TUMOR) == (area > 0)
+    if ood_threshold is not None:
+        reasons += ood_score_reason(float(_one(outputs, OOD_SCORE, 0)), ood_threshold)
     reasons += out_of_distribution(decoded, modality=modality, foreground_threshold=foreground_threshold)
 
     overlay_png = encode_png(overlay(decoded.pixels, mask, heat)) if want_overlay else None
@@ -133,6 +137,21 @@ def postprocess(
         mask=mask,
         heatmap=heat,
     )
+
+
+OOD_REASON = "out_of_distribution"
+
+
+def ood_score_reason(score: float, threshold: float) -> list[str]:
+    """The learned OOD rule: one reason when the feature distance is above the fitted threshold (compared in float32,
+    the dtype on the wire), else none."""
+    if not np.isfinite(score):
+        raise ValueError(f"{OOD_SCORE} is {score}; the model output is broken")
+    if np.float32(score) <= np.float32(threshold):
+        return []
+    return [f"{OOD_REASON}: the image's feature distance to the training slices is {score:.1f}, above the model's "
+            f"out-of-distribution threshold {threshold:.1f}; it does not look like the MRI slices the model was "
+            "trained on"]
 
 
 def out_of_distribution(

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..export.contract import (
+    BASE_OUTPUTS,
     CLASS_PROBS,
     FULL_OUTPUTS,
     INPUT_NAME,
     PARAM_CAM_SIZE,
     PARAM_DISAGREE_MIN_AREA,
     PARAM_CLASSES,
+    PARAM_OOD_THRESHOLD,
     PARAM_PREPROCESS,
     PARAM_REFER_THRESHOLD,
     PARAM_TEMPERATURE,
@@ -54,6 +56,8 @@ class ModelInfo:
     cam_size: int
     max_batch_size: int
     disagree_min_area: float | None = None  # model-input pixels (train/refer.py); None: a model fitted before the rule
+    ood_threshold: float | None = None  # train/ood.py; None: a model exported without the learned OOD score
+    outputs: tuple[str, ...] = BASE_OUTPUTS  # what the full model computes (ood_score only in newer exports)
 
     @classmethod
     def from_config(cls, config: dict, version: str = "") -> ModelInfo:
@@ -78,6 +82,8 @@ class ModelInfo:
                 cam_size=int(json.loads(params.get(PARAM_CAM_SIZE) or "0")),
                 max_batch_size=int(config.get("max_batch_size", 1)) or 1,
                 disagree_min_area=float(json.loads(area)) if (area := params.get(PARAM_DISAGREE_MIN_AREA)) else None,
+                ood_threshold=float(json.loads(ood)) if (ood := params.get(PARAM_OOD_THRESHOLD)) else None,
+                outputs=_full_outputs(config),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise UpstreamError(f"model {config.get('name')!r} has unreadable braintumor parameters in its "
@@ -86,8 +92,14 @@ class ModelInfo:
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "classes": list(self.classes),
                 "refer_threshold": self.refer_threshold, "disagree_min_area": self.disagree_min_area,
-                "temperature": self.temperature,
+                "ood_threshold": self.ood_threshold, "temperature": self.temperature,
                 "image_size": self.preprocess.image_size, "geometry": self.preprocess.geometry}
+
+
+def _full_outputs(config: dict) -> tuple[str, ...]:
+    """The contract's full-graph outputs this model declares (older models have no ood_score)."""
+    declared = {o.get("name") for o in config.get("output", [])}
+    return tuple(n for n in FULL_OUTPUTS if n in declared) if declared else BASE_OUTPUTS
 
 
 class TritonModel:
@@ -157,12 +169,12 @@ class TritonModel:
         self._info = None
 
     async def infer(self, images: np.ndarray, info: ModelInfo | None = None) -> dict[str, np.ndarray]:
-        """Full model on a (N, 1, S, S) uint8 batch -> {class_probs, mask_prob, cam}; split at max_batch_size.
-        ``info``: the model info the caller already holds (else it is read here)."""
+        """Full model on a (N, 1, S, S) uint8 batch -> {class_probs, mask_prob, cam[, ood_score]}; split at
+        max_batch_size. ``info``: the model info the caller already holds (else it is read here)."""
         info = info or await self.info()
-        parts = [await self._infer(self.model_name, chunk, FULL_OUTPUTS)
+        parts = [await self._infer(self.model_name, chunk, info.outputs)
                  for chunk in _chunks(images, info.max_batch_size)]
-        return {name: np.concatenate([p[name] for p in parts]) for name in FULL_OUTPUTS}
+        return {name: np.concatenate([p[name] for p in parts]) for name in info.outputs}
 
     async def classify(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Classifier-only model on a (N, 1, S, S) uint8 batch -> (N, num_classes) calibrated probabilities.

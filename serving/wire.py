@@ -125,4 +125,4 @@ def model_info_message(info) -> pb.ModelInfo:
     d = info.to_dict()
     return pb.ModelInfo(name=d["name"], version=d["version"], classes=d["classes"],
                         refer_threshold=d["refer_threshold"], disagree_min_area=d["disagree_min_area"],
-                        image_size=d["image_size"], geometry=d["geometry"])
+                        ood_threshold=d["ood_threshold"], image_size=d["image_size"], geometry=d["geometry"])

@@ -115,7 +115,7 @@ class ModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "classes", "refer_threshold", "image_size", "geometry", "disagree_min_area")
+    __slots__ = ("name", "version", "classes", "refer_threshold", "image_size", "geometry", "disagree_min_area", "ood_threshold")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class ModelInfo(_message.Message):
     IMAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     GEOMETRY_FIELD_NUMBER: _ClassVar[int]
     DISAGREE_MIN_AREA_FIELD_NUMBER: _ClassVar[int]
+    OOD_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     classes: _containers.RepeatedScalarFieldContainer[str]
@@ -130,7 +131,8 @@ class ModelInfo(_message.Message):
     image_size: int
     geometry: str
     disagree_min_area: float
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., refer_threshold: _Optional[float] = ..., image_size: _Optional[int] = ..., geometry: _Optional[str] = ..., disagree_min_area: _Optional[float] = ...) -> None: ...
+    ood_threshold: float
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., refer_threshold: _Optional[float] = ..., image_size: _Optional[int] = ..., geometry: _Optional[str] = ..., disagree_min_area: _Optional[float] = ..., ood_threshold: _Optional[float] = ...) -> None: ...
 
 class ModelRef(_message.Message):
     __slots__ = ("name", "version")

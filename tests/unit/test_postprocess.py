@@ -320,3 +320,38 @@ def test_report_and_api_heatmaps_are_the_same_rule():
 
     maps = grad_cam(CamModel(), torch.zeros(2, 1, size, size), [1, 2]).numpy()
     np.testing.assert_array_equal(maps, report)
+
+
+@pytest.mark.parametrize(("score", "threshold", "refer"), [
+    (500.0, 120.0, True),  # far from the training slices
+    (80.0, 120.0, False),
+    (120.0, 120.0, False),  # referred only above the threshold
+    (500.0, None, False),  # a model without a fitted OOD threshold: only the heuristics
+])
+def test_learned_ood_score_refers_above_the_threshold(score, threshold, refer):
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    outputs = {**_outputs(40, probs=(0.97, 0.01, 0.01, 0.01)), "ood_score": np.array([[score]], np.float32)}
+    result = _run(decoded, outputs, geom, ood_threshold=threshold)
+    assert result.refer is refer
+    ood = [r for r in result.refer_reason if r.startswith("out_of_distribution:")]
+    assert len(ood) == int(refer) and len(result.refer_reason) == int(refer)
+    if refer:
+        assert f"{score:.1f}" in ood[0] and f"{threshold:.1f}" in ood[0]
+
+
+def test_learned_ood_score_joins_the_heuristic_reasons():
+    blank = DecodedImage(np.zeros((40, 80), np.uint8), "L", False)
+    _, geom = preprocess(blank.pixels, PAD)
+    outputs = {**_outputs(40, probs=(0.97, 0.01, 0.01, 0.01)), "ood_score": np.array([[900.0]], np.float32)}
+    reasons = _run(blank, outputs, geom, ood_threshold=100.0).refer_reason
+    assert reasons[0].startswith("out_of_distribution:") and reasons[1].startswith("blank or near-constant")
+
+
+def test_a_model_with_an_ood_threshold_must_send_the_score():
+    decoded = _slice()
+    _, geom = preprocess(decoded.pixels, PAD)
+    with pytest.raises(KeyError, match="ood_score"):
+        _run(decoded, _outputs(40), geom, ood_threshold=100.0)
+    with pytest.raises(ValueError, match="ood_score"):
+        _run(decoded, {**_outputs(40), "ood_score": np.array([[np.nan]], np.float32)}, geom, ood_threshold=1.0)

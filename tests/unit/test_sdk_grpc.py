@@ -264,7 +264,8 @@ def test_explain_model_health(servicer):
         with pytest.raises(InvalidInputError, match="gradcam, lime, shap"):
             client.explain(b"img", method="saliency")
         assert client.model() == {"name": "brain_tumor", "version": "2", "classes": ["glioma", "no_tumor"],
-                                  "refer_threshold": None, "disagree_min_area": None, "image_size": 32,
+                                  "refer_threshold": None, "disagree_min_area": None, "ood_threshold": None,
+                                  "image_size": 32,
                                   "geometry": "crop_pad"}
         if servicer.health is None:
             pytest.skip("grpcio-health-checking is not installed")
