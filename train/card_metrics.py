@@ -94,6 +94,7 @@ def card_metrics(
     non_square: np.ndarray, *, refer_threshold: float | None = None, n_boot: int = 1000, seed: int = 0,
     classes: Sequence[str] = CLASSES, mask_threshold: float = 0.5, dilation_px: int = 8,
     seg_original: Mapping[str, np.ndarray] | None = None, disagree: np.ndarray | None = None,
+    ood: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Every number of the model card, each as ``{"value", "ci": [low, high], "n"}`` with a 95% percentile bootstrap CI.
 
@@ -109,7 +110,8 @@ def card_metrics(
     - Shortcut check: no_tumor recall on non-square vs square no_tumor slices, with counts, and their gap.
     - Refer (when ``refer_threshold`` is given): share of slices whose max probability is below it, and the accuracy
       of the accepted rest; with ``disagree`` (per-slice mask/label disagreement flags) the same for threshold +
-      disagreement, and for both policies the tumours called no_tumor that were accepted.
+      disagreement, and for both policies the tumours called no_tumor that were accepted; with ``ood`` (per-slice
+      learned OOD flags) also for threshold + disagreement + OOD.
     - ``seg_original`` (per-slice ``dice_per_slice``/``iou_per_slice`` on the original images): Dice/IoU at the
       resolution users see, bootstrapped like the model-input ones.
     - Pointing game of the predicted mask's peak, as a reference for Grad-CAM's.
@@ -205,6 +207,10 @@ def card_metrics(
         }
         k_nt = classes.index(NO_TUMOR) if NO_TUMOR in classes else -1
         policies = {"threshold": None} if disagree is None else {"threshold": None, "threshold+disagreement": disagree}
+        if ood is not None:
+            ood = np.asarray(ood, bool)
+            policies["threshold+disagreement+ood" if disagree is not None else "threshold+ood"] = (
+                ood | np.asarray(disagree, bool) if disagree is not None else ood)
         refer["policies"] = {}
         for name, flags in policies.items():
             stats = refer_policy_stats(y_true, probs, refer_threshold, flags, classes)
@@ -215,4 +221,33 @@ def card_metrics(
         "n": n, "classes": list(classes), "ci_level": CI_LEVEL, "n_boot": n_boot, "seed": seed,
         "classification": classification, "segmentation": segmentation, "pointing_game": pointing,
         "shortcut": shortcut, "refer": refer,
+    }
+
+
+def ood_metrics(val_scores: np.ndarray, probe_scores: Mapping[str, float], threshold: float,
+                kinds: Mapping[str, str], *, n_boot: int = 1000, seed: int = 0,
+                fit: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The learned OOD check: false-refer rate on the validation slices (a score above ``threshold``, with a bootstrap
+    CI) and the detection rate on the probe set (``probe_scores`` by name, ``kinds`` name -> family), overall and by
+    family. ``fit``: the fit's summary (train/ood.py), carried through."""
+    val = np.asarray(val_scores, np.float64)
+    referred = val > threshold
+    names = list(probe_scores)
+    detected = np.array([probe_scores[n] > threshold for n in names], bool)
+    by_kind: dict[str, dict[str, int]] = {}
+    for name, hit in zip(names, detected):
+        entry = by_kind.setdefault(kinds[name], {"n": 0, "detected": 0})
+        entry["n"] += 1
+        entry["detected"] += int(hit)
+    return {
+        "threshold": float(threshold),
+        "val_false_refer_rate": _mean_estimate(referred, n_boot, seed),
+        "n_val_referred": int(referred.sum()),
+        "val_score_quantiles": {q: float(np.quantile(val, float(q))) for q in ("0.5", "0.99")} | {"max": float(val.max())},
+        "probe_detection_rate": {"value": float(detected.mean()), "n": len(names), "n_detected": int(detected.sum())},
+        "probe_by_kind": by_kind,
+        "probes": {n: {"score": float(probe_scores[n]), "kind": kinds[n], "detected": bool(hit)}
+                   for n, hit in zip(names, detected)},
+        "min_probe_score": float(min(probe_scores.values())),
+        "fit": dict(fit or {}),
     }

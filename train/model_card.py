@@ -23,7 +23,7 @@ from .metrics import (
     softmax,
     to_jsonable,
 )
-from .card_metrics import CI_LEVEL, _estimate, card_metrics
+from .card_metrics import CI_LEVEL, _estimate, card_metrics, ood_metrics
 from .naming import CLASSES
 from .refer import heads_disagree, mask_area
 
@@ -125,7 +125,9 @@ def _previous_table(previous: Mapping[str, Any], metrics: Mapping[str, Any], inf
                              ("Dice, original resolution", ("segmentation", "dice_original"), False),
                              ("Dice, model input", ("segmentation", "dice"), False),
                              ("Grad-CAM pointing game", ("pointing_game",), True),
-                             ("Refer rate (threshold)", ("refer", "refer_rate"), True)):
+                             ("Refer rate (threshold)", ("refer", "refer_rate"), True),
+                             ("OOD false-refer rate (validation)", ("ood", "val_false_refer_rate"), True),
+                             ("OOD probe detection rate", ("ood", "probe_detection_rate"), True)):
         rows.append([label, _fmt(value(prev_m, *path), pct=pct), _fmt(value(metrics, *path), pct=pct)])
     for label, key in (("Encoder", "encoder"), ("Input size", "image_size")):
         prev_v = (prev_i.get("model_config") or {}).get(key) if key == "encoder" else (prev_i.get("preprocess") or {}).get(key)
@@ -136,6 +138,36 @@ def _previous_table(previous: Mapping[str, Any], metrics: Mapping[str, Any], inf
            "not recorded for the earlier version show as n/a).", ""]
     out += _table(["", f"v{_text(prev_i.get('version'))}", f"v{_text(info.get('version'))}"], rows)
     return out + [""]
+
+
+def _ood_section(ood: Mapping[str, Any] | None, n_val: Any) -> list[str]:
+    """The learned out-of-distribution check: how it is fitted, its validation false-refer rate, the probe set."""
+    out = ["## Out-of-distribution check", ""]
+    if not ood:
+        return out + ["- No OOD score was fitted for this model: only the heuristics (colour photo, non-MR DICOM, "
+                      "blank image) refer images that are not MRI slices.", ""]
+    fit = ood.get("fit") or {}
+    det = ood.get("probe_detection_rate") or {}
+    out += [f"- Score: {_text(fit.get('method'), 'Mahalanobis distance of the pooled class-head feature')}, computed "
+            f"inside the exported graph (`ood_score`); fitted on the {_text(fit.get('n_fit'))} slices of the training "
+            f"portion only ({_text(fit.get('feature_dim'))} features, Ledoit-Wolf shrinkage "
+            f"{_fmt(fit.get('shrinkage'), 4)}).",
+            f"- Threshold {_fmt(ood.get('threshold'), 1)}: {_text(fit.get('threshold_rule'), 'not recorded')}; a slice "
+            f"scoring above it is referred with an `out_of_distribution:` reason.",
+            f"- **False-refer rate on the validation split** (not used for the fit): "
+            f"{_est(ood.get('val_false_refer_rate'), pct=True)} ({_text(ood.get('n_val_referred'))} of {_text(n_val)} "
+            f"slices); the budget is ≤ 1%.",
+            f"- **Detection rate on the OOD probe set** (`train/ood_probe.py`: noise, blanks, gradients, checkerboards, "
+            f"scikit-image's bundled photos in grey, the Shepp-Logan head phantom): {_fmt(det.get('value'), pct=True)} "
+            f"({_text(det.get('n_detected'))} of {_text(det.get('n'))}); lowest probe score "
+            f"{_fmt(ood.get('min_probe_score'), 1)} against a validation median of "
+            f"{_fmt((ood.get('val_score_quantiles') or {}).get('0.5'), 1)} and maximum "
+            f"{_fmt((ood.get('val_score_quantiles') or {}).get('max'), 1)}.", ""]
+    out += _table(["Probe family", "n", "detected"],
+                  [[kind, _text(v.get("n")), _text(v.get("detected"))] for kind, v in (ood.get("probe_by_kind") or {}).items()])
+    out += ["", "- The probes are far from MRI; the check is not validated on near-distribution shifts (other MRI "
+            "sequences, other scanners, CT), which it may or may not catch.", ""]
+    return out
 
 
 def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> str:
@@ -181,7 +213,9 @@ def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> st
             f"{_text(pp.get('foreground_threshold'))} with margin {_text(pp.get('crop_margin'))}, pad to square, resize); "
             f"masks binarised at {_text(pp.get('mask_threshold'))}; preprocessing version {_text(pp.get('version'))}.",
             f"- Outputs: class probabilities (temperature-scaled), a tumour probability map, a `refer` flag (top "
-            f"probability below the refer threshold, or mask and label disagreeing), and Grad-CAM maps on a "
+            f"probability below the refer threshold, mask and label disagreeing"
+            + (", or the image out of distribution (see below)" if metrics.get("ood") else "")
+            + f"), and Grad-CAM maps on a "
             f"stride-{_text(mc.get('cam_stride'), '32')} grid (the class head pools the encoder features at that "
             f"stride and deeper, so Grad-CAM there is exact).",
             f"- Model version: {_text(info.get('version'))}; export format: {_text(info.get('export_format'))}.", ""]
@@ -260,6 +294,7 @@ def render_model_card(metrics: Mapping[str, Any], info: Mapping[str, Any]) -> st
     else:
         out += ["- No refer threshold was set."]
     out += [""]
+    out += _ood_section(metrics.get("ood"), metrics.get("n"))
 
     rows = [["Accuracy", _fmt((cls.get("accuracy") or {}).get("value")), _ci(cls.get("accuracy")), _text(metrics.get("n"))],
             ["Macro-F1", _fmt((cls.get("macro_f1") or {}).get("value")), _ci(cls.get("macro_f1")), _text(metrics.get("n"))],
@@ -407,8 +442,10 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
     samples = split_samples(checkpoint, state, data, "val")
     images, masks, samples, _ = decode_samples(samples, preprocess, progress=progress, desc="decoding val")
     temperature = float(state.get("temperature", 1.0))
-    pred = predict_arrays(model, images, batch_size=batch_size, temperature=temperature, with_cams=True)
+    pred = predict_arrays(model, images, batch_size=batch_size, temperature=temperature, with_cams=True,
+                          with_features=True)
     y = np.array([CLASSES.index(s.label) for s in samples])
+    ood = _ood_card(model, state, pred["features"], preprocess, n_boot) if state.get("ood") else None
 
     min_area = state.get("disagree_min_area")
     disagree = (heads_disagree(pred["probs"].argmax(1), mask_area(pred["mask_probs"]), min_area)
@@ -416,7 +453,10 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
     metrics = card_metrics(y, pred["probs"], masks.astype(bool), pred["mask_probs"], pred["cams"],
                            _non_square([s.image_path for s in samples]), refer_threshold=state.get("refer_threshold"),
                            n_boot=n_boot, classes=CLASSES, disagree=disagree,
+                           ood=None if ood is None else ood.pop("val_flags"),
                            seg_original=original_resolution_segmentation(samples, pred["mask_probs"], preprocess))
+    if ood is not None:
+        metrics["ood"] = ood
     summary = state.get("calibration") or {}
     uncalibrated = softmax(pred["logits"])
     ece_before = bootstrap_ci(lambda i: expected_calibration_error(uncalibrated[i], y[i]), np.arange(len(y)),
@@ -452,3 +492,22 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
     out_md.write_text(render_model_card(metrics, card_info))
     out_md.with_suffix(".json").write_text(json.dumps(to_jsonable({"metrics": metrics, "info": card_info}), indent=2) + "\n")
     return metrics
+
+
+def _ood_card(model, state: Mapping[str, Any], val_features: np.ndarray, preprocess, n_boot: int) -> dict[str, Any]:
+    """``ood_metrics`` of the checkpoint's fitted OOD score on the validation features and on the probe set (each
+    probe through the same preprocessing), plus ``val_flags`` for the refer policies."""
+    from .ood import OodModel
+    from .ood_probe import probe_images, probe_kind
+    from .predict import predict_arrays
+    from .preprocess import preprocess as preprocess_image
+
+    fitted = OodModel.from_state(state["ood"])
+    probes = probe_images()
+    inputs = np.stack([preprocess_image(p, preprocess)[0] for p in probes.values()])
+    probe_scores = fitted.score(predict_arrays(model, inputs, with_masks=False, with_features=True)["features"])
+    val_scores = fitted.score(val_features)
+    out = ood_metrics(val_scores, dict(zip(probes, probe_scores)), fitted.threshold,
+                      {n: probe_kind(n) for n in probes}, n_boot=n_boot,
+                      fit=(state.get("calibration") or {}).get("ood"))
+    return {**out, "val_flags": val_scores > fitted.threshold}

@@ -1,9 +1,11 @@
 """`braintumor serve` with its defaults serves the bundled release model: the answers equal ONNX Runtime on the
-shipped files, the served calibration constants are the card's, and a slice under the refer threshold is referred
-through Triton with the threshold as its reason."""
+shipped files, the served calibration and OOD constants are the card's, a slice under the refer threshold is referred
+through Triton with the threshold as its reason, and a noise image is referred as out of distribution (HTTP and
+gRPC)."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -21,11 +23,24 @@ from braintumor.train.decode import decode_image  # noqa: E402
 from braintumor.train.preprocess import PreprocessConfig, preprocess  # noqa: E402
 from braintumor.train.samples import build_index  # noqa: E402
 
+grpc = pytest.importorskip("grpc")
+from braintumor.clients.v1 import braintumor_pb2 as pb  # noqa: E402
+from braintumor.clients.v1 import braintumor_pb2_grpc as pb_grpc  # noqa: E402
+
 pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = latest_version(ROOT / "model_repository" / contract.DEFAULT_NAME)
 META = json.loads((VERSION / contract.METADATA_FILE).read_text())
+CARD = json.loads((ROOT / "MODEL_CARD.json").read_text())
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _val_slices(real_data: Path) -> list[Path]:
@@ -61,7 +76,20 @@ def test_default_serve_runs_the_bundled_model_and_refers_through_triton(real_dat
         assert model["temperature"] == pytest.approx(META["temperature"])
         assert model["refer_threshold"] == pytest.approx(threshold)
         assert model["disagree_min_area"] == pytest.approx(META["disagree_min_area"])
+        assert model["ood_threshold"] == META["ood_threshold"] == CARD["metrics"]["ood"]["threshold"]
         assert model["image_size"] == META["image_size"]
+
+        # Grey noise got "pituitary, 0.876" and no reason before the learned OOD check (issue 13 finding 8).
+        noise = _png(np.random.default_rng(7).integers(0, 256, (256, 256), dtype=np.uint8))
+        body = httpx.post(f"{served.http_url}/analyze", timeout=60, files={"image": ("noise.png", noise, "image/png")})
+        assert body.status_code == 200, body.text
+        body = body.json()
+        assert body["refer"] is True and any(r.startswith("out_of_distribution:") for r in body["refer_reason"]), body
+        with grpc.insecure_channel(served.grpc_target) as channel:
+            stub = pb_grpc.BrainTumorStub(channel)
+            assert stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30).ood_threshold == META["ood_threshold"]
+            reply = stub.Analyze(pb.AnalyzeRequest(image=noise, skip_images=True), timeout=60)
+            assert reply.refer and list(reply.refer_reason) == body["refer_reason"]
 
         for path, expect_refer in ((unsure, True), (confident, None)):
             body = httpx.post(f"{served.http_url}/analyze", timeout=60,

