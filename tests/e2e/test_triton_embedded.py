@@ -56,13 +56,15 @@ def _wait_gone(text: str, timeout: float = 10.0) -> list[str]:
 def repository(tmp_path_factory):
     from braintumor.export.repository import ExportOptions, export_repository
     from braintumor.train.config import resolve_config
+    from braintumor.train.ood import fit_ood_checkpoint
     from braintumor.train.run import run_training
     from braintumor.train.synthetic import make_synthetic_dataset
 
     root = tmp_path_factory.mktemp("triton_e2e")
-    data = make_synthetic_dataset(root / "data", n_per_class=4, size=(40, 36))
+    data = make_synthetic_dataset(root / "data", n_per_class=6, size=(40, 36))
     cfg = resolve_config(None, {**TINY, "data.cache_dir": str(root / "cache")})
     checkpoint = run_training(cfg, data, root / "run")
+    fit_ood_checkpoint(checkpoint, data, progress=False)  # Triton serves ood_score (B, 1) like the release model
     export_repository(checkpoint, root / "repo", ExportOptions(parity_data=data, parity_count=4))
     return root / "repo"
 
