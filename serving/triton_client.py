@@ -174,6 +174,8 @@ class TritonModel:
         info = info or await self.info()
         parts = [await self._infer(self.model_name, chunk, info.outputs)
                  for chunk in _chunks(images, info.max_batch_size)]
+        if len(parts) == 1:  # the usual case: no copy
+            return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name in info.outputs}
 
     async def classify(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
