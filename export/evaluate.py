@@ -10,7 +10,7 @@ import numpy as np
 from ..train.cache import decode_samples
 from ..train.evaluate import samples_for_split, score_and_report
 from ..train.preprocess import PreprocessConfig
-from .contract import CAM, CLASS_PROBS, DEFAULT_NAME, INPUT_NAME, MASK_PROB, METADATA_FILE, ONNX_FILE
+from .contract import CAM, CLASS_PROBS, DEFAULT_NAME, INPUT_NAME, MASK_PROB, METADATA_FILE, ONNX_FILE, OOD_SCORE
 from .manifest import verify_manifest
 
 
@@ -38,6 +38,8 @@ def evaluate_repository(repository: str | Path, data: str | Path, split: str, ou
 
     session = ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
     outputs: dict[str, list[np.ndarray]] = {CLASS_PROBS: [], MASK_PROB: [], CAM: []}
+    if OOD_SCORE in {o.name for o in session.get_outputs()}:  # models exported with a fitted OOD score
+        outputs[OOD_SCORE] = []
     for start in range(0, len(images), batch_size):
         batch = images[start : start + batch_size][:, None]
         for key, value in zip(outputs, session.run(list(outputs), {INPUT_NAME: batch})):
@@ -45,5 +47,7 @@ def evaluate_repository(repository: str | Path, data: str | Path, split: str, ou
     probs, mask_probs, cams = (np.concatenate(outputs[k]) for k in (CLASS_PROBS, MASK_PROB, CAM))
     info = {"split": split, "model": name, "version": meta["version"], "runtime": f"onnxruntime {ort.__version__}",
             "temperature": meta.get("temperature")}
+    ood_scores = np.concatenate(outputs[OOD_SCORE])[:, 0] if OOD_SCORE in outputs else None
     return score_and_report(samples, images, masks, probs, mask_probs[:, 0], cams, out, info, preprocess=preprocess,
-                            refer_threshold=meta.get("refer_threshold"), disagree_min_area=meta.get("disagree_min_area"))
+                            refer_threshold=meta.get("refer_threshold"), disagree_min_area=meta.get("disagree_min_area"),
+                            ood_scores=ood_scores, ood_threshold=meta.get("ood_threshold"))

@@ -15,20 +15,12 @@ from .decode import decode_image, decode_mask
 from .heatmap import cam_heatmap
 from .metrics import classification_metrics, dice_iou, pointing_game_hits, segmentation_metrics, to_jsonable
 from .naming import CLASSES
+from .ood import OodModel
 from .preprocess import Geometry, PreprocessConfig, compute_geometry, mask_to_original
 from .refer import heads_disagree, mask_area, refer_policy_stats
 from .report import write_report
 from .samples import Sample, build_index
-from .splits import read_split_csv
-
-
-def _val_keys(checkpoint: Path, state: dict) -> set[str]:
-    if state.get("val_keys"):
-        return set(state["val_keys"])
-    csv_path = checkpoint.parent / "val_split.csv"
-    if csv_path.exists():
-        return read_split_csv(csv_path)
-    raise FileNotFoundError(f"{checkpoint}: no validation keys inside and no val_split.csv beside it")
+from .splits import checkpoint_val_keys
 
 
 def samples_for_split(data: str | Path, split: str, val_keys: set[str] | None = None) -> list[Sample]:
@@ -52,7 +44,7 @@ def samples_for_split(data: str | Path, split: str, val_keys: set[str] | None = 
 
 def split_samples(checkpoint: Path, state: dict, data: str | Path, split: str) -> list[Sample]:
     """``samples_for_split`` with the validation keys a checkpoint (or its run folder) carries."""
-    return samples_for_split(data, split, _val_keys(Path(checkpoint), state) if split == "val" else None)
+    return samples_for_split(data, split, checkpoint_val_keys(checkpoint, state) if split == "val" else None)
 
 
 def cams_for_classes(cams: np.ndarray, classes: np.ndarray, size: int) -> np.ndarray:
@@ -90,10 +82,12 @@ def _nanmean(values: np.ndarray) -> float:
 def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarray, probs: np.ndarray,
                      mask_probs: np.ndarray, cams: np.ndarray, out: str | Path, info: dict, *,
                      preprocess: PreprocessConfig | None = None, refer_threshold: float | None = None,
-                     disagree_min_area: float | None = None, geometries: list[Geometry] | None = None) -> dict:
+                     disagree_min_area: float | None = None, geometries: list[Geometry] | None = None,
+                     ood_scores: np.ndarray | None = None, ood_threshold: float | None = None) -> dict:
     """Metrics (classification on all slices, segmentation on tumour slices at the model input and, with
-    ``preprocess``, at the original resolution; pointing game of Grad-CAM and of the mask peak; the refer policies)
-    -> metrics.json and report.html."""
+    ``preprocess``, at the original resolution; pointing game of Grad-CAM and of the mask peak; the refer policies;
+    with ``ood_scores`` and ``ood_threshold``, the share of slices the learned OOD check refers: on in-distribution
+    slices, its false-refer rate) -> metrics.json and report.html."""
     out = Path(out)
     y_true = np.array([CLASSES.index(s.label) for s in samples])
     has_mask = np.array([s.has_mask for s in samples])
@@ -116,6 +110,14 @@ def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarra
             if disagree_min_area is not None else None),
         "refer_threshold": refer_threshold, "disagree_min_area": disagree_min_area,
     }
+    if ood_scores is not None and ood_threshold is not None:
+        ood = np.asarray(ood_scores, np.float64).reshape(-1) > ood_threshold
+        disagree = (heads_disagree(labels, areas, disagree_min_area) if disagree_min_area is not None
+                    else np.zeros(len(ood), bool))
+        metrics["refer_policies"]["threshold+disagreement+ood"] = refer_policy_stats(
+            y_true, probs, refer_threshold, disagree | ood)
+        metrics["ood"] = {"threshold": float(ood_threshold), "refer_rate": float(ood.mean()),
+                          "n_referred": int(ood.sum()), "max_score": float(np.max(ood_scores))}
     metrics.update({"n": len(samples), "n_tumour_slices": int(has_mask.sum()), **info})
     out.mkdir(parents=True, exist_ok=True)
     metrics_out = {k: v for k, v in metrics.items() if not k.endswith("_per_slice")}
@@ -139,8 +141,12 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str, ou
     images, masks, samples, _, geometries = decode_samples(samples, preprocess, progress=progress,
                                                            desc=f"decoding {split}", geometries=True)
     temperature = float(state.get("temperature") or 1.0)
-    pred = predict_arrays(model, images, batch_size=batch_size, device=device, temperature=temperature, with_cams=True)
+    pred = predict_arrays(model, images, batch_size=batch_size, device=device, temperature=temperature, with_cams=True,
+                          with_features=bool(state.get("ood")))
     info = {"split": split, "checkpoint": str(checkpoint), "epoch": state.get("epoch"), "temperature": temperature}
+    ood = OodModel.from_state(state["ood"]) if state.get("ood") else None
     return score_and_report(samples, images, masks, pred["probs"], pred["mask_probs"], pred["cams"], out, info,
                             preprocess=preprocess, refer_threshold=state.get("refer_threshold"),
-                            disagree_min_area=state.get("disagree_min_area"), geometries=geometries)
+                            disagree_min_area=state.get("disagree_min_area"), geometries=geometries,
+                            ood_scores=ood.score(pred["features"]) if ood else None,
+                            ood_threshold=ood.threshold if ood else None)

@@ -146,10 +146,10 @@ def run_features(checkpoint: str | Path, data: str | Path, *, progress: bool = T
     """Pooled features and labels of the run's training portion (train split minus the validation keys) and of the
     validation split, cached in ``RUN/ood_features.npz`` keyed by the weights' hash (extraction takes minutes on CPU)."""
     from .cache import decode_samples
-    from .evaluate import _val_keys
     from .predict import predict_arrays
     from .preprocess import PreprocessConfig
     from .samples import build_index
+    from .splits import checkpoint_val_keys
     from .trainer.checkpoint import load_model
 
     checkpoint = Path(checkpoint)
@@ -161,7 +161,7 @@ def run_features(checkpoint: str | Path, data: str | Path, *, progress: bool = T
         if str(stored.get("model_hash")) == key:
             return stored
     preprocess = PreprocessConfig.from_dict(state["preprocess"])
-    val_keys = _val_keys(checkpoint, state)
+    val_keys = checkpoint_val_keys(checkpoint, state)
     samples = build_index(data).split("train")
     portions = {"train": [s for s in samples if s.key not in val_keys], "val": [s for s in samples if s.key in val_keys]}
     if len(portions["val"]) != len(val_keys):

@@ -159,3 +159,13 @@ def read_split_csv(path: str | Path) -> set[str]:
     if roles:
         raise ValueError(f"{path}: split_role must be train or val, found {sorted(roles)}")
     return {row["key"] for row in rows if row["split_role"] == "val"}
+
+
+def checkpoint_val_keys(checkpoint: str | Path, state: dict) -> set[str]:
+    """The validation keys of a checkpoint's run: carried in the checkpoint, else the run folder's val_split.csv."""
+    if state.get("val_keys"):
+        return set(state["val_keys"])
+    csv_path = Path(checkpoint).parent / "val_split.csv"
+    if csv_path.exists():
+        return read_split_csv(csv_path)
+    raise FileNotFoundError(f"{checkpoint}: no validation keys inside and no val_split.csv beside it")

@@ -564,3 +564,24 @@ def test_cli_weights_fp16_export_proves_parity_and_records_storage(checkpoint, r
         verify_manifest(folder)
     out, published = repository
     assert json.loads((published[0].folder / "metadata.json").read_text())["weights_storage"] == "float32"
+
+
+def test_evaluation_reports_the_ood_refer_rate_from_checkpoint_and_exported_model(repository, checkpoint, tmp_path):
+    """`evaluate` on the validation split: the learned OOD check's refer rate (its false-refer rate there), the same
+    through PyTorch and through the exported graph's ood_score, and in the combined refer policy."""
+    from braintumor.export.evaluate import evaluate_repository
+    from braintumor.train.evaluate import evaluate_checkpoint
+
+    out, _ = repository
+    ckpt, data = checkpoint
+    exported = evaluate_repository(out, data, "val", tmp_path / "ort", progress=False)
+    eager = evaluate_checkpoint(ckpt, data, "val", tmp_path / "torch", progress=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    for metrics in (exported, eager):
+        ood = metrics["ood"]
+        assert ood["threshold"] == state["ood"]["threshold"]
+        assert ood["n_referred"] == round(ood["refer_rate"] * metrics["n"])
+        assert "threshold+disagreement+ood" in metrics["refer_policies"]
+    assert exported["ood"]["n_referred"] == eager["ood"]["n_referred"]
+    assert exported["ood"]["max_score"] == pytest.approx(eager["ood"]["max_score"], rel=1e-3)
+    assert json.loads((tmp_path / "ort" / "metrics.json").read_text())["ood"] == exported["ood"]
