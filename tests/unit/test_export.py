@@ -585,3 +585,19 @@ def test_evaluation_reports_the_ood_refer_rate_from_checkpoint_and_exported_mode
     assert exported["ood"]["n_referred"] == eager["ood"]["n_referred"]
     assert exported["ood"]["max_score"] == pytest.approx(eager["ood"]["max_score"], rel=1e-3)
     assert json.loads((tmp_path / "ort" / "metrics.json").read_text())["ood"] == exported["ood"]
+
+
+def test_ood_fit_saw_only_the_training_portion(checkpoint):
+    """The OOD Gaussians and threshold come from the train split minus the validation keys, never from validation."""
+    from braintumor.train.samples import build_index
+
+    ckpt, data = checkpoint
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    cached = np.load(ckpt.parent / "ood_features.npz")
+    train_keys, val_keys = set(cached["train_keys"].tolist()), set(state["val_keys"])
+    assert val_keys and not train_keys & val_keys
+    assert train_keys | val_keys == {s.key for s in build_index(data).split("train")}
+    assert set(cached["val_keys"].tolist()) == val_keys  # measured only
+    summary = state["calibration"]["ood"]
+    assert summary["n_fit"] == len(train_keys) and summary["n_val"] == len(val_keys)
+    assert state["ood_threshold"] == state["ood"]["threshold"] == summary["threshold"]
