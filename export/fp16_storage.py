@@ -8,7 +8,6 @@ parity check then needs the looser tolerances below (the rounding, not the runti
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -39,12 +38,13 @@ FP16_PARITY_TOLERANCES: dict[str, tuple[float, float]] = {
 
 
 def store_weights_fp16(path_in: str | Path, path_out: str | Path | None = None,
-                       min_elements: int = MIN_ELEMENTS, keep_fp32: Collection[str] = ()) -> dict:
+                       min_elements: int = MIN_ELEMENTS) -> dict:
     """Rewrite the ONNX file ``path_in`` (in place when ``path_out`` is None) with every float32 initializer of at
     least ``min_elements`` elements stored as float16 behind a ``Cast(to=FLOAT)``; runs onnx.checker on the result.
 
-    Initializers that are also graph inputs (overridable at run time), those named in ``keep_fp32`` and those with
-    values beyond the fp16 range stay float32. Returns counts and sizes: ``converted``, ``kept_fp32``, ``skipped_out_of_range``,
+    Initializers that are also graph inputs (overridable at run time) and those with values beyond the fp16 range
+    stay float32. ``Constant`` nodes are not initializers and stay as exported: the OOD score's class means and
+    whitening (non-persistent buffers, which the exporter writes as Constant nodes) keep float32. Returns counts and sizes: ``converted``, ``kept_fp32``, ``skipped_out_of_range``,
     ``bytes_before``, ``bytes_after`` (file sizes) and ``weight_bytes_before``/``weight_bytes_after``.
     """
     import onnx
@@ -65,7 +65,7 @@ def store_weights_fp16(path_in: str | Path, path_out: str | Path | None = None,
             continue
         array = numpy_helper.to_array(init)
         weight_before += array.nbytes
-        if array.size < min_elements or init.name in graph_inputs or init.name in keep_fp32:
+        if array.size < min_elements or init.name in graph_inputs:
             kept.append(init.name)
             weight_after += array.nbytes
             continue

@@ -204,9 +204,7 @@ def _fp16_parity(graph, onnx_path: Path, images) -> list[OutputParity]:
     """Rewrite ``onnx_path`` with fp16-stored weights, then checker -> ONNX Runtime -> PyTorch at fp16 tolerances."""
     from .fp16_storage import FP16_PARITY_TOLERANCES, store_weights_fp16
 
-    from .wrappers import OOD_CONSTANTS
-
-    store_weights_fp16(onnx_path, keep_fp32=OOD_CONSTANTS)
+    store_weights_fp16(onnx_path)
     check_onnx(onnx_path)
     outputs = run_session(onnx_session(onnx_path), images)
     return compare(outputs, run_torch(graph, images), tolerances=FP16_PARITY_TOLERANCES,

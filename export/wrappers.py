@@ -12,10 +12,6 @@ from torch import nn
 
 from .contract import BASE_OUTPUTS, CLASSIFIER_OUTPUTS, FULL_OUTPUTS
 
-# Names of the OOD constants in the ONNX file (buffers of OodScore under FullGraph.ood); fp16 weight storage keeps
-# them float32, since the score squares their rounding error.
-OOD_CONSTANTS = ("ood.means", "ood.whitening")
-
 
 def _temperature(value: float | None) -> float:
     t = 1.0 if value is None else float(value)
@@ -25,7 +21,10 @@ def _temperature(value: float | None) -> float:
 
 
 class OodScore(nn.Module):
-    """(B, K) pooled features -> (B, 1) ``min_c ||(f - mu_c) W||^2`` (train/ood.py; ``P = W W^T``)."""
+    """(B, K) pooled features -> (B, 1) ``min_c ||(f - mu_c) W||^2`` (train/ood.py; ``P = W W^T``).
+
+    ``means`` and ``whitening`` are non-persistent buffers: the exporter writes them as ``Constant`` nodes, which
+    fp16 weight storage (initializers only) leaves float32 — the score squares their rounding."""
 
     def __init__(self, means: np.ndarray, whitening: np.ndarray) -> None:
         super().__init__()

@@ -114,3 +114,18 @@ def test_probe_set_is_referred_out_of_distribution_through_onnxruntime():
     for name in detected:
         if probe_kind(name) in ("noise", "blank"):
             assert reasons[name], f"{name} was not referred as out of distribution"
+
+
+def test_ood_constants_stay_float32_in_the_fp16_stored_graph():
+    """fp16 weight storage rewrites initializers; the OOD means and whitening are Constant nodes and must stay fp32."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto
+
+    model = onnx.load(str(latest_version(REPOSITORY / DEFAULT_NAME) / ONNX_FILE))
+    constants = [a.t for n in model.graph.node if n.op_type == "Constant" and n.name.startswith("/ood/")
+                 for a in n.attribute if a.name == "value" and len(a.t.dims) >= 2]
+    meta = json.loads((latest_version(REPOSITORY / DEFAULT_NAME) / METADATA_FILE).read_text())
+    width = meta["calibration"]["ood"]["feature_dim"]
+    shapes = sorted(tuple(d for d in t.dims if d != 1) for t in constants)  # the means come as (1, C, K)
+    assert shapes == sorted([(len(meta["classes"]), width), (width, width)])
+    assert all(t.data_type == TensorProto.FLOAT for t in constants)
