@@ -35,6 +35,11 @@ PYTHON_FILE = "model.py"
 METADATA_FILE = "metadata.json"
 MANIFEST_FILE = "manifest.json"
 CONFIG_FILE = "config.pbtxt"
+# Serving layouts: config.pbtxt is the latency layout (one instance using every core); the throughput layout is
+# Triton's custom configuration <model>/configs/throughput.pbtxt, chosen at start with --model-config-name.
+CONFIGS_DIR = "configs"
+LAYOUTS: tuple[str, ...] = ("latency", "throughput")
+THROUGHPUT_INSTANCES = 2  # model instances of the throughput layout (the python backend splits the cores among them)
 
 # Model variants (how Triton runs the graph) and the file each one serves.
 VARIANTS: tuple[str, ...] = ("python", "onnxruntime", "tensorrt_plan")

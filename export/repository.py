@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .contract import (
-    CONFIG_FILE,
     DEFAULT_NAME,
+    LAYOUTS,
     METADATA_FILE,
     ONNX_FILE,
     PLAN_FILE,
@@ -46,7 +46,7 @@ from .onnx_export import (
     run_session,
     run_torch,
 )
-from .triton_config import TritonOptions, model_config, model_parameters
+from .triton_config import TritonOptions, layout_file, layout_options, model_config, model_parameters
 
 PYTHON_BACKEND_MODEL = Path(__file__).parent / "python_backend" / "model.py"
 # CLI spelling -> Triton variant.
@@ -189,9 +189,11 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
             }
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
             write_manifest(tmp, {"name": model_name, "version": version})
-            config = model_config(model_name, variant, image_size, len(classes), grid, classifier=classifier,
-                                  options=options.triton, parameters=params, ood=bool(ood))
-            _write_text_atomic(out / model_name / CONFIG_FILE, config)
+            for layout in LAYOUTS:  # config.pbtxt (latency) and configs/throughput.pbtxt, one generator
+                config = model_config(model_name, variant, image_size, len(classes), grid, classifier=classifier,
+                                      options=layout_options(options.triton, layout), parameters=params,
+                                      ood=bool(ood))
+                _write_text_atomic(out / model_name / layout_file(layout), config)
             os.replace(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -212,6 +214,7 @@ def _fp16_parity(graph, onnx_path: Path, images) -> list[OutputParity]:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

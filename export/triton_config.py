@@ -6,10 +6,17 @@ Torch-free. Tests parse the text back with Triton's own ModelConfig protobuf (tr
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from .contract import (
+    CLASSIFIER_SUFFIX,
+    CONFIG_FILE,
+    CONFIGS_DIR,
     INPUT_NAME,
+    LAYOUTS,
+    METADATA_FILE,
+    OOD_SCORE,
     ONNX_FILE,
     PARAM_CAM_SIZE,
     PARAM_DISAGREE_MIN_AREA,
@@ -21,6 +28,7 @@ from .contract import (
     PARAM_REFER_THRESHOLD,
     PARAM_TEMPERATURE,
     PLAN_FILE,
+    THROUGHPUT_INSTANCES,
     VARIANTS,
     TensorSpec,
     check_model_name,
@@ -70,6 +78,23 @@ class TritonOptions:
 
     def kind_for(self, variant: str) -> str:
         return self.instance_kind or ("KIND_GPU" if variant == "tensorrt_plan" else "KIND_CPU")
+
+
+def layout_options(options: TritonOptions, layout: str) -> TritonOptions:
+    """The options of one serving layout (:data:`~.contract.LAYOUTS`): ``latency`` is ``options`` as given (one
+    instance by default, every core on each request); ``throughput`` runs :data:`~.contract.THROUGHPUT_INSTANCES`
+    instances (the python backend gives each its share of the cores, so a batch never waits for a thread another
+    process has taken; measured in README: more images per second under load, a slower single request)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+    if layout == "latency":
+        return options
+    return replace(options, instance_count=max(options.instance_count, THROUGHPUT_INSTANCES))
+
+
+def layout_file(layout: str) -> str:
+    """Where a layout's config lives inside ``<repository>/<model>/``."""
+    return CONFIG_FILE if layout == "latency" else f"{CONFIGS_DIR}/{layout}.pbtxt"
 
 
 def model_parameters(classes, preprocess: dict, temperature: float | None, cam_size: int,
@@ -148,3 +173,22 @@ def _q(text: str) -> str:
     """A protobuf text-format string literal (C-style escapes)."""
     escaped = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n").replace("\r", "\\r")
     return f'"{escaped}"'
+
+
+def layout_configs(model_dir: str | Path, options: TritonOptions | None = None) -> dict[str, str]:
+    """Every layout's config text of one exported model folder, regenerated from its newest version's metadata.json
+    with ``options`` (the export defaults unless given): what ``braintumor export`` wrote, so a test can prove the
+    files on disk came from this generator, and a repository exported before layouts can get its missing ones."""
+    model_dir = Path(model_dir)
+    versions = [v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()]
+    if not versions:
+        raise FileNotFoundError(f"{model_dir} has no numbered version folder")
+    meta = json.loads((max(versions, key=lambda v: int(v.name)) / METADATA_FILE).read_text())
+    params = model_parameters(meta["classes"], meta["preprocess"], meta.get("temperature"), meta["cam_size"],
+                              meta.get("refer_threshold"), meta.get("disagree_min_area"), meta.get("ood_threshold"))
+    ood = any(o["name"] == OOD_SCORE for o in meta["outputs"])
+    return {layout: model_config(meta["name"], meta["variant"], meta["image_size"], len(meta["classes"]),
+                                 meta["cam_size"], classifier=meta["name"].endswith(CLASSIFIER_SUFFIX),
+                                 options=layout_options(options or TritonOptions(), layout), parameters=params,
+                                 ood=ood)
+            for layout in LAYOUTS}

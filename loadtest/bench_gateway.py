@@ -357,7 +357,8 @@ def _cpu(c: dict | None, role: str) -> str:
 
 def report(rows: list[dict], args, model_label: str, images: int) -> str:
     lines = [f"/analyze, {images} real images, {args.seconds:g} s per cell, {os.cpu_count()} CPUs, model {model_label}, "
-             f"heatmap {'asked' if args.heatmap else 'not asked'}", ""]
+             f"heatmap {'asked' if args.heatmap else 'not asked'}, "
+             f"layout {args.layout if not args.gateway else 'of the running server'}", ""]
     lines += ["| concurrency | model alone img/s (batch) | HTTP img/s | gRPC img/s | baseline img/s "
               "| HTTP / model | gRPC / model | HTTP / baseline | gRPC / baseline |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -396,6 +397,8 @@ def main() -> None:
                          "of a core): each front-door process warms its explainers (imports lime/shap, compiles "
                          "shap's numba kernels) in the background, which would count as serving CPU")
     ap.add_argument("--heatmap", action="store_true", help="ask for the Grad-CAM heatmap on every request")
+    ap.add_argument("--layout", choices=("latency", "throughput"), default="latency",
+                    help="`braintumor serve --layout` of the server the bench starts")
     ap.add_argument("--no-grpc", action="store_true", help="leave out the gRPC Analyze column")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="model-alone execution provider (auto: CUDA when this onnxruntime has it)")
@@ -432,7 +435,7 @@ def main() -> None:
                    "--model-repository", args.model_repository, "--http-port", str(ports["http"]),
                    "--grpc-port", str(ports["grpc"]), "--grpc-metrics-port", str(ports["gm"]),
                    "--triton-http-port", str(ports["th"]), "--triton-grpc-port", str(ports["tg"]),
-                   "--triton-metrics-port", str(ports["tm"])]
+                   "--triton-metrics-port", str(ports["tm"]), "--layout", args.layout]
             procs.append(subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL))
             gateway = f"http://127.0.0.1:{ports['http']}"
             grpc_target = None if args.no_grpc else f"127.0.0.1:{ports['grpc']}"
@@ -473,7 +476,8 @@ def main() -> None:
     print("\n" + report(rows, args, model.label, len(payloads)))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model.label, "seconds": args.seconds,
-                                               "heatmap": args.heatmap, "cpus": os.cpu_count(), "rows": rows},
+                                               "heatmap": args.heatmap, "layout": args.layout,
+                                               "cpus": os.cpu_count(), "rows": rows},
                                               indent=2, default=float) + "\n")
 
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..export.contract import LAYOUTS
 from .triton_commands import default_model_repository
 
 GATEWAY_TARGET = "braintumor.serving.service:BrainTumorGateway"
@@ -65,6 +66,9 @@ def _serve(args: argparse.Namespace) -> int:
     client_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     try:
         if args.triton_url:
+            if args.layout != "latency":
+                raise ValueError("--layout chooses the embedded Triton's model configs; start your own Triton with "
+                                 f"--model-config-name={args.layout} instead")
             triton_url = args.triton_url
             log.info("using the external Triton at %s (no embedded Triton started)", triton_url)
         else:
@@ -72,7 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
                 raise ValueError("no model repository: pass --model-repository DIR or --triton-url HOST:PORT")
             triton = EmbeddedTriton(args.model_repository, args.triton_http_port, args.triton_grpc_port,
                                     args.triton_metrics_port, address=TRITON_ADDRESS,
-                                    startup_timeout=args.startup_timeout,
+                                    startup_timeout=args.startup_timeout, layout=args.layout,
                                     echo=sys.stderr if args.verbose else None)
             triton.start()
             triton_url = triton.grpc_url
@@ -211,6 +215,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="start on a non-loopback --host without BRAINTUMOR_API_KEY (with a loud warning); only when "
                         "something in front of the service authenticates callers")
+    p.add_argument("--layout", choices=LAYOUTS, default="latency",
+                   help="the embedded Triton's model layout: latency (one model instance using every core: the "
+                        "fastest single request) or throughput (an instance per share of the cores: more images per "
+                        "second under concurrent load, a slower single request; README has the measurements)")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each part to be ready")
     p.add_argument("--verbose", action="store_true", help="echo Triton's log")
     p.set_defaults(func=_serve)

@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from ..export.contract import LAYOUTS
+
 # The repository's own model_repository/ (a source checkout or an editable install); absent in a wheel install.
 _SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
@@ -25,7 +27,8 @@ def _triton(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     triton = EmbeddedTriton(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
                             address=args.address, log_verbose=args.log_verbose,
-                            startup_timeout=args.startup_timeout, echo=None if args.quiet else sys.stderr)
+                            startup_timeout=args.startup_timeout, layout=args.layout,
+                            echo=None if args.quiet else sys.stderr)
     try:
         return triton.serve_forever()
     except TritonServerError as exc:
@@ -48,6 +51,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="address every endpoint binds to; Triton has no authentication, so think twice before 0.0.0.0")
     p.add_argument("--startup-timeout", type=float, default=120.0,
                    help="seconds to wait for /v2/health/ready before giving up")
+    p.add_argument("--layout", choices=LAYOUTS, default="latency",
+                   help="latency (config.pbtxt) or throughput (each model's configs/throughput.pbtxt)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (0: off)")
     p.add_argument("--quiet", action="store_true", help="do not echo the server's log (errors still show its tail)")
     p.set_defaults(func=_triton)

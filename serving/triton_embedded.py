@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Mapping, Sequence
 
-from ..export.contract import CONFIG_FILE
+from ..export.contract import CONFIG_FILE, CONFIGS_DIR, LAYOUTS
 from .supervisor import die_with_parent, http_ready, stop_group
 
 logger = logging.getLogger(__name__)
@@ -230,6 +230,19 @@ def check_repository(path: str | os.PathLike) -> Path:
     return repo
 
 
+def check_layout(repo: Path, layout: str) -> None:
+    """Every model of ``repo`` has the layout's config (Triton would quietly fall back to config.pbtxt otherwise)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    if layout == "latency":
+        return
+    missing = sorted(p.parent.name for p in repo.glob(f"*/{CONFIG_FILE}")
+                     if not (p.parent / CONFIGS_DIR / f"{layout}.pbtxt").is_file())
+    if missing:
+        raise ValueError(f"models {missing} in {repo} have no {CONFIGS_DIR}/{layout}.pbtxt (exported before layouts); "
+                         "re-export them with `braintumor export`, or serve the latency layout")
+
+
 class EmbeddedTriton:
     """tritonserver as a child process group; a context manager that starts it, waits for readiness and stops it::
 
@@ -241,13 +254,15 @@ class EmbeddedTriton:
                  metrics_port: int = 8002, *, address: str = "127.0.0.1", load_models: Sequence[str] | None = None,
                  log_verbose: int = 0, startup_timeout: float = 120.0, exit_timeout: int = 5,
                  echo: IO[str] | None = None, cache_dir: Path | None = None,
-                 extra_args: Sequence[str] = (), restrict_admin: bool = True) -> None:
+                 extra_args: Sequence[str] = (), restrict_admin: bool = True, layout: str = "latency") -> None:
         """``address``: Triton authenticates nobody, so the default is loopback. ``restrict_admin``: lock
         :data:`ADMIN_APIS` behind a per-start random key nobody is given.
         ``load_models``: only these (``--model-control-mode explicit``); default all in the repository.
         ``echo``: a stream that receives the server's log lines as they come (the CLI passes stderr).
         ``exit_timeout``: on stop, seconds Triton waits for in-flight requests and open client connections (idle
-        keep-alive ones included: close clients first for a fast stop) before it exits anyway with code 1."""
+        keep-alive ones included: close clients first for a fast stop) before it exits anyway with code 1.
+        ``layout``: ``latency`` (config.pbtxt) or ``throughput`` (each model's configs/throughput.pbtxt, Triton's
+        ``--model-config-name``; see export/triton_config.layout_options)."""
         self.model_repository = Path(model_repository)
         self.ports = {"http": int(http_port), "grpc": int(grpc_port), "metrics": int(metrics_port)}
         self.address = address
@@ -259,6 +274,9 @@ class EmbeddedTriton:
         self.cache_dir = cache_dir
         self.extra_args = list(extra_args)
         self.restrict_admin = bool(restrict_admin)
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+        self.layout = layout
         self._process: subprocess.Popen[str] | None = None
         self._log: collections.deque[str] = collections.deque(maxlen=400)
         self._pump: threading.Thread | None = None
@@ -305,6 +323,8 @@ class EmbeddedTriton:
             # In argv, so a local user who can list processes could read it; the APIs are on loopback as well.
             restricted = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={secrets.token_urlsafe(32)}"
             cmd += ["--http-restricted-api", restricted, "--grpc-restricted-protocol", restricted]
+        if self.layout != "latency":
+            cmd.append(f"--model-config-name={self.layout}")
         if self.load_models:
             cmd += ["--model-control-mode", "explicit"]
             for name in self.load_models:
@@ -318,6 +338,7 @@ class EmbeddedTriton:
         if self.is_running():
             return self
         repository = check_repository(self.model_repository)
+        check_layout(repository, self.layout)
         check_ports(self.ports, self.address)
         check_numpy()
         install = find_triton()

@@ -129,6 +129,30 @@ def test_http_and_grpc_equal_onnxruntime(repository):
     assert not _wait_gone(str(repository)), "tritonserver or a python stub outlived stop()"
 
 
+def test_throughput_layout_runs_more_instances_with_the_same_answers(repository):
+    """`--layout throughput`: the real Triton loads each model's configs/throughput.pbtxt (more instances) and
+    answers exactly as ONNX Runtime does."""
+    name = contract.DEFAULT_NAME
+    images = np.random.default_rng(1).integers(0, 256, (2, 1, SIZE, SIZE), dtype=np.uint8)
+    session = ort.InferenceSession(str(repository / name / "1" / contract.ONNX_FILE), providers=["CPUExecutionProvider"])
+    expected = session.run([contract.CLASS_PROBS], {contract.INPUT_NAME: images})[0]
+    triton = EmbeddedTriton(repository, address="127.0.0.1", startup_timeout=60, layout="throughput", **_ports())
+    try:
+        triton.start()
+        grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+        for model in (name, contract.classifier_name(name)):
+            config = grpc.get_model_config(model, as_json=True)["config"]
+            assert int(config["instance_group"][0]["count"]) == contract.THROUGHPUT_INSTANCES, model
+        ginp = grpcclient.InferInput(contract.INPUT_NAME, list(images.shape), "UINT8")
+        ginp.set_data_from_numpy(images)
+        result = grpc.infer(name, [ginp], outputs=[grpcclient.InferRequestedOutput(contract.CLASS_PROBS)])
+        np.testing.assert_allclose(result.as_numpy(contract.CLASS_PROBS), expected, atol=ATOL, rtol=RTOL)
+        grpc.close()
+    finally:
+        code = triton.stop()
+    assert code == 0, triton.log_tail()
+
+
 def _admin_apis_refused(http, grpc) -> None:
     """Nobody can change the log level, read the repository index, register shared memory or read statistics
     (issue 13: all of these answered anyone before); health, metadata and inference above still worked."""

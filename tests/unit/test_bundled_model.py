@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 
 from braintumor.export.contract import (
-    CAM, CLASS_PROBS, CONFIG_FILE, DEFAULT_NAME, FULL_OUTPUTS, INPUT_NAME, MASK_PROB, METADATA_FILE, ONNX_FILE,
+    CAM, CLASS_PROBS, CONFIG_FILE, DEFAULT_NAME, FULL_OUTPUTS, INPUT_NAME, LAYOUTS, MASK_PROB, METADATA_FILE, ONNX_FILE,
     OOD_SCORE, PARAM_CAM_SIZE, PARAM_DISAGREE_MIN_AREA, PARAM_OOD_THRESHOLD, PARAM_REFER_THRESHOLD, PARAM_TEMPERATURE,
     classifier_name,
 )
 from braintumor.export.evaluate import latest_version
 from braintumor.export.manifest import verify_manifest
+from braintumor.export.triton_config import layout_configs, layout_file
 
 ROOT = Path(__file__).resolve().parents[2]
 REPOSITORY = ROOT / "model_repository"
@@ -35,6 +36,14 @@ MAX_REPOSITORY_MB = 60
 def _params(model: str) -> dict[str, str]:
     text = (REPOSITORY / model / CONFIG_FILE).read_text()
     return dict(re.findall(r'parameters \{ key: "(\w+)" value \{ string_value: "((?:[^"\\]|\\.)*)" \} \}', text))
+
+
+@pytest.mark.parametrize("model", [DEFAULT_NAME, classifier_name(DEFAULT_NAME)])
+def test_every_layout_config_is_what_the_exporter_writes_from_the_metadata(model):
+    """config.pbtxt and configs/throughput.pbtxt are the generator's output for the shipped version's metadata.json:
+    no hand edit, and the two layouts cannot drift apart."""
+    on_disk = {layout: (REPOSITORY / model / layout_file(layout)).read_text() for layout in LAYOUTS}
+    assert on_disk == layout_configs(REPOSITORY / model)
 
 
 @pytest.mark.parametrize("model", [DEFAULT_NAME, classifier_name(DEFAULT_NAME)])

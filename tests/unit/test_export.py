@@ -22,7 +22,14 @@ from braintumor.export.onnx_export import (
 )
 from braintumor.export.repository import ExportOptions, export_repository, next_version
 from braintumor.export.tensorrt import BatchProfile, TensorRTUnavailable, require_tensorrt
-from braintumor.export.triton_config import TritonOptions, model_config, model_parameters
+from braintumor.export.triton_config import (
+    TritonOptions,
+    layout_configs,
+    layout_file,
+    layout_options,
+    model_config,
+    model_parameters,
+)
 from braintumor.export.wrappers import build_graphs
 from braintumor.train.ood import mahalanobis
 
@@ -213,6 +220,32 @@ def test_written_config_matches_the_exported_graph(repository):
             assert list(o.dims) == g.shape[1:]
         assert cfg.parameters["preprocess"].string_value == json.dumps(
             json.loads((item.folder / "metadata.json").read_text())["preprocess"], sort_keys=True)
+
+
+def test_export_writes_every_serving_layout_from_one_generator(repository):
+    """config.pbtxt (latency) and configs/throughput.pbtxt: the same model, the throughput layout with more instances;
+    both are what layout_configs regenerates from the version's metadata.json."""
+    out, published = repository
+    for item in published:
+        latency = (out / item.name / "config.pbtxt").read_text()
+        throughput = (out / item.name / "configs" / "throughput.pbtxt").read_text()
+        assert layout_configs(out / item.name) == {"latency": latency, "throughput": throughput}
+        a, _ = _parse(latency)
+        b, _ = _parse(throughput)
+        assert (a.instance_group[0].count, b.instance_group[0].count) == (1, contract.THROUGHPUT_INSTANCES)
+        b.instance_group[0].count = a.instance_group[0].count
+        assert a == b  # nothing else differs
+
+
+def test_layout_options():
+    base = TritonOptions(max_batch_size=8, preferred_batch_sizes=(4, 8))
+    assert layout_options(base, "latency") is base
+    assert layout_options(base, "throughput") == TritonOptions(max_batch_size=8, preferred_batch_sizes=(4, 8),
+                                                               instance_count=contract.THROUGHPUT_INSTANCES)
+    assert layout_options(TritonOptions(instance_count=4), "throughput").instance_count == 4  # never fewer
+    assert layout_file("latency") == "config.pbtxt" and layout_file("throughput") == "configs/throughput.pbtxt"
+    with pytest.raises(ValueError, match="layout"):
+        layout_options(base, "fast")
 
 
 @pytest.mark.parametrize(

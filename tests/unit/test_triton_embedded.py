@@ -189,6 +189,28 @@ def test_command_line(tmp_path):
     assert [explicit[i + 1] for i, a in enumerate(explicit) if a == "--load-model"] == ["a", "b"]
 
 
+def test_throughput_layout_picks_each_models_custom_config(tmp_path):
+    """--model-config-name=throughput (Triton's configs/<name>.pbtxt); a repository without those files is refused
+    by name rather than silently served with config.pbtxt."""
+    assert not any(a.startswith("--model-config-name") for a in te.EmbeddedTriton(tmp_path).command(
+        Path("t"), Path("b"), Path("r")))
+    cmd = te.EmbeddedTriton(tmp_path, layout="throughput").command(Path("t"), Path("b"), Path("r"))
+    assert "--model-config-name=throughput" in cmd
+    with pytest.raises(ValueError, match="layout"):
+        te.EmbeddedTriton(tmp_path, layout="fast")
+    for model in ("m", "m_classifier"):
+        (tmp_path / model).mkdir()
+        (tmp_path / model / "config.pbtxt").write_text("name: 'x'\n")
+    (tmp_path / "m" / "configs").mkdir()
+    (tmp_path / "m" / "configs" / "throughput.pbtxt").write_text("name: 'x'\n")
+    te.check_layout(tmp_path, "latency")
+    with pytest.raises(ValueError, match=r"\['m_classifier'\].*configs/throughput.pbtxt.*re-export"):
+        te.check_layout(tmp_path, "throughput")
+    (tmp_path / "m_classifier" / "configs").mkdir()
+    (tmp_path / "m_classifier" / "configs" / "throughput.pbtxt").write_text("name: 'x'\n")
+    te.check_layout(tmp_path, "throughput")
+
+
 def test_cli_options_and_defaults(tmp_path):
     args = build_parser().parse_args(["triton", "--model-repository", str(tmp_path)])
     assert (args.http_port, args.grpc_port, args.metrics_port) == (8000, 8001, 8002)
