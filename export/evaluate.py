@@ -34,7 +34,8 @@ def evaluate_repository(repository: str | Path, data: str | Path, split: str, ou
     meta = json.loads((folder / METADATA_FILE).read_text())
     preprocess = PreprocessConfig.from_dict(meta["preprocess"])
     samples = samples_for_split(data, split, set(meta.get("validation_keys") or []))
-    images, masks, samples, _ = decode_samples(samples, preprocess, progress=progress, desc=f"decoding {split}")
+    images, masks, samples, _, geometries = decode_samples(samples, preprocess, progress=progress,
+                                                           desc=f"decoding {split}", geometries=True)
 
     session = ort.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
     outputs: dict[str, list[np.ndarray]] = {CLASS_PROBS: [], MASK_PROB: [], CAM: []}
@@ -50,4 +51,4 @@ def evaluate_repository(repository: str | Path, data: str | Path, split: str, ou
     ood_scores = np.concatenate(outputs[OOD_SCORE])[:, 0] if OOD_SCORE in outputs else None
     return score_and_report(samples, images, masks, probs, mask_probs[:, 0], cams, out, info, preprocess=preprocess,
                             refer_threshold=meta.get("refer_threshold"), disagree_min_area=meta.get("disagree_min_area"),
-                            ood_scores=ood_scores, ood_threshold=meta.get("ood_threshold"))
+                            geometries=geometries, ood_scores=ood_scores, ood_threshold=meta.get("ood_threshold"))

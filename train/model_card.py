@@ -440,7 +440,8 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
     model, state = load_model(checkpoint)
     preprocess = PreprocessConfig.from_dict(state["preprocess"])
     samples = split_samples(checkpoint, state, data, "val")
-    images, masks, samples, _ = decode_samples(samples, preprocess, progress=progress, desc="decoding val")
+    images, masks, samples, _, geometries = decode_samples(samples, preprocess, progress=progress, desc="decoding val",
+                                                           geometries=True)
     temperature = float(state.get("temperature", 1.0))
     pred = predict_arrays(model, images, batch_size=batch_size, temperature=temperature, with_cams=True,
                           with_features=True)
@@ -454,7 +455,8 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
                            _non_square([s.image_path for s in samples]), refer_threshold=state.get("refer_threshold"),
                            n_boot=n_boot, classes=CLASSES, disagree=disagree,
                            ood=None if ood is None else ood.pop("val_flags"),
-                           seg_original=original_resolution_segmentation(samples, pred["mask_probs"], preprocess))
+                           seg_original=original_resolution_segmentation(samples, pred["mask_probs"], preprocess,
+                                                                         geometries=geometries))
     if ood is not None:
         metrics["ood"] = ood
     summary = state.get("calibration") or {}
