@@ -217,6 +217,21 @@ def test_cli_options_and_defaults(tmp_path):
     assert args.model_repository == tmp_path
     args = build_parser().parse_args(["triton", "--model-repository", str(tmp_path), "--http-port", "9000"])
     assert args.http_port == 9000
+    for command in (["triton", "--model-repository", str(tmp_path)], ["serve"]):
+        assert build_parser().parse_args(command).layout == "latency"
+        assert build_parser().parse_args([*command, "--layout", "throughput"]).layout == "throughput"
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*command, "--layout", "fast"])
+
+
+def test_serve_refuses_a_layout_for_an_external_triton(capsys):
+    """The layout picks the embedded Triton's configs: with --triton-url it is refused before anything starts, with
+    the flag to give that Triton instead."""
+    from braintumor.serving.cli import main
+
+    assert main(["serve", "--layout", "throughput", "--triton-url", "127.0.0.1:1", "--http-port", str(te.free_port()),
+                 "--grpc-port", str(te.free_port()), "--grpc-metrics-port", str(te.free_port())]) == 2
+    assert "--model-config-name=throughput" in capsys.readouterr().err
 
 
 def test_cli_missing_repository_is_one_line_error(tmp_path, capsys):
