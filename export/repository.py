@@ -23,7 +23,6 @@ from pathlib import Path
 
 from .contract import (
     DEFAULT_NAME,
-    LAYOUTS,
     METADATA_FILE,
     ONNX_FILE,
     PLAN_FILE,
@@ -46,7 +45,7 @@ from .onnx_export import (
     run_session,
     run_torch,
 )
-from .triton_config import TritonOptions, layout_file, layout_options, model_config, model_parameters
+from .triton_config import TritonOptions, layout_file, metadata_configs
 
 PYTHON_BACKEND_MODEL = Path(__file__).parent / "python_backend" / "model.py"
 # CLI spelling -> Triton variant.
@@ -130,8 +129,6 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
     classes = list(state.get("classes") or [])
     ood = state.get("ood")
     ood_threshold = float(ood["threshold"]) if ood else None
-    params = model_parameters(classes, state["preprocess"], state.get("temperature"), grid,
-                              state.get("refer_threshold"), state.get("disagree_min_area"), ood_threshold)
     step("preprocess parity images")
     images = parity_images(state["preprocess"], options.parity_data, options.parity_count)
     graphs = build_graphs(model, state)
@@ -189,10 +186,8 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
             }
             (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
             write_manifest(tmp, {"name": model_name, "version": version})
-            for layout in LAYOUTS:  # config.pbtxt (latency) and configs/throughput.pbtxt, one generator
-                config = model_config(model_name, variant, image_size, len(classes), grid, classifier=classifier,
-                                      options=layout_options(options.triton, layout), parameters=params,
-                                      ood=bool(ood))
+            # config.pbtxt (latency) and configs/throughput.pbtxt, from the metadata just written (one generator)
+            for layout, config in metadata_configs(metadata, options.triton).items():
                 _write_text_atomic(out / model_name / layout_file(layout), config)
             os.replace(tmp, final)
         finally:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .contract import (
-    CLASSIFIER_SUFFIX,
+    CLASSIFIER_OUTPUTS,
     CONFIG_FILE,
     CONFIGS_DIR,
     INPUT_NAME,
@@ -175,6 +175,20 @@ def _q(text: str) -> str:
     return f'"{escaped}"'
 
 
+def metadata_configs(meta: dict, options: TritonOptions | None = None) -> dict[str, str]:
+    """Every layout's config text of one exported model, from its metadata.json content (the export writes its configs
+    through this, so a repository's files can be regenerated and checked from the metadata alone). The classifier
+    graph is told by its outputs, not its name."""
+    params = model_parameters(meta["classes"], meta["preprocess"], meta.get("temperature"), meta["cam_size"],
+                              meta.get("refer_threshold"), meta.get("disagree_min_area"), meta.get("ood_threshold"))
+    outputs = [o["name"] for o in meta["outputs"]]
+    return {layout: model_config(meta["name"], meta["variant"], meta["image_size"], len(meta["classes"]),
+                                 meta["cam_size"], classifier=outputs == list(CLASSIFIER_OUTPUTS),
+                                 options=layout_options(options or TritonOptions(), layout), parameters=params,
+                                 ood=OOD_SCORE in outputs)
+            for layout in LAYOUTS}
+
+
 def layout_configs(model_dir: str | Path, options: TritonOptions | None = None) -> dict[str, str]:
     """Every layout's config text of one exported model folder, regenerated from its newest version's metadata.json
     with ``options`` (the export defaults unless given): what ``braintumor export`` wrote, so a test can prove the
@@ -183,12 +197,5 @@ def layout_configs(model_dir: str | Path, options: TritonOptions | None = None) 
     versions = [v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit()]
     if not versions:
         raise FileNotFoundError(f"{model_dir} has no numbered version folder")
-    meta = json.loads((max(versions, key=lambda v: int(v.name)) / METADATA_FILE).read_text())
-    params = model_parameters(meta["classes"], meta["preprocess"], meta.get("temperature"), meta["cam_size"],
-                              meta.get("refer_threshold"), meta.get("disagree_min_area"), meta.get("ood_threshold"))
-    ood = any(o["name"] == OOD_SCORE for o in meta["outputs"])
-    return {layout: model_config(meta["name"], meta["variant"], meta["image_size"], len(meta["classes"]),
-                                 meta["cam_size"], classifier=meta["name"].endswith(CLASSIFIER_SUFFIX),
-                                 options=layout_options(options or TritonOptions(), layout), parameters=params,
-                                 ood=ood)
-            for layout in LAYOUTS}
+    return metadata_configs(json.loads((max(versions, key=lambda v: int(v.name)) / METADATA_FILE).read_text()),
+                            options)
