@@ -169,6 +169,7 @@ class ModelAlone:
         batches = [np.ascontiguousarray(self.images[np.arange(i, i + batch) % n]) for i in range(0, n, batch)]
         self.session.run(self.outputs, {self.input: batches[0]})  # warm
         latencies, images, k = [], 0, 0
+        cpu = time.process_time()  # this process: ONNX Runtime's threads included
         start = time.perf_counter()
         deadline = start + seconds
         while time.perf_counter() < deadline:
@@ -177,7 +178,8 @@ class ModelAlone:
             latencies.append(time.perf_counter() - t0)
             images += batch
             k += 1
-        return _summary(latencies, images, time.perf_counter() - start, 0) | {"batch": batch}
+        return _summary(latencies, images, time.perf_counter() - start, 0) | {
+            "batch": batch, "cpu_ms": (time.process_time() - cpu) / images * 1000}
 
 
 # -- load generation ----------------------------------------------------------------------------------------------
@@ -355,10 +357,21 @@ def _cpu(c: dict | None, role: str) -> str:
     return "—" if not c or c.get(role) is None or np.isnan(c[role]) else f"{c[role]:.1f}"
 
 
+def _overhead(c: dict | None, role: str, model: dict) -> str:
+    """CPU per image the serving stack spends beyond the model itself: the front door plus Triton (whichever of the
+    two runs the model) minus the model-alone line's CPU per image in the same run."""
+    if not c or c.get(role) is None or np.isnan(c[role]) or "cpu_ms" not in model:
+        return "—"
+    return f"{c[role] + (c.get('triton') or 0.0) - model['cpu_ms']:.1f}"
+
+
 def report(rows: list[dict], args, model_label: str, images: int) -> str:
     lines = [f"/analyze, {images} real images, {args.seconds:g} s per cell, {os.cpu_count()} CPUs, model {model_label}, "
              f"heatmap {'asked' if args.heatmap else 'not asked'}, "
-             f"layout {args.layout if not args.gateway else 'of the running server'}", ""]
+             f"layout {args.layout if not args.gateway else 'of the running server'}, "
+             f"backend {args.backend if not args.gateway else 'of the running server'}"
+             + (" (the model runs in the front doors: their CPU includes it)" if args.backend == "onnxruntime"
+                else ""), ""]
     lines += ["| concurrency | model alone img/s (batch) | HTTP img/s | gRPC img/s | baseline img/s "
               "| HTTP / model | gRPC / model | HTTP / baseline | gRPC / baseline |",
               "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -368,14 +381,17 @@ def report(rows: list[dict], args, model_label: str, images: int) -> str:
                      f"| {_rps(r['base'])} | {_ratio(r['http'], m)} | {_ratio(r['grpc'], m)} "
                      f"| {_ratio(r['http'], r['base'])} | {_ratio(r['grpc'], r['base'])} |")
     lines += ["", "| concurrency | p50 / p99 ms: model alone (per batch) | HTTP | gRPC | baseline "
-              "| CPU ms/img, HTTP cell: gateway / Triton | gRPC cell: gRPC server / Triton | baseline "
-              "| load generator (HTTP / gRPC) | failures (HTTP/gRPC/base) |",
-              "|---:|---|---|---|---|---|---|---:|---|---|"]
+              "| CPU ms/img: model alone | HTTP cell: gateway / Triton | gRPC cell: gRPC server / Triton "
+              "| stack over the model (HTTP / gRPC) | baseline | load generator (HTTP / gRPC) "
+              "| failures (HTTP/gRPC/base) |",
+              "|---:|---|---|---|---|---:|---|---|---|---:|---|---|"]
     for r in rows:
         fails = "/".join("—" if r[k] is None else str(r[k]["failures"]) for k in ("http", "grpc", "base"))
         lines.append(f"| {r['c']} | {_lat(r['model'])} | {_lat(r['http'])} | {_lat(r['grpc'])} | {_lat(r['base'])} "
+                     f"| {r['model'].get('cpu_ms', float('nan')):.1f} "
                      f"| {_cpu(r['http_cpu'], 'gateway')} / {_cpu(r['http_cpu'], 'triton')} "
                      f"| {_cpu(r['grpc_cpu'], 'grpc')} / {_cpu(r['grpc_cpu'], 'triton')} "
+                     f"| {_overhead(r['http_cpu'], 'gateway', r['model'])} / {_overhead(r['grpc_cpu'], 'grpc', r['model'])} "
                      f"| {_cpu(r['base_cpu'], 'gateway')} "
                      f"| {_cpu(r['http_cpu'], 'client')} / {_cpu(r['grpc_cpu'], 'client')} | {fails} |")
     return "\n".join(lines)
@@ -399,6 +415,9 @@ def main() -> None:
     ap.add_argument("--heatmap", action="store_true", help="ask for the Grad-CAM heatmap on every request")
     ap.add_argument("--layout", choices=("latency", "throughput"), default="latency",
                     help="`braintumor serve --layout` of the server the bench starts")
+    ap.add_argument("--backend", choices=("triton", "onnxruntime"), default="triton",
+                    help="`braintumor serve --backend` of the server the bench starts (onnxruntime: no Triton, the "
+                         "model runs in each front door)")
     ap.add_argument("--no-grpc", action="store_true", help="leave out the gRPC Analyze column")
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                     help="model-alone execution provider (auto: CUDA when this onnxruntime has it)")
@@ -435,7 +454,7 @@ def main() -> None:
                    "--model-repository", args.model_repository, "--http-port", str(ports["http"]),
                    "--grpc-port", str(ports["grpc"]), "--grpc-metrics-port", str(ports["gm"]),
                    "--triton-http-port", str(ports["th"]), "--triton-grpc-port", str(ports["tg"]),
-                   "--triton-metrics-port", str(ports["tm"]), "--layout", args.layout]
+                   "--triton-metrics-port", str(ports["tm"]), "--layout", args.layout, "--backend", args.backend]
             procs.append(subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL))
             gateway = f"http://127.0.0.1:{ports['http']}"
             grpc_target = None if args.no_grpc else f"127.0.0.1:{ports['grpc']}"
@@ -477,6 +496,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model.label, "seconds": args.seconds,
                                                "heatmap": args.heatmap, "layout": args.layout,
+                                               "backend": args.backend,
                                                "cpus": os.cpu_count(), "rows": rows},
                                               indent=2, default=float) + "\n")
 

@@ -8,6 +8,9 @@ import logging
 import os
 from dataclasses import replace
 
+from ..export.contract import LAYOUTS
+from .settings import BACKENDS
+
 API_KEY_ENV = "BRAINTUMOR_API_KEY"
 
 
@@ -18,13 +21,15 @@ def _grpc_server(args: argparse.Namespace) -> int:
 
     settings = ServeSettings.from_env()
     overrides = {}
-    for name in ("triton_url", "model_name"):  # absent unless given: the environment's value or the default stays
+    # Each is absent unless given: the environment's value or the default stays.
+    for name in ("triton_url", "model_name", "backend", "model_repository", "layout"):
         if getattr(args, name, None):
             overrides[name] = getattr(args, name)
     if args.api_key_env != API_KEY_ENV and args.api_key_env not in os.environ:
         raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
     overrides["api_key"] = os.environ.get(args.api_key_env, "")
     settings = replace(settings, **overrides)
+    settings.check()  # the flags may have made an unusable combination (onnxruntime without a repository)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logsafe.install()
     exposed = exposure_warning(args.host, settings.authenticates)
@@ -52,6 +57,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="port of the Prometheus /metrics endpoint (braintumor_* metrics, frontend=\"grpc\"); 0: none")
     p.add_argument("--triton-url", default=argparse.SUPPRESS,
                    help="Triton's gRPC endpoint HOST:PORT (default: $BRAINTUMOR_TRITON_URL, else 127.0.0.1:8001)")
+    p.add_argument("--backend", choices=BACKENDS, default=argparse.SUPPRESS,
+                   help="who runs the model: triton (at --triton-url) or onnxruntime (in this process, from "
+                        "--model-repository; default: $BRAINTUMOR_BACKEND, else triton)")
+    p.add_argument("--model-repository", default=argparse.SUPPRESS,
+                   help="the repository written by `braintumor export`, for --backend onnxruntime (default: "
+                        "$BRAINTUMOR_MODEL_REPOSITORY)")
+    p.add_argument("--layout", choices=LAYOUTS, default=argparse.SUPPRESS,
+                   help="which model config --backend onnxruntime reads (default: $BRAINTUMOR_LAYOUT, else latency)")
     p.add_argument("--model-name", default=argparse.SUPPRESS,
                    help="name of the model in Triton's repository (default: $BRAINTUMOR_MODEL_NAME, else brain_tumor)")
     p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",

@@ -117,7 +117,7 @@ async def _update_health(pipeline: Pipeline, servicer, interval: float = HEALTH_
             log.exception("readiness check failed")
             ready = False
         if ready != last:
-            log.info("Triton %s: health %s", "ready" if ready else "not ready", "SERVING" if ready else "NOT_SERVING")
+            log.info("model %s: health %s", "ready" if ready else "not ready", "SERVING" if ready else "NOT_SERVING")
             last = ready
         for service in ("", SERVICE_NAME):
             await servicer.set(service, serving if ready else not_serving)

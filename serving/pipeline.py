@@ -67,8 +67,14 @@ class Pipeline:
 
     @classmethod
     def from_settings(cls, settings: ServeSettings, metrics=None) -> Pipeline:
-        model = TritonModel(settings.triton_url, settings.model_name, settings.model_version,
-                            timeout_s=settings.triton_timeout_s)
+        if settings.backend == "onnxruntime":  # the model in this process (single-host installs)
+            from .local_model import LocalModel
+
+            model = LocalModel(settings.model_repository, settings.model_name, settings.model_version,
+                               timeout_s=settings.triton_timeout_s, layout=settings.layout)
+        else:
+            model = TritonModel(settings.triton_url, settings.model_name, settings.model_version,
+                                timeout_s=settings.triton_timeout_s)
         return cls(model, settings, metrics)
 
     async def close(self) -> None:

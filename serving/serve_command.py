@@ -20,6 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..export.contract import LAYOUTS
+from .settings import BACKENDS
 from .triton_commands import default_model_repository
 
 GATEWAY_TARGET = "braintumor.serving.service:BrainTumorGateway"
@@ -31,6 +32,7 @@ def _serve(args: argparse.Namespace) -> int:
     from . import logsafe
     from .settings import ServeSettings, exposure_warning
     from .supervisor import ChildProcess, become_subreaper, grpc_serving, http_ready, stop_orphans, wait_until
+    from .local_model import LocalModel
     from .triton_embedded import EmbeddedTriton, TritonServerError, check_ports
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -65,12 +67,24 @@ def _serve(args: argparse.Namespace) -> int:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     client_host = "127.0.0.1" if args.host in ("0.0.0.0", "") else args.host
     try:
-        if args.triton_url:
+        if args.backend == "onnxruntime":
+            if args.triton_url:
+                raise ValueError("--triton-url names a Triton to call; --backend onnxruntime runs the model in the "
+                                 "front doors instead: pass one of them")
+            if args.model_repository is None:
+                raise ValueError("no model repository: pass --model-repository DIR")
+            version = LocalModel.check(args.model_repository, settings.model_name, settings.model_version,
+                                       args.layout)
+            settings = replace(settings, backend="onnxruntime", model_repository=str(args.model_repository.resolve()),
+                               layout=args.layout)
+            log.info("no Triton: the HTTP gateway and the gRPC API each run %s v%s in-process with ONNX Runtime "
+                     "(%s layout)", settings.model_name, version, args.layout)
+        elif args.triton_url:
             if args.layout != "latency":
                 raise ValueError("--layout chooses the embedded Triton's model configs; start your own Triton with "
                                  f"--model-config-name={args.layout} instead")
-            triton_url = args.triton_url
-            log.info("using the external Triton at %s (no embedded Triton started)", triton_url)
+            settings = replace(settings, triton_url=args.triton_url)
+            log.info("using the external Triton at %s (no embedded Triton started)", args.triton_url)
         else:
             if args.model_repository is None:
                 raise ValueError("no model repository: pass --model-repository DIR or --triton-url HOST:PORT")
@@ -79,8 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
                                     startup_timeout=args.startup_timeout, layout=args.layout,
                                     echo=sys.stderr if args.verbose else None)
             triton.start()
-            triton_url = triton.grpc_url
-        settings = replace(settings, triton_url=triton_url)
+            settings = replace(settings, triton_url=triton.grpc_url)
         env = {**os.environ, **settings.to_env(), "BRAINTUMOR_HTTP_WORKERS": str(args.workers),
                "BENTOML_RESULT_STORE": os.path.join(result_store, "task_result.db")}
 
@@ -89,8 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
             "--port", str(args.http_port)], env).start())
         children.append(ChildProcess("gRPC API", [
             sys.executable, "-m", "braintumor.serving.cli", "grpc-server", "--host", args.host,
-            "--port", str(args.grpc_port), "--metrics-port", str(args.grpc_metrics_port),
-            "--triton-url", triton_url], env).start())
+            "--port", str(args.grpc_port), "--metrics-port", str(args.grpc_metrics_port)], env).start())
 
         gateway = f"http://{client_host}:{args.http_port}"
         grpc_target = f"{client_host}:{args.grpc_port}"
@@ -108,8 +120,10 @@ def _serve(args: argparse.Namespace) -> int:
         if triton is not None:
             lines.append(f"  Triton         http://{triton.http_url}  gRPC {triton.grpc_url}  "
                          f"metrics {triton.metrics_url}")
+        elif settings.backend == "onnxruntime":
+            lines.append(f"  model          in-process ONNX Runtime in each front door ({args.model_repository})")
         else:
-            lines.append(f"  Triton         {triton_url} (external)")
+            lines.append(f"  Triton         {settings.triton_url} (external)")
         lines.append("Ctrl-C stops everything.")
         print("\n".join(lines), flush=True)
 
@@ -215,8 +229,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--allow-unauthenticated", action="store_true",
                    help="start on a non-loopback --host without BRAINTUMOR_API_KEY (with a loud warning); only when "
                         "something in front of the service authenticates callers")
+    p.add_argument("--backend", choices=BACKENDS, default="triton",
+                   help="who runs the model: triton (the embedded Triton, or --triton-url; the production path) or "
+                        "onnxruntime (no Triton: each front door loads --model-repository's ONNX graphs with ONNX "
+                        "Runtime in its own process; for single-host installs, README has the measurements)")
     p.add_argument("--layout", choices=LAYOUTS, default="latency",
-                   help="the embedded Triton's model layout: latency (one model instance using every core: the "
+                   help="the model layout (the embedded Triton's, or the onnxruntime backend's): latency (one model instance using every core: the "
                         "fastest single request) or throughput (an instance per share of the cores: more images per "
                         "second under concurrent load, a slower single request; README has the measurements)")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each part to be ready")

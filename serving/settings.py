@@ -11,10 +11,11 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from ..export.contract import DEFAULT_NAME
+from ..export.contract import DEFAULT_NAME, LAYOUTS
 from .api_key import ApiKeys
 
 PREFIX = "BRAINTUMOR_"
+BACKENDS: tuple[str, ...] = ("triton", "onnxruntime")  # who runs the model (ServeSettings.backend)
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -31,6 +32,11 @@ def parse_value(kind: type, raw: str):
 @dataclass(frozen=True)
 class ServeSettings:
     triton_url: str = "127.0.0.1:8001"  # Triton's gRPC endpoint (host:port)
+    # Who runs the model: "triton" (the default and the production path) or "onnxruntime" (in each front door's own
+    # process, from model_repository: single-host installs; serving/local_model.py)
+    backend: str = "triton"
+    model_repository: str = ""  # the repository the onnxruntime backend loads
+    layout: str = "latency"  # which of the repository's model configs the onnxruntime backend reads
     model_name: str = DEFAULT_NAME
     model_version: str = ""  # "" = the newest ready version
     api_key: str = ""  # "" = no authentication; else callers send it as `x-api-key` / `authorization: Bearer`
@@ -78,6 +84,13 @@ class ServeSettings:
         for name in ("triton_timeout_s", "body_timeout_s", "explain_task_ttl_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{PREFIX}{name.upper()} must be > 0, got {getattr(self, name)}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"{PREFIX}BACKEND={self.backend!r}: use one of {', '.join(BACKENDS)}")
+        if self.backend == "onnxruntime" and not self.model_repository:
+            raise ValueError(f"{PREFIX}BACKEND=onnxruntime needs {PREFIX}MODEL_REPOSITORY (the directory written by "
+                             "`braintumor export`)")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"{PREFIX}LAYOUT={self.layout!r}: use one of {', '.join(LAYOUTS)}")
         self.api_keys()  # a keys file that cannot be used fails here, naming the file and line
         if self.max_buffered_bytes < self.max_body_bytes:
             raise ValueError(f"{PREFIX}MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "

@@ -29,15 +29,22 @@ def _grpc_analyze(port: int, data: bytes):
                                                                    timeout=60)
 
 
-def test_serve_http_and_grpc_agree_with_onnxruntime(tiny_repository, slice_jpeg, serve_factory, proc_tree):
-    served = serve_factory("--model-repository", str(tiny_repository),
+@pytest.mark.parametrize("backend", ["triton", "onnxruntime"])
+def test_serve_http_and_grpc_agree_with_onnxruntime(backend, tiny_repository, slice_jpeg, serve_factory, proc_tree):
+    """Both backends: the embedded Triton (the default) and `--backend onnxruntime` (the model in each front door,
+    no Triton process at all) give ONNX Runtime's answer."""
+    served = serve_factory("--model-repository", str(tiny_repository), "--backend", backend,
                            "--triton-http-port", str(free_port()), "--triton-grpc-port", str(free_port()),
                            "--triton-metrics-port", str(free_port()))
     ports, lines = served.ports, served.lines
     gateway = f"http://127.0.0.1:{ports['http']}"
     children = proc_tree.descendants(served.proc.pid)
-    for part in ("tritonserver", "triton_python_backend_stub", "bentoml serve", "grpc-server"):
+    triton_parts = ("tritonserver", "triton_python_backend_stub")
+    for part in (triton_parts if backend == "triton" else ()) + ("bentoml serve", "grpc-server"):
         assert any(part in cmd for cmd in children.values()), f"no {part} under `braintumor serve`: {children}"
+    if backend == "onnxruntime":
+        assert not any(part in cmd for cmd in children.values() for part in triton_parts), children
+        assert any("in-process ONNX Runtime" in line for line in lines), "".join(lines[-20:])
     try:
         http = httpx.post(f"{gateway}/analyze", files={"image": ("slice.jpg", slice_jpeg, "image/jpeg")}, timeout=60)
         assert http.status_code == 200, http.text
