@@ -6,15 +6,20 @@ side in one run, with the ratios and the serving processes' CPU per image.
   batch of ``concurrency`` images (at most the model's max batch) after another: what the model costs with perfect
   batching and no serving at all. CUDA when this onnxruntime has it (``--device``).
 - **ours**: `braintumor serve` on the same repository; HTTP /analyze (multipart) and gRPC Analyze, ``concurrency``
-  closed-loop users each. Explanations are on demand, so no heatmap is asked unless ``--heatmap``.
+  closed-loop users each. Explanations are on demand, so no heatmap is asked unless ``--heatmap``. ``--backend``
+  and ``--layout`` are serve's (Triton, or ONNX Runtime in the front doors); ``--mask-format rle`` asks for COCO
+  run-length masks instead of PNGs.
 - **baseline** (with ``--checkpoint``): how most BRISC projects serve: one web process holding the eager PyTorch model
   and answering each request with ``model(x)`` (a sync Starlette handler on uvicorn, i.e. FastAPI's default), doing
   the same decoding, preprocessing and postprocessing into the same JSON. Without a checkpoint it is left out.
 - **CPU per image**: user + system CPU seconds of each serving process (psutil ``cpu_times`` before and after each
-  cell, summed by role: gateway, gRPC server, Triton with its python backend) divided by the images answered.
+  cell, summed by role: gateway, gRPC server, Triton with its python backend) divided by the images answered; the
+  model alone's own CPU per image; and the stack's CPU over the model (front door + Triton - model alone), which
+  compares the backends fairly (with ``--backend onnxruntime`` the front door's CPU includes the model).
 
     python loadtest/bench_gateway.py --model-repository model_repository --data ../shared/data/brisc2025 \
-        [--checkpoint RUN/release.pt] [--seconds 15] [--concurrency 1 8 32]
+        [--checkpoint RUN/release.pt] [--seconds 15] [--concurrency 1 8 32] [--backend onnxruntime] \
+        [--layout throughput] [--mask-format rle]
 
 The load generator runs on the same host and takes CPU from the servers (not from the model-alone line, which runs
 alone); its own CPU per image is printed too. Run on an otherwise idle machine.
@@ -183,12 +188,13 @@ class ModelAlone:
 
 
 # -- load generation ----------------------------------------------------------------------------------------------
-async def load_http(url: str, payloads: list[bytes], concurrency: int, seconds: float, heatmap: bool) -> dict:
+async def load_http(url: str, payloads: list[bytes], concurrency: int, seconds: float, heatmap: bool,
+                    mask_format: str = "png") -> dict:
     import httpx
 
     latencies: list[float] = []
     failures = 0
-    fields = {"heatmap": "true" if heatmap else "false"}
+    fields = {"heatmap": "true" if heatmap else "false", "mask_format": mask_format}
 
     async def user(client: httpx.AsyncClient, k: int, deadline: float) -> None:
         nonlocal failures
@@ -212,7 +218,8 @@ async def load_http(url: str, payloads: list[bytes], concurrency: int, seconds: 
     return _summary(latencies, len(latencies), elapsed, failures)
 
 
-async def load_grpc(target: str, payloads: list[bytes], concurrency: int, seconds: float, heatmap: bool) -> dict:
+async def load_grpc(target: str, payloads: list[bytes], concurrency: int, seconds: float, heatmap: bool,
+                    mask_format: str = "png") -> dict:
     import grpc
 
     from braintumor.clients.v1 import braintumor_pb2 as pb
@@ -225,7 +232,8 @@ async def load_grpc(target: str, payloads: list[bytes], concurrency: int, second
         nonlocal failures
         i = k
         while time.perf_counter() < deadline:
-            request = pb.AnalyzeRequest(image=payloads[i % len(payloads)], heatmap=heatmap, id=str(i))
+            request = pb.AnalyzeRequest(image=payloads[i % len(payloads)], heatmap=heatmap, id=str(i),
+                                        mask_format=mask_format)
             i += concurrency
             t0 = time.perf_counter()
             try:
@@ -237,7 +245,8 @@ async def load_grpc(target: str, payloads: list[bytes], concurrency: int, second
     options = [("grpc.max_receive_message_length", 128 * 2**20)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         stub = pb_grpc.BrainTumorStub(channel)
-        await stub.Analyze(pb.AnalyzeRequest(image=payloads[0], heatmap=heatmap), timeout=120)  # warm
+        await stub.Analyze(pb.AnalyzeRequest(image=payloads[0], heatmap=heatmap, mask_format=mask_format),
+                           timeout=120)  # warm
         start = time.perf_counter()
         await asyncio.gather(*(user(stub, k, start + seconds) for k in range(concurrency)))
         elapsed = time.perf_counter() - start
@@ -367,7 +376,7 @@ def _overhead(c: dict | None, role: str, model: dict) -> str:
 
 def report(rows: list[dict], args, model_label: str, images: int) -> str:
     lines = [f"/analyze, {images} real images, {args.seconds:g} s per cell, {os.cpu_count()} CPUs, model {model_label}, "
-             f"heatmap {'asked' if args.heatmap else 'not asked'}, "
+             f"heatmap {'asked' if args.heatmap else 'not asked'}, mask {args.mask_format}, "
              f"layout {args.layout if not args.gateway else 'of the running server'}, "
              f"backend {args.backend if not args.gateway else 'of the running server'}"
              + (" (the model runs in the front doors: their CPU includes it)" if args.backend == "onnxruntime"
@@ -415,6 +424,8 @@ def main() -> None:
     ap.add_argument("--heatmap", action="store_true", help="ask for the Grad-CAM heatmap on every request")
     ap.add_argument("--layout", choices=("latency", "throughput"), default="latency",
                     help="`braintumor serve --layout` of the server the bench starts")
+    ap.add_argument("--mask-format", choices=("png", "rle"), default="png",
+                    help="the mask format ours is asked for (the baseline always answers a PNG, as before)")
     ap.add_argument("--backend", choices=("triton", "onnxruntime"), default="triton",
                     help="`braintumor serve --backend` of the server the bench starts (onnxruntime: no Triton, the "
                          "model runs in each front door)")
@@ -473,17 +484,18 @@ def main() -> None:
         print(f"servers quiet after {waited:.0f} s", file=sys.stderr)
         warm = min(5.0, args.seconds)
         for url in filter(None, (gateway, baseline)):  # first requests: connection pools, lazy imports, allocators
-            asyncio.run(load_http(f"{url}/analyze", payloads, max(args.concurrency), warm, args.heatmap))
+            asyncio.run(load_http(f"{url}/analyze", payloads, max(args.concurrency), warm, args.heatmap,
+                                  args.mask_format if url == gateway else "png"))
         if grpc_target:
-            asyncio.run(load_grpc(grpc_target, payloads, max(args.concurrency), warm, args.heatmap))
+            asyncio.run(load_grpc(grpc_target, payloads, max(args.concurrency), warm, args.heatmap, args.mask_format))
         for c in args.concurrency:
             row = {"c": c, "model": model.run(c, args.seconds), "grpc": None, "grpc_cpu": None, "base": None,
                    "base_cpu": None}
             row["http"], row["http_cpu"] = measured(serve, lambda: asyncio.run(
-                load_http(f"{gateway}/analyze", payloads, c, args.seconds, args.heatmap)))
+                load_http(f"{gateway}/analyze", payloads, c, args.seconds, args.heatmap, args.mask_format)))
             if grpc_target:
                 row["grpc"], row["grpc_cpu"] = measured(serve, lambda: asyncio.run(
-                    load_grpc(grpc_target, payloads, c, args.seconds, args.heatmap)))
+                    load_grpc(grpc_target, payloads, c, args.seconds, args.heatmap, args.mask_format)))
             if baseline:
                 row["base"], row["base_cpu"] = measured(base_meter, lambda: asyncio.run(
                     load_http(f"{baseline}/analyze", payloads, c, args.seconds, args.heatmap)))
@@ -496,7 +508,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"model": model.label, "seconds": args.seconds,
                                                "heatmap": args.heatmap, "layout": args.layout,
-                                               "backend": args.backend,
+                                               "backend": args.backend, "mask_format": args.mask_format,
                                                "cpus": os.cpu_count(), "rows": rows},
                                               indent=2, default=float) + "\n")
 

@@ -402,3 +402,29 @@ def test_bench_gateway_cpu_meter_reads_a_real_process_tree():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.parametrize("backend, http_cpu, grpc_cpu, overhead", [
+    # Triton runs the model: front door + Triton - model alone
+    ("triton", {"gateway": 12.0, "grpc": 0.1, "triton": 46.0, "client": 4.4},
+     {"gateway": 0.1, "grpc": 9.0, "triton": 46.5, "client": 0.8}, "15.0 / 12.5"),
+    # the front door runs the model (no Triton process): its CPU includes the model's
+    ("onnxruntime", {"gateway": 54.0, "grpc": 0.1, "triton": 0.0, "client": 4.4},
+     {"gateway": 0.1, "grpc": 51.5, "triton": 0.0, "client": 0.8}, "11.0 / 8.5"),
+])
+def test_bench_gateway_report_prints_the_stacks_cpu_over_the_model(backend, http_cpu, grpc_cpu, overhead):
+    """The column that compares backends fairly: the serving stack's CPU per image beyond the model alone's, measured
+    in the same run; the backend is named in the header."""
+    import argparse
+
+    from braintumor.loadtest.bench_gateway import report
+
+    args = argparse.Namespace(seconds=15.0, heatmap=False, layout="latency", gateway=None, backend=backend,
+                              mask_format="png")
+    cell = {"rps": 30.0, "p50": 30.0, "p99": 40.0, "failures": 0}
+    rows = [{"c": 8, "model": {"rps": 43.0, "batch": 8, "p50": 180.0, "p99": 200.0, "cpu_ms": 43.0},
+             "http": cell, "http_cpu": http_cpu, "grpc": cell, "grpc_cpu": grpc_cpu, "base": None, "base_cpu": None}]
+    text = report(rows, args, "brain_tumor/3", 64)
+    assert f"backend {backend}" in text.splitlines()[0]
+    cpu_row = text.splitlines()[-1].split("|")
+    assert cpu_row[6].strip() == "43.0" and cpu_row[9].strip() == overhead
