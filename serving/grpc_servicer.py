@@ -15,7 +15,7 @@ from ..clients.v1 import braintumor_pb2 as pb
 from ..clients.v1 import braintumor_pb2_grpc as pb_grpc
 from .errors import DeadlineExceeded, ServingError
 from .metrics import Metrics
-from .pipeline import ExplainOptions, Pipeline
+from .pipeline import ExplainOptions, Pipeline, check_mask_format
 from .wire import analysis_message, error_message, explanation_message, model_info_message
 
 log = logging.getLogger("braintumor.serving.grpc")
@@ -170,7 +170,10 @@ def _gone(context) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
-def _images_wanted(request: pb.AnalyzeRequest) -> dict[str, bool]:
-    """The optional PNGs to make: none with ``skip_images``, which the answer would leave out anyway."""
+def _images_wanted(request: pb.AnalyzeRequest) -> dict:
+    """The optional PNGs to make: none with ``skip_images``, which the answer would leave out anyway; the mask in the
+    asked format (BadInput for an unknown one), and with ``skip_images`` as RLE, the cheaper of the two to make."""
+    mask_format = check_mask_format(request.mask_format)
     return {"overlay": request.overlay and not request.skip_images,
-            "heatmap": request.heatmap and not request.skip_images}
+            "heatmap": request.heatmap and not request.skip_images,
+            "mask_format": "rle" if request.skip_images else mask_format}

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..clients import masks
 from ..train.decode import DecodedImage, DicomInfo, ImageDecodeError, UnsupportedFormatError, decode_any
 from ..train.preprocess import Geometry, preprocess
 from .errors import BadInput, Busy, ServingError, UnsupportedMediaType
@@ -53,6 +54,15 @@ class ExplainOptions:
 class CheckedExplainOptions(ExplainOptions):
     """Options that passed :meth:`Pipeline.check_explain` (defaults filled in): validated once per request, so
     :meth:`Pipeline.explain` takes them as they are (the HTTP door checks before it reads the image)."""
+
+
+def check_mask_format(value: str | None) -> str:
+    """The requested mask format ("" or None: the default, png); BadInput naming the accepted ones."""
+    try:
+        return masks.check_mask_format(value)
+    except ValueError as exc:
+        raise BadInput(f"{exc} (png: a greyscale PNG in mask_png, the default; rle: COCO run-length encoding in "
+                       "mask_rle)") from exc
 
 
 class Pipeline:
@@ -125,7 +135,7 @@ class Pipeline:
         return Prepared(decoded, dicom, image, geometry, hashlib.sha256(data).hexdigest())
 
     def _finish(self, prepared: Prepared, outputs: dict[str, np.ndarray], info: ModelInfo,
-                overlay: bool, heatmap: bool = False) -> AnalysisResult:
+                overlay: bool, heatmap: bool = False, mask_format: str = "png") -> AnalysisResult:
         dicom = prepared.dicom
         result = postprocess(
             outputs, prepared.geometry, prepared.decoded, classes=info.classes,
@@ -136,22 +146,28 @@ class Pipeline:
             modality=dicom.modality if dicom else None,
             want_overlay=overlay,
             want_heatmap=heatmap,
+            mask_format=mask_format,
             foreground_threshold=info.preprocess.foreground_threshold,
         )
         return replace(result, model_name=info.name, model_version=info.version)
 
-    async def analyze(self, data: bytes, *, overlay: bool = False, heatmap: bool = False) -> AnalysisResult:
-        return (await self.analyze_many([data], overlay=overlay, heatmap=heatmap, raise_single=True))[0]
+    async def analyze(self, data: bytes, *, overlay: bool = False, heatmap: bool = False,
+                      mask_format: str = "png") -> AnalysisResult:
+        return (await self.analyze_many([data], overlay=overlay, heatmap=heatmap, mask_format=mask_format,
+                                        raise_single=True))[0]
 
     async def analyze_many(self, items: Sequence[bytes | ServingError], *, overlay: bool = False,
-                           heatmap: bool = False, raise_single: bool = False) -> list[AnalysisResult | ServingError]:
+                           heatmap: bool = False, mask_format: str = "png",
+                           raise_single: bool = False) -> list[AnalysisResult | ServingError]:
         """Analyze several images with ONE Triton request for all that decode; a bad image fails alone.
 
         Each entry of the result is an AnalysisResult or the BadInput that image raised; an item that is already a
         ServingError (a part the front door could not read) keeps its place. The batch limit is checked here, the
         one place, on every item. Triton failures (Unavailable, DeadlineExceeded) fail the whole call. The Grad-CAM
-        heatmap PNG is made only with ``heatmap`` (explanations on demand).
+        heatmap PNG is made only with ``heatmap`` (explanations on demand). ``mask_format``: "png" (default) or "rle"
+        (COCO run-length encoding, made instead of the PNG); checked here, before any image work, for both doors.
         """
+        mask_format = check_mask_format(mask_format)
         if len(items) > self.settings.max_batch_images:
             raise BadInput(f"{len(items)} images in one batch; at most {self.settings.max_batch_images} are accepted")
         async with self._admitted():
@@ -162,7 +178,7 @@ class Pipeline:
                 raise prepared[0]
             outputs = await self.model.infer(np.stack([p.image[None] for p in good]), info) if good else {}
             results: list[AnalysisResult | ServingError] = await asyncio.to_thread(
-                self._finish_all, prepared, outputs, info, overlay, heatmap)
+                self._finish_all, prepared, outputs, info, overlay, heatmap, mask_format)
             if self.metrics is not None:
                 self.metrics.observe_results(results)
             return results
@@ -179,14 +195,15 @@ class Pipeline:
                 out.append(exc)
         return out
 
-    def _finish_all(self, prepared, outputs, info, overlay, heatmap=False) -> list[AnalysisResult | ServingError]:
+    def _finish_all(self, prepared, outputs, info, overlay, heatmap=False,
+                    mask_format="png") -> list[AnalysisResult | ServingError]:
         results, row = [], 0
         for item in prepared:
             if isinstance(item, ServingError):
                 results.append(item)
                 continue
             one = {name: value[row:row + 1] for name, value in outputs.items()}
-            results.append(self._finish(item, one, info, overlay, heatmap))
+            results.append(self._finish(item, one, info, overlay, heatmap, mask_format))
             row += 1
         return results
 

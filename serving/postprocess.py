@@ -1,5 +1,6 @@
-"""Model outputs for one image -> the answer a hospital system gets: label, refer, tumour area, mask PNG, and the
-Grad-CAM heatmap and overlay PNGs when asked for (they cost more CPU than the rest of the answer).
+"""Model outputs for one image -> the answer a hospital system gets: label, refer, tumour area, the mask (PNG, or COCO
+RLE with ``mask_format="rle"``), and the Grad-CAM heatmap and overlay PNGs when asked for (they cost more CPU than the
+rest of the answer).
 
 Torch-free (numpy + Pillow). Every map goes back onto the original image through the preprocessing's own
 :class:`Geometry`, so areas and overlays are in the pixels the caller sent.
@@ -15,6 +16,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from ..clients.masks import check_mask_format, encode_rle, mask_png
 from ..export.contract import CAM, CLASS_PROBS, MASK_PROB, OOD_SCORE
 from ..train.decode import DecodedImage
 from ..train.heatmap import cam_heatmap, heatmap_levels
@@ -53,13 +55,15 @@ class AnalysisResult:
     # no_tumor but the mask is not empty, or a tumour label comes with an empty mask.
     mask_label_disagree: bool
     original_shape: tuple[int, int]
-    mask_png: bytes = field(repr=False)  # L mode, 0 background / 255 tumour
+    mask_png: bytes | None = field(repr=False)  # L mode, 0 background / 255 tumour; None with mask_format="rle"
     heatmap_png: bytes | None = field(default=None, repr=False)  # RGB, jet Grad-CAM of ``label``; only when asked
     overlay_png: bytes | None = field(default=None, repr=False)  # RGB slice + heatmap + red mask outline
     mask: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0/1
     heatmap: np.ndarray | None = field(default=None, repr=False)  # (H, W) uint8 0..255; None unless asked (or overlay)
     model_name: str = ""  # the model that answered (the pipeline stamps it), so no front door asks Triton again
     model_version: str = ""
+    # COCO RLE {"size": [H, W], "counts": str} of the same mask; only with mask_format="rle" (then no PNG is made).
+    mask_rle: dict | None = field(default=None, repr=False)
 
 
 def postprocess(
@@ -77,17 +81,20 @@ def postprocess(
     modality: str | None = None,
     foreground_threshold: int = FOREGROUND_THRESHOLD,
     want_heatmap: bool = False,
+    mask_format: str = "png",
 ) -> AnalysisResult:
     """Turn the model outputs of ONE image (batch dimension 1 or none) into an :class:`AnalysisResult`.
 
     The Grad-CAM heatmap is mapped back and PNG-encoded only with ``want_heatmap`` (the overlay also maps it, as it
-    blends it in, but returns no heatmap PNG unless asked): explanations on demand, the mask always.
+    blends it in, but returns no heatmap PNG unless asked): explanations on demand, the mask always, in one form:
+    ``mask_format`` "png" (default) or "rle" (COCO run-length encoding; the PNG is then not encoded at all).
 
     ``refer`` is True when the top probability is under ``refer_threshold``, when the two heads disagree beyond the
     model's fitted ``disagree_min_area`` (train/refer.py; models without it only report ``mask_label_disagree``), when
     the graph's ``ood_score`` is above the model's ``ood_threshold`` (train/ood.py; a model without it has only the
     heuristics), or :func:`out_of_distribution` finds a reason; each reason is one sentence in ``refer_reason``.
     """
+    mask_format = check_mask_format(mask_format)
     probs = _one(outputs, CLASS_PROBS, 1).astype(np.float64)
     if probs.shape != (len(classes),):
         raise ValueError(f"{CLASS_PROBS} has {probs.shape[0]} classes but the model metadata lists {len(classes)}")
@@ -132,11 +139,12 @@ def postprocess(
         tumor_area_mm2=area_mm2,
         mask_label_disagree=disagree,
         original_shape=geometry.original_shape,
-        mask_png=encode_png(mask * np.uint8(255)),
+        mask_png=mask_png(mask) if mask_format == "png" else None,
         heatmap_png=encode_png(colourise(heat)) if want_heatmap else None,
         overlay_png=overlay_png,
         mask=mask,
         heatmap=heat,
+        mask_rle=encode_rle(mask) if mask_format == "rle" else None,
     )
 
 

@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from braintumor.clients.masks import MASK_FORMATS
 from braintumor.serving import logsafe
 from braintumor.serving.errors import BadInput, ServingError
 from braintumor.serving.http_middleware import BodyRoute, GatewayMiddleware
@@ -37,12 +38,17 @@ from braintumor.serving.settings import ServeSettings
 log = logging.getLogger("braintumor.serving.http")
 
 FORMATS = "a JPEG, PNG or DICOM slice"
+MASK_FORMAT_CHOICES = "|".join(MASK_FORMATS)
 ANALYZE_USAGE = ('send multipart/form-data with the file in field "image" (optional fields "heatmap" and "overlay": '
-                 'true|false), or JSON {"image_base64": "<base64 of the file>", "heatmap": false, "overlay": false}; '
-                 f'the file is {FORMATS}')
-BATCH_USAGE = ('send multipart/form-data with one file field "images" per image (optional "heatmap", "overlay"), or '
-               'JSON {"images_base64": ["<base64>", ...], "heatmap": false, "overlay": false}; at most '
+                 f'true|false, "mask_format": {MASK_FORMAT_CHOICES}), or JSON {{"image_base64": "<base64 of the file>", '
+                 f'"heatmap": false, "overlay": false, "mask_format": "png"}}; the file is {FORMATS}')
+BATCH_USAGE = ('send multipart/form-data with one file field "images" per image (optional "heatmap", "overlay", '
+               f'"mask_format": {MASK_FORMAT_CHOICES}), or JSON {{"images_base64": ["<base64>", ...], "heatmap": false, '
+               '"overlay": false, "mask_format": "png"}; at most '
                f"BRAINTUMOR_MAX_BATCH_IMAGES images (default 64), each {FORMATS}")
+MASK_FORMAT_HELP = ('how the mask comes back: "png" (default) a greyscale PNG in mask_png (base64); "rle" COCO '
+                    'run-length encoding in mask_rle, {"size": [height, width], "counts": "..."} as '
+                    'pycocotools.mask.decode reads it (smaller and cheaper to make; mask_png is then null)')
 EXPLAIN_USAGE = ('send multipart/form-data with the file in field "image" and the fields "method" '
                  f'({"|".join(EXPLAIN_METHODS)}), optional "target" (a class name), "num_samples" (LIME), '
                  '"max_evals" (SHAP); or the same as JSON with the file base64-encoded in "image_base64"')
@@ -89,6 +95,7 @@ class AnalyzeInput(_Input):
     image_base64: str | None = Field(None, description="the same file base64-encoded (JSON)")
     heatmap: bool = Field(False, description="also return heatmap_png: the Grad-CAM of the label (computed only then)")
     overlay: bool = Field(False, description="also return overlay_png: the slice with heatmap and mask outline")
+    mask_format: str = Field("png", description=MASK_FORMAT_HELP)
 
 
 class AnalyzeBatchInput(_Input):
@@ -96,6 +103,7 @@ class AnalyzeBatchInput(_Input):
     images_base64: list[str] | None = Field(None, description="the same files base64-encoded (JSON)")
     heatmap: bool = Field(False, description="also return heatmap_png for each image")
     overlay: bool = Field(False, description="also return overlay_png for each image")
+    mask_format: str = Field("png", description=MASK_FORMAT_HELP + "; the same for every image")
 
 
 class ExplainInput(_Input):
@@ -235,25 +243,26 @@ class BrainTumorGateway:
 
     @bentoml.api(route="/analyze", input_spec=AnalyzeInput)
     async def analyze(self, image: Path | None = None, image_base64: str | None = None,
-                      overlay: bool = False, heatmap: bool = False) -> dict:
+                      overlay: bool = False, heatmap: bool = False, mask_format: str = "png") -> dict:
         """Classify one slice and segment the tumour; explain the label with Grad-CAM when asked (`heatmap`).
 
         Multipart (field `image`) or JSON (`image_base64`). Answers label, probabilities, refer (+ reasons),
-        tumour area, the mask PNG (base64), the heatmap PNG only with `heatmap=true` (null otherwise), the overlay
-        PNG only with `overlay=true`, and the model version. Errors: 400/413/415 with a message
-        saying what to fix, 429 when busy, 503 while Triton is down (retry when /readyz is ready).
+        tumour area, the mask (a PNG in base64; with `mask_format=rle` COCO RLE in `mask_rle` instead), the heatmap
+        PNG only with `heatmap=true` (null otherwise), the overlay PNG only with `overlay=true`, and the model
+        version. Errors: 400/413/415 with a message saying what to fix, 429 when busy, 503 while Triton is down
+        (retry when /readyz is ready).
         """
 
         async def work():
             data = await _one_image(image, image_base64, ANALYZE_USAGE)
-            result = await self.pipeline.analyze(data, overlay=overlay, heatmap=heatmap)
+            result = await self.pipeline.analyze(data, overlay=overlay, heatmap=heatmap, mask_format=mask_format)
             return JSONResponse(analysis_to_dict(result))  # BentoML's output serde, skipped: the dict is plain JSON
 
         return await self._answer("analyze", work())
 
     @bentoml.api(route="/analyze_batch", input_spec=AnalyzeBatchInput)
     async def analyze_batch(self, images: list[Path] | None = None, images_base64: list[str] | None = None,
-                            overlay: bool = False, heatmap: bool = False) -> dict:
+                            overlay: bool = False, heatmap: bool = False, mask_format: str = "png") -> dict:
         """Analyze several slices in one Triton request. `results` has one entry per image, in order: the
         /analyze answer, or `{"error": kind, "detail": message}` for an image that cannot be used."""
 
@@ -269,7 +278,8 @@ class BrainTumorGateway:
                                  else await _file_bytes(item))
                 except BadInput as exc:
                     items.append(exc)  # keeps its place; the pipeline checks the batch limit and counts errors
-            analysed = await self.pipeline.analyze_many(items, overlay=overlay, heatmap=heatmap)
+            analysed = await self.pipeline.analyze_many(items, overlay=overlay, heatmap=heatmap,
+                                                        mask_format=mask_format)
             info = (await self.pipeline.info()).to_dict()
             results = [error_to_dict(r) if isinstance(r, ServingError) else analysis_to_dict(r, model=False)
                        for r in analysed]

@@ -1,6 +1,7 @@
 """The wire: one pipeline result -> the HTTP JSON body (PNGs as base64) and the gRPC message (PNGs as bytes), side by
-side, so a field added to one is visibly missing from the other. The SDK reads both back into equal results
-(clients/results.py); tests/integration compare the two doors on the same image.
+side, so a field added to one is visibly missing from the other. A mask asked as COCO RLE is ``mask_rle``
+``{"size": [h, w], "counts": str}`` in JSON and the ``MaskRle`` message over gRPC, with no ``mask_png``. The SDK reads
+both back into equal results (clients/results.py); tests/integration compare the two doors on the same image.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def analysis_to_dict(result: AnalysisResult, *, model: bool = True, images: bool
     }
     if images:
         out["mask_png"] = b64(result.mask_png)
+        out["mask_rle"] = result.mask_rle  # already plain JSON: {"size": [h, w], "counts": str}
         out["heatmap_png"] = b64(result.heatmap_png)
         out["overlay_png"] = b64(result.overlay_png)
     if model:
@@ -55,10 +57,16 @@ def analysis_message(result: AnalysisResult, request: pb.AnalyzeRequest) -> pb.A
         model=model_ref(result),
     )
     if not request.skip_images:
-        message.mask_png = result.mask_png
+        message.mask_png = result.mask_png or b""  # empty when the request asked for mask_format "rle"
+        if result.mask_rle is not None:
+            message.mask_rle.CopyFrom(mask_rle_message(result.mask_rle))
         message.heatmap_png = result.heatmap_png or b""  # only when the request asked for the heatmap
         message.overlay_png = result.overlay_png or b""
     return message
+
+
+def mask_rle_message(rle: dict) -> pb.MaskRle:
+    return pb.MaskRle(size=rle["size"], counts=rle["counts"])
 
 
 # -- errors: HTTP answers error.http_status with this body; gRPC aborts with error.grpc_code, or, for one image of a

@@ -34,6 +34,7 @@ class ScriptedPipeline:
         self.running = 0
         self.most_running = 0
         self.cancelled = 0
+        self.mask_formats: list[str] = []  # what each analyze call was asked for
 
     async def ready(self) -> bool:
         return self.is_ready
@@ -41,7 +42,9 @@ class ScriptedPipeline:
     async def info(self) -> ModelInfo:
         return INFO
 
-    async def analyze(self, data: bytes, *, overlay: bool = False, heatmap: bool = False) -> AnalysisResult:
+    async def analyze(self, data: bytes, *, overlay: bool = False, heatmap: bool = False,
+                      mask_format: str = "png") -> AnalysisResult:
+        self.mask_formats.append(mask_format)
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:
@@ -53,8 +56,11 @@ class ScriptedPipeline:
                 raise errors[data]
             if data == b"bug":
                 raise RuntimeError("a bug")
+            rle = mask_format == "rle"
             return AnalysisResult("glioma", {c: 0.25 for c in INFO.classes}, False, [], 7, None, False, (5, 6),
-                                  b"mask", b"heat" if heatmap else None, b"overlay" if overlay else None,
+                                  None if rle else b"mask", b"heat" if heatmap else None,
+                                  b"overlay" if overlay else None, mask_rle={"size": [5, 6], "counts": "07"} if rle
+                                  else None,
                                   model_name=INFO.name, model_version=INFO.version)  # stamped, as the pipeline does
         except asyncio.CancelledError:
             self.cancelled += 1
@@ -135,6 +141,29 @@ def test_analyze_message_fields():
     assert dict(full.probabilities) == {c: 0.25 for c in INFO.classes}
     assert (plain.mask_png, plain.heatmap_png, plain.overlay_png) == (b"mask", b"", b"")  # heatmap on demand
     assert (bare.mask_png, bare.heatmap_png, bare.overlay_png) == (b"", b"", b"")
+
+
+def test_mask_format_reaches_the_pipeline_and_the_message():
+    async def test(stub, _channel, pipeline):
+        rle = await stub.Analyze(pb.AnalyzeRequest(image=b"ok", mask_format="rle"), timeout=5)
+        png = await stub.Analyze(pb.AnalyzeRequest(image=b"ok", mask_format="png"), timeout=5)
+        bare = await stub.Analyze(pb.AnalyzeRequest(image=b"ok", skip_images=True), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Analyze(pb.AnalyzeRequest(image=b"ok", mask_format="jpeg"), timeout=5)
+        stream = [r async for r in stub.AnalyzeStream(iter([pb.AnalyzeRequest(image=b"ok", id="r", mask_format="rle"),
+                                                             pb.AnalyzeRequest(image=b"ok", id="x", mask_format="x")]),
+                                                       timeout=5)]
+        return rle, png, bare, info.value, {r.id: r for r in stream}, pipeline.mask_formats
+
+    rle, png, bare, error, stream, asked = _serve(test)
+    assert rle.mask_png == b"" and (list(rle.mask_rle.size), rle.mask_rle.counts) == ([5, 6], "07")
+    assert png.mask_png == b"mask" and not png.HasField("mask_rle")
+    assert bare.mask_png == b"" and not bare.HasField("mask_rle")  # skip_images: the cheaper mask, not sent
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown mask_format 'jpeg'; use one of png, rle" in error.details()
+    assert stream["r"].mask_rle.counts == "07" and not stream["r"].HasField("error")
+    assert stream["x"].error.code == "INVALID_ARGUMENT" and "use one of png, rle" in stream["x"].error.message
+    assert asked == ["rle", "png", "rle", "rle"]  # the refused ones never reached the pipeline
 
 
 def test_stream_window_order_and_item_errors():

@@ -17,6 +17,10 @@ def test_wheel_installs_layers_under_braintumor(tmp_path):
                    "clients/__init__.py", "loadtest/commands.py", "loadtest/locustfile_http.py"):
         assert f"braintumor/{module}" in names, module
     assert not any(n.startswith(("train/", "serving/", "loadtest/", "tests/")) for n in names)  # no bare top-level modules
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    # COCO RLE masks: the SDK decodes them, the server encodes them (the serve extra gets it through braintumor[client]).
+    assert 'Requires-Dist: pycocotools>=2.0.8; extra == "client"' in metadata
+    assert 'Requires-Dist: braintumor[client]; extra == "serve"' in metadata
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True)
