@@ -83,8 +83,9 @@ class GrpcTransport:
         except grpc.RpcError as exc:
             raise rpc_error(exc) from None
 
-    async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False) -> Analysis:
-        request = pb.AnalyzeRequest(image=data, overlay=overlay, heatmap=heatmap)
+    async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False,
+                      mask_format: str = "png") -> Analysis:
+        request = pb.AnalyzeRequest(image=data, overlay=overlay, heatmap=heatmap, mask_format=_wire(mask_format))
         response = await self._call(self.stub.Analyze, request, timeout)
         return Analysis.from_message(response)
 
@@ -120,8 +121,13 @@ class GrpcTransport:
         return Health(live=True, ready=True, model=model)
 
     def stream(self, overlay: bool, retries: int, backoff: Callable[[int], float], *,
-               heatmap: bool = False) -> AnalyzeStream:
-        return AnalyzeStream(self, overlay, retries, backoff, heatmap=heatmap)
+               heatmap: bool = False, mask_format: str = "png") -> AnalyzeStream:
+        return AnalyzeStream(self, overlay, retries, backoff, heatmap=heatmap, mask_format=mask_format)
+
+
+def _wire(mask_format: str) -> str:
+    """The request's mask_format: empty for the default (png), so the request is the one it was before the field."""
+    return "" if mask_format == "png" else mask_format
 
 
 _CLOSE = object()  # ends the request side of a stream
@@ -135,10 +141,11 @@ class AnalyzeStream:
     becomes every unanswered image's error."""
 
     def __init__(self, transport: GrpcTransport, overlay: bool, retries: int,
-                 backoff: Callable[[int], float], *, heatmap: bool = False) -> None:
+                 backoff: Callable[[int], float], *, heatmap: bool = False, mask_format: str = "png") -> None:
         self._transport = transport
         self._overlay = overlay
         self._heatmap = heatmap
+        self._mask_format = _wire(mask_format)
         self._retries = retries
         self._backoff = backoff
         self._queue: asyncio.Queue = asyncio.Queue()
@@ -155,7 +162,8 @@ class AnalyzeStream:
             return future
         key = str(self._next_id)
         self._next_id += 1
-        request = pb.AnalyzeRequest(image=data, overlay=self._overlay, heatmap=self._heatmap, id=key)
+        request = pb.AnalyzeRequest(image=data, overlay=self._overlay, heatmap=self._heatmap,
+                                    mask_format=self._mask_format, id=key)
         self._waiting[key] = [future, request, 0]
         self._queue.put_nowait(key)
         if self._runner is None:

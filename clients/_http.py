@@ -61,10 +61,12 @@ class HttpTransport:
             raise _error(response)
         return response
 
-    async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False) -> Analysis:
-        response = await self._request("POST", "/analyze", timeout, files={"image": ("image", data)},
-                                       data={"overlay": "true" if overlay else "false",
-                                             "heatmap": "true" if heatmap else "false"})
+    async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False,
+                      mask_format: str = "png") -> Analysis:
+        fields = {"overlay": "true" if overlay else "false", "heatmap": "true" if heatmap else "false"}
+        if mask_format != "png":  # the default is not sent, so a gateway older than mask_format still answers
+            fields["mask_format"] = mask_format
+        response = await self._request("POST", "/analyze", timeout, files={"image": ("image", data)}, data=fields)
         return Analysis.from_json(response.json())
 
     async def explain(self, data: bytes, timeout: float, method: str, target: str | None = None,

@@ -18,6 +18,7 @@ from ._grpc import GrpcTransport
 from ._http import HttpTransport
 from ._images import Image, image_bytes
 from .errors import BrainTumorError, DeadlineExceededError, InvalidInputError, UnavailableError
+from .masks import check_mask_format
 from .results import Analysis, Explanation, Health
 
 PROTOCOLS = ("grpc", "http")
@@ -64,21 +65,29 @@ class AsyncBrainTumorClient:
 
     # -- calls ---------------------------------------------------------------------------------------------------
 
-    async def analyze(self, image: Image, *, overlay: bool = False, heatmap: bool = False) -> Analysis:
+    async def analyze(self, image: Image, *, overlay: bool = False, heatmap: bool = False,
+                      mask_format: str = "png") -> Analysis:
         """Class, probabilities, refer flag and tumour mask of one slice (JPEG, PNG, DICOM file, its bytes, or a numpy
-        array); its Grad-CAM heatmap with ``heatmap=True`` (computed on the server only then)."""
+        array); its Grad-CAM heatmap with ``heatmap=True`` (computed on the server only then). ``mask_format``: how
+        the mask travels, "png" (default) or "rle" (COCO run-length encoding: smaller, and the server encodes no
+        PNG); ``mask_array()`` and ``save_mask()`` give the same mask either way."""
+        mask_format = check_mask_format(mask_format)
         data = await _load(image)
-        return await self._retrying(lambda t: self._transport.analyze(data, overlay, t, heatmap=heatmap))
+        return await self._retrying(lambda t: self._transport.analyze(data, overlay, t, heatmap=heatmap,
+                                                                      mask_format=mask_format))
 
     async def analyze_many(self, images: Iterable[Image] | AsyncIterable[Image], *, overlay: bool = False,
-                           heatmap: bool = False, concurrency: int = 8) -> AsyncIterator[Analysis | BrainTumorError]:
+                           heatmap: bool = False, concurrency: int = 8,
+                           mask_format: str = "png") -> AsyncIterator[Analysis | BrainTumorError]:
         """One answer per image, in input order, with up to ``concurrency`` images in flight. A failed image yields
         its :class:`BrainTumorError` (a local file that cannot be read or an unusable array: InvalidInputError with
         code ``local_input``) and the rest carry on. gRPC sends all images over one AnalyzeStream; HTTP makes
-        concurrent /analyze calls. ``images`` is read lazily."""
+        concurrent /analyze calls. ``images`` is read lazily. ``mask_format`` as in :meth:`analyze`."""
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1; got {concurrency}")
-        stream = (self._transport.stream(overlay, self.retries, self._backoff, heatmap=heatmap)
+        mask_format = check_mask_format(mask_format)
+        stream = (self._transport.stream(overlay, self.retries, self._backoff, heatmap=heatmap,
+                                         mask_format=mask_format)
                   if self.protocol == "grpc" else None)
         pending: collections.deque[asyncio.Future] = collections.deque()
         try:
@@ -89,7 +98,8 @@ class AsyncBrainTumorClient:
                     pending.append(_done(InvalidInputError(str(exc), code="local_input")))
                 else:
                     pending.append(stream.submit(data) if stream is not None
-                                   else asyncio.ensure_future(self._analyze_or_error(data, overlay, heatmap)))
+                                   else asyncio.ensure_future(
+                                       self._analyze_or_error(data, overlay, heatmap, mask_format)))
                 while len(pending) >= concurrency:
                     yield await pending.popleft()
             if stream is not None:
@@ -155,9 +165,11 @@ class AsyncBrainTumorClient:
 
     # -- plumbing ------------------------------------------------------------------------------------------------
 
-    async def _analyze_or_error(self, data: bytes, overlay: bool, heatmap: bool) -> Analysis | BrainTumorError:
+    async def _analyze_or_error(self, data: bytes, overlay: bool, heatmap: bool,
+                                mask_format: str = "png") -> Analysis | BrainTumorError:
         try:
-            return await self._retrying(lambda t: self._transport.analyze(data, overlay, t, heatmap=heatmap))
+            return await self._retrying(lambda t: self._transport.analyze(data, overlay, t, heatmap=heatmap,
+                                                                          mask_format=mask_format))
         except BrainTumorError as exc:
             return exc
 

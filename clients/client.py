@@ -83,17 +83,22 @@ class BrainTumorClient:
             raise RuntimeError("this BrainTumorClient is closed; make a new one")
         return self._loop.run(coroutine)
 
-    def analyze(self, image: Image, *, overlay: bool = False, heatmap: bool = False) -> Analysis:
+    def analyze(self, image: Image, *, overlay: bool = False, heatmap: bool = False,
+                mask_format: str = "png") -> Analysis:
         """Class, probabilities, refer flag and tumour mask of one slice (JPEG, PNG, DICOM file, its bytes, or a numpy
-        array); its Grad-CAM heatmap with ``heatmap=True`` (computed on the server only then)."""
-        return self._run(self._async.analyze(image, overlay=overlay, heatmap=heatmap))
+        array); its Grad-CAM heatmap with ``heatmap=True`` (computed on the server only then). ``mask_format``: how
+        the mask travels, "png" (default) or "rle" (COCO run-length encoding: smaller, and the server encodes no
+        PNG); ``mask_array()`` and ``save_mask()`` give the same mask either way."""
+        return self._run(self._async.analyze(image, overlay=overlay, heatmap=heatmap, mask_format=mask_format))
 
     def analyze_many(self, images: Iterable[Image], *, overlay: bool = False, heatmap: bool = False,
-                     concurrency: int = 8) -> Iterator[Analysis | BrainTumorError]:
+                     concurrency: int = 8, mask_format: str = "png") -> Iterator[Analysis | BrainTumorError]:
         """One answer per image, in input order, with up to ``concurrency`` images in flight; a failed image yields
         its :class:`BrainTumorError` instead of raising (an unreadable local file: InvalidInputError with code
-        ``local_input``). gRPC sends all images over one AnalyzeStream; HTTP makes concurrent /analyze calls."""
-        answers = self._async.analyze_many(images, overlay=overlay, heatmap=heatmap, concurrency=concurrency)
+        ``local_input``). gRPC sends all images over one AnalyzeStream; HTTP makes concurrent /analyze calls.
+        ``mask_format`` as in :meth:`analyze`."""
+        answers = self._async.analyze_many(images, overlay=overlay, heatmap=heatmap, concurrency=concurrency,
+                                           mask_format=mask_format)
         try:
             while True:
                 try:

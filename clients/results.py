@@ -1,5 +1,6 @@
 """What the SDK returns: :class:`Analysis`, :class:`Explanation`, :class:`Health`, built from either wire format
-(HTTP JSON with base64 PNGs, or the gRPC messages with PNG bytes), so both protocols give equal objects."""
+(HTTP JSON with base64 PNGs, or the gRPC messages with PNG bytes), so both protocols give equal objects. A mask that
+came as COCO RLE (``mask_format="rle"``) reads and saves as one that came as a PNG."""
 
 from __future__ import annotations
 
@@ -37,6 +38,15 @@ def _png_array(data: bytes, what: str, mode: str | None = None) -> np.ndarray:
         return np.asarray(picture if mode is None else picture.convert(mode))
 
 
+def _rle_fields(rle) -> dict | None:
+    """``{"size": [h, w], "counts": str}`` from the JSON dict or a ``MaskRle`` message; None where absent."""
+    if rle is None:
+        return None
+    if isinstance(rle, dict):
+        return {"size": [int(v) for v in rle.get("size") or ()], "counts": rle.get("counts") or ""}
+    return {"size": [int(v) for v in rle.size], "counts": rle.counts}
+
+
 def _model_fields(model) -> dict:
     """(name, version) of the answering model from a JSON dict or a ModelRef message; None where absent."""
     if model is None:
@@ -55,7 +65,7 @@ class Analysis:
     refer_reason: str | None  # the reasons joined with "; " (see refer_reasons); None when refer is False
     tumor_area_px: int
     tumor_area_mm2: float | None  # set only when the pixel spacing is known (DICOM PixelSpacing)
-    mask_png: bytes = field(repr=False)  # greyscale PNG: 255 tumour, 0 background
+    mask_png: bytes = field(repr=False)  # greyscale PNG: 255 tumour, 0 background; b"" with mask_format="rle"
     heatmap_png: bytes = field(repr=False)  # RGB PNG: Grad-CAM of `label`; b"" unless the call asked heatmap=True
     overlay_png: bytes | None = field(repr=False)  # RGB PNG, only when the call asked for overlay=True
     model_name: str | None
@@ -64,6 +74,8 @@ class Analysis:
     mask_label_disagree: bool = False  # label no_tumor with a non-empty mask, or a tumour label with an empty mask
     image_height: int = 0
     image_width: int = 0
+    # COCO RLE {"size": [height, width], "counts": str} when the call asked mask_format="rle" (mask_png is b"" then).
+    mask_rle: dict | None = field(default=None, repr=False)
 
     @classmethod
     def from_json(cls, body: dict, model: dict | None = None) -> Analysis:
@@ -84,6 +96,7 @@ class Analysis:
             mask_label_disagree=bool(body.get("mask_label_disagree", False)),
             image_height=int(body.get("image_height", 0)),
             image_width=int(body.get("image_width", 0)),
+            mask_rle=_rle_fields(body.get("mask_rle")),
         )
 
     @classmethod
@@ -105,10 +118,21 @@ class Analysis:
             mask_label_disagree=message.mask_label_disagree,
             image_height=message.image_height,
             image_width=message.image_width,
+            mask_rle=_rle_fields(message.mask_rle) if message.HasField("mask_rle") else None,
         )
 
+    def mask_png_bytes(self) -> bytes:
+        """The mask as a greyscale PNG (255 tumour, 0 background): the server's, or made here from the RLE with the
+        server's own encoder settings (:func:`~.masks.mask_png`), so the file is the same whichever format came."""
+        if self.mask_png:
+            return self.mask_png
+        from .masks import mask_png
+
+        return mask_png(self.mask_array())
+
     def save_mask(self, path: str | os.PathLike) -> Path:
-        return _write(path, self.mask_png, "mask PNG")
+        """Write the mask as a greyscale PNG, whichever format it came in."""
+        return _write(path, self.mask_png_bytes(), "mask PNG")
 
     def save_heatmap(self, path: str | os.PathLike) -> Path:
         if not self.heatmap_png:
@@ -121,13 +145,18 @@ class Analysis:
         return _write(path, self.overlay_png, "overlay PNG")
 
     def mask_array(self) -> np.ndarray:
-        """The tumour mask as a bool array of the sent image's (height, width)."""
+        """The tumour mask as a bool array of the sent image's (height, width), from the PNG or the RLE."""
+        if not self.mask_png and self.mask_rle is not None:
+            from .masks import decode_rle
+
+            return decode_rle(self.mask_rle)
         # As grey levels, so a 1-bit PNG (whose array is bool) reads right too: a cheaper mask encoding would not
         # silently empty this array (loadtest/bench_mask_png.py measured it).
         return _png_array(self.mask_png, "mask PNG", "L") > 127
 
     def to_dict(self, images: bool = False) -> dict:
-        """JSON-safe fields (one CSV/JSONL row); ``images=True`` adds the PNGs base64-encoded."""
+        """JSON-safe fields (one CSV/JSONL row); ``images=True`` adds the PNGs base64-encoded and the mask's RLE
+        (``mask_rle``, as it came; None when the mask came as a PNG)."""
         out = {
             "label": self.label,
             "probabilities": dict(self.probabilities),
@@ -143,7 +172,8 @@ class Analysis:
         }
         if images:
             out.update(mask_png=_b64encode(self.mask_png), heatmap_png=_b64encode(self.heatmap_png),
-                       overlay_png=_b64encode(self.overlay_png))
+                       overlay_png=_b64encode(self.overlay_png),
+                       mask_rle=None if self.mask_rle is None else dict(self.mask_rle))
         return out
 
 

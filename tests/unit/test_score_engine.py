@@ -20,6 +20,8 @@ grpc = pytest.importorskip("grpc")
 
 from PIL import Image  # noqa: E402
 
+from braintumor.clients import scorer  # noqa: E402
+from braintumor.clients.masks import encode_rle, mask_png  # noqa: E402
 from braintumor.clients.score import ScoreOptions, run_score  # noqa: E402
 from braintumor.clients.v1 import braintumor_pb2 as pb  # noqa: E402
 from braintumor.clients.v1 import braintumor_pb2_grpc as pb_grpc  # noqa: E402
@@ -45,7 +47,7 @@ def predicted_mask(label: str) -> np.ndarray:
 class ToyService(pb_grpc.BrainTumorServicer):
     """Image bytes are a script: the first line names the class to answer (else glioma); b"BAD..." is refused as
     INVALID_ARGUMENT; while ``down`` every call is UNAVAILABLE. ``delay`` slows each call; ``on_call(n)`` runs at
-    the n-th call."""
+    the n-th call. The mask (``mask_for(label)``) comes in the asked mask_format, as the real server encodes it."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -53,6 +55,8 @@ class ToyService(pb_grpc.BrainTumorServicer):
         self.delay = 0.0
         self.down = False
         self.on_call = None
+        self.mask_for = predicted_mask
+        self.mask_formats: list[str] = []
 
     def GetModelInfo(self, request, context):
         if self.down:
@@ -76,13 +80,17 @@ class ToyService(pb_grpc.BrainTumorServicer):
             first = request.image.split(b"\n")[0].decode(errors="replace")
             label = first if first in CLASSES else "glioma"
             refer = label == "meningioma"
-            mask = predicted_mask(label)
+            mask = self.mask_for(label) > 0
+            with self.lock:
+                self.mask_formats.append(request.mask_format)
+            rle = request.mask_format == "rle"
             return pb.AnalyzeResponse(
                 label=label, probabilities={c: (0.7 if c == label else 0.1) for c in CLASSES}, refer=refer,
                 refer_reason=["the top probability is under the refer threshold"] if refer else [],
-                tumor_area_px=int((mask > 0).sum()), mask_png=_png(mask),
-                heatmap_png=_png(np.full((SIDE, SIDE, 3), 7, np.uint8)) if request.heatmap else b"",
-                image_height=SIDE, image_width=SIDE, model=pb.ModelRef(name="toy", version="3"))
+                tumor_area_px=int(mask.sum()), mask_png=b"" if rle else mask_png(mask),
+                mask_rle=pb.MaskRle(**encode_rle(mask)) if rle else None,
+                heatmap_png=_png(np.full((*mask.shape, 3), 7, np.uint8)) if request.heatmap else b"",
+                image_height=mask.shape[0], image_width=mask.shape[1], model=pb.ModelRef(name="toy", version="3"))
         finally:
             with self.lock:
                 self.running -= 1
@@ -293,6 +301,35 @@ def test_evaluate_on_a_brisc_split(toy, tmp_path, capsys):
     calls = toy.calls
     assert run_score(_opts(toy, root, tmp_path / "root.csv", evaluate=True)) == 0
     assert toy.calls == calls + 8
+
+
+def _ellipse(label: str) -> np.ndarray:
+    """A non-square slice with an elliptic tumour (none for no_tumor): runs of many lengths in both formats."""
+    yy, xx = np.mgrid[0:61, 0:47]
+    inside = ((yy - 25) / 13.0) ** 2 + ((xx - 20) / 9.0) ** 2 <= 1.0
+    return np.where(inside & (label != "no_tumor"), 255, 0).astype(np.uint8)
+
+
+def test_masks_asked_as_rle_are_the_same_files_as_png_masks(toy, tmp_path, monkeypatch):
+    """score asks for COCO RLE (the server encodes no PNG) and writes the PNG itself: the mask files and the rows
+    are byte for byte what asking for the server's PNG gives."""
+    toy.mask_for = _ellipse
+    root = _files(tmp_path / "in", ["glioma", "meningioma", "no_tumor", "pituitary"])
+    assert scorer.MASK_FORMAT == "rle"
+    assert run_score(_opts(toy, root, tmp_path / "rle.csv", masks=tmp_path / "rle")) == 0
+    assert toy.mask_formats == ["rle"] * 4
+    monkeypatch.setattr(scorer, "MASK_FORMAT", "png")
+    assert run_score(_opts(toy, root, tmp_path / "png.csv", masks=tmp_path / "png")) == 0
+    assert toy.mask_formats[4:] == [""] * 4  # the SDK's default: the field left empty, a PNG answered
+
+    files = sorted(p.relative_to(tmp_path / "png").as_posix() for p in (tmp_path / "png").rglob("*"))
+    assert files == ["s00.png", "s01.png", "s02.png", "s03.png"]
+    for name in files:
+        assert (tmp_path / "rle" / name).read_bytes() == (tmp_path / "png" / name).read_bytes(), name
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "rle" / "s00.png")), _ellipse("glioma"))
+    assert not np.asarray(Image.open(tmp_path / "rle" / "s02.png")).any()  # no_tumor: an empty mask
+    assert sorted(_rows(tmp_path / "rle.csv"), key=lambda r: r["path"]) == \
+        sorted(_rows(tmp_path / "png.csv"), key=lambda r: r["path"])
 
 
 def test_heatmaps_only_when_asked(toy, tmp_path):

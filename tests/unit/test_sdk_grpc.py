@@ -14,6 +14,7 @@ import pytest
 
 from braintumor.clients import (AsyncBrainTumorClient, AuthenticationError, BrainTumorClient, DeadlineExceededError,
                                 InvalidInputError, NotFoundError, OverloadedError, ServerError, UnavailableError)
+from braintumor.clients.masks import encode_rle, mask_png
 from braintumor.clients.v1 import braintumor_pb2 as pb
 from braintumor.clients.v1 import braintumor_pb2_grpc as pb_grpc
 
@@ -28,11 +29,17 @@ ABORTS = {  # image bytes -> the status Analyze answers with
 }
 
 
+RLE_MASK = np.zeros((3, 5), bool)
+RLE_MASK[1, 1:4] = True
+
+
 def _answer(request: pb.AnalyzeRequest) -> pb.AnalyzeResponse:
     label = request.image.decode(errors="replace").split(":")[-1]
+    rle = request.mask_format == "rle"
     return pb.AnalyzeResponse(id=request.id, label=label, probabilities={label: 1.0}, tumor_area_px=len(request.image),
-                              mask_png=b"mask", heatmap_png=b"heat" if request.heatmap else b"",
+                              mask_png=b"" if rle else b"mask", heatmap_png=b"heat" if request.heatmap else b"",
                               overlay_png=b"over" if request.overlay else b"",
+                              mask_rle=pb.MaskRle(**encode_rle(RLE_MASK)) if rle else None,
                               model=pb.ModelRef(name="brain_tumor", version="2"))
 
 
@@ -43,6 +50,7 @@ class Servicer(pb_grpc.BrainTumorServicer):
         self.flaky = 0  # the next `flaky` calls answer UNAVAILABLE
         self.flaky_items = 0  # the next `flaky_items` stream images named b"flaky" answer with an UNAVAILABLE error
         self.lock = threading.Lock()
+        self.mask_formats: list[str] = []  # AnalyzeRequest.mask_format of each call and stream item
 
     def _record(self, rpc: str, image: bytes, context) -> None:
         with self.lock:
@@ -56,6 +64,7 @@ class Servicer(pb_grpc.BrainTumorServicer):
 
     def Analyze(self, request, context):
         self._record("Analyze", request.image, context)
+        self.mask_formats.append(request.mask_format)
         if request.image in ABORTS:
             context.abort(*ABORTS[request.image])
         if request.image == b"slow":
@@ -71,6 +80,7 @@ class Servicer(pb_grpc.BrainTumorServicer):
         def work(request) -> None:
             with self.lock:
                 self.calls.append(("item", request.image))
+                self.mask_formats.append(request.mask_format)
                 down = request.image == b"down" or (request.image == b"flaky" and self.flaky_items > 0)
                 if request.image == b"flaky":
                     self.flaky_items = max(self.flaky_items - 1, 0)
@@ -143,6 +153,7 @@ def server():
 def servicer(server):
     server.calls.clear()
     server.metadata.clear()
+    server.mask_formats.clear()
     server.flaky = server.flaky_items = 0
     return server
 
@@ -207,6 +218,21 @@ def test_heatmap_on_demand(servicer):
         plain = list(client.analyze_many([b"c:glioma"]))
     assert one.heatmap_png == b"heat" and [a.heatmap_png for a in many] == [b"heat", b"heat"]
     assert plain[0].heatmap_png == b""
+
+
+def test_mask_format_rle_over_grpc(servicer, tmp_path):
+    with BrainTumorClient(servicer.target) as client:
+        one = client.analyze(b"img:glioma", mask_format="rle")
+        many = list(client.analyze_many([b"a:glioma", b"b:pituitary"], mask_format="rle"))
+        default = client.analyze(b"img:glioma")
+        with pytest.raises(ValueError, match="use one of png, rle"):
+            client.analyze(b"img:glioma", mask_format="jpeg")  # refused before anything is sent
+    assert servicer.mask_formats == ["rle", "rle", "rle", ""]  # the default leaves the field as it was before it
+    for analysis in (one, *many):
+        assert analysis.mask_png == b"" and analysis.mask_rle == encode_rle(RLE_MASK)
+        np.testing.assert_array_equal(analysis.mask_array(), RLE_MASK)
+    assert default.mask_png == b"mask" and default.mask_rle is None
+    assert one.save_mask(tmp_path / "m.png").read_bytes() == mask_png(RLE_MASK)
 
 
 def test_analyze_many_over_one_stream_in_input_order(servicer, tmp_path):

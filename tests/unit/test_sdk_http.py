@@ -7,12 +7,14 @@ import json
 import threading
 
 import httpx
+import numpy as np
 import pytest
 
 from braintumor.clients import (AsyncBrainTumorClient, AuthenticationError, BrainTumorClient, DeadlineExceededError,
                                 InvalidInputError, NotFoundError, OverloadedError, ServerError, UnavailableError)
 from braintumor.clients.aio import AsyncExplainJob
 from braintumor.clients.client import ExplainJob
+from braintumor.clients.masks import encode_rle, mask_png
 
 PNG = b"\x89PNG\r\n\x1a\n fake"
 
@@ -270,6 +272,28 @@ def test_bad_arguments():
     client.close()  # idempotent
     with pytest.raises(RuntimeError, match="closed"):
         client.analyze(b"x")
+
+
+def test_mask_format_rle_over_http(fast_backoff, tmp_path):
+    mask = np.zeros((8, 8), bool)
+    mask[2:5, 3:7] = True
+    rle_body = {**_analysis(), "mask_png": None, "mask_rle": encode_rle(mask)}
+    gateway = Gateway(httpx.Response(200, json=rle_body), httpx.Response(200, json=rle_body))
+    with _client(gateway) as client:
+        one = client.analyze(b"jpeg bytes", mask_format="rle")
+        many = list(client.analyze_many([b"a"], mask_format="rle"))
+        default = client.analyze(b"jpeg bytes")
+        with pytest.raises(ValueError, match="use one of png, rle"):
+            client.analyze(b"jpeg bytes", mask_format="PNG")  # refused before anything is sent
+    assert len(gateway.requests) == 3
+    assert all(b'name="mask_format"\r\n\r\nrle' in r.content for r in gateway.requests[:2])
+    # The default is not sent: a gateway older than mask_format (which refuses unknown fields) still answers.
+    assert b"mask_format" not in gateway.requests[2].content
+    for analysis in (one, many[0]):
+        assert analysis.mask_png == b"" and analysis.mask_rle == encode_rle(mask)
+        np.testing.assert_array_equal(analysis.mask_array(), mask)
+        assert analysis.save_mask(tmp_path / "m.png").read_bytes() == mask_png(mask)
+    assert default.mask_png == PNG and default.mask_rle is None
 
 
 def test_async_client(fast_backoff):
