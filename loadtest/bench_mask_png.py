@@ -3,15 +3,19 @@ same masks, one run; prints ms per mask, bytes and the SDK's decode time. A meas
 
     python loadtest/bench_mask_png.py --data ../shared/data/brisc2025 [--count 200] [--repeat 5]
 
-Candidates: what serving does now (Pillow, L mode, compress_level 1), other Pillow levels and zlib strategy, Pillow
-1-bit, and OpenCV (``cv2.imencode``: compression 0/1, the RLE strategy, bi-level). Each row's output is checked to decode to the same
-mask, so a fast encoder that loses pixels cannot win.
+Candidates: what serving does for ``mask_format=png`` (Pillow, L mode, compress_level 1, ``clients/masks.mask_png``)
+and for ``mask_format=rle`` (COCO run-length encoding by pycocotools, ``clients/masks.encode_rle``; its bytes are the
+JSON of ``{"size", "counts"}``, its decode is the SDK's ``decode_rle``), other Pillow levels and zlib strategy, Pillow
+1-bit, and OpenCV (``cv2.imencode``: compression 0/1, the RLE strategy, bi-level). Each row's output is checked to
+decode to the same mask, so a fast encoder that loses pixels cannot win. PNG bytes are raw; HTTP's JSON carries them
+base64-encoded (4/3 of that), gRPC as they are.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import time
 from pathlib import Path
@@ -33,8 +37,13 @@ def load_masks(data: str, count: int, empty: int) -> list[np.ndarray]:
 
 
 def encoders() -> dict:
+    """name -> (encode: mask -> wire bytes or object, decode: that -> bool mask, size: that -> bytes on the wire)."""
     import cv2
     from PIL import Image
+
+    from braintumor.clients.masks import decode_rle, encode_rle, mask_png
+
+    png = (decode, len)
 
     def pillow(level: int, bits: int, strategy: int = -1):
         def run(mask: np.ndarray) -> bytes:
@@ -55,16 +64,17 @@ def encoders() -> dict:
         return run
 
     return {
-        "Pillow L, level 1 (now)": pillow(1, 8),
-        "Pillow L, level 0": pillow(0, 8),
-        "Pillow L, level 6": pillow(6, 8),
-        "Pillow L, level 6, zlib Z_RLE": pillow(6, 8, 3),
-        "Pillow 1-bit, level 1": pillow(1, 1),
-        "Pillow 1-bit, level 6": pillow(6, 1),
-        "OpenCV L, level 1": opencv(1),
-        "OpenCV L, level 0": opencv(0),
-        "OpenCV L, level 1, RLE strategy": opencv(1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE),
-        "OpenCV bi-level, level 1": opencv(1, cv2.IMWRITE_PNG_BILEVEL, 1),
+        "Pillow L, level 1 (served: mask_format=png)": (mask_png, *png),
+        "COCO RLE, pycocotools (served: mask_format=rle)": (encode_rle, decode_rle, lambda rle: len(json.dumps(rle))),
+        "Pillow L, level 0": (pillow(0, 8), *png),
+        "Pillow L, level 6": (pillow(6, 8), *png),
+        "Pillow L, level 6, zlib Z_RLE": (pillow(6, 8, 3), *png),
+        "Pillow 1-bit, level 1": (pillow(1, 1), *png),
+        "Pillow 1-bit, level 6": (pillow(6, 1), *png),
+        "OpenCV L, level 1": (opencv(1), *png),
+        "OpenCV L, level 0": (opencv(0), *png),
+        "OpenCV L, level 1, RLE strategy": (opencv(1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE), *png),
+        "OpenCV bi-level, level 1": (opencv(1, cv2.IMWRITE_PNG_BILEVEL, 1), *png),
     }
 
 
@@ -90,10 +100,10 @@ def main() -> None:
           f"median of {args.repeat} passes\n")
     print("| encoder | encode ms/mask | bytes/mask | SDK decode ms/mask |")
     print("|---|---:|---:|---:|")
-    for name, encode in encoders().items():
+    for name, (encode, decode_one, size_of) in encoders().items():
         outputs = [encode(m) for m in masks]  # warm-up, and the lossless check below
         for mask, data in zip(masks, outputs):
-            if not np.array_equal(decode(data), mask.astype(bool)):
+            if not np.array_equal(decode_one(data), mask.astype(bool)):
                 raise SystemExit(f"{name}: decoded mask differs from the input")
         passes = []
         for _ in range(args.repeat):
@@ -103,9 +113,9 @@ def main() -> None:
             passes.append((time.perf_counter() - t0) / len(masks))
         t0 = time.perf_counter()
         for data in outputs:
-            decode(data)
+            decode_one(data)
         dec = (time.perf_counter() - t0) / len(outputs)
-        size = sum(len(d) for d in outputs) / len(outputs)
+        size = sum(size_of(d) for d in outputs) / len(outputs)
         print(f"| {name} | {statistics.median(passes) * 1e3:.3f} | {size:.0f} | {dec * 1e3:.3f} |")
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from ..clients.masks import MASK_FORMATS
 from .memory import MAX_GROWTH_MB_PER_MIN, MIN_JUDGED_SPAN_S, RSS_INTERVAL_S, RssRecorder, find_serve_pid
 from .runner import (START_MARGIN_S, STOP_TIMEOUT_S, TARGETS, check_ready, find_locustfile, locust_argv, parse_duration,
                      run_group)
@@ -25,12 +26,14 @@ SOAK_RATE = 4.0  # requests/s: a flat load a 2-core CPU host serves with room to
 
 
 def _child_env(args: argparse.Namespace, shape: str, users: int, rate: float | None) -> dict[str, str]:
-    """locust's environment: what the locustfiles read (images, API key, shape, per-user rate, cache bust, heatmap)."""
-    # The command decides these four; the others (e.g. BRAINTUMOR_LOADTEST_MAX_IMAGES) pass through.
+    """locust's environment: what the locustfiles read (images, API key, shape, per-user rate, cache bust, heatmap,
+    mask format)."""
+    # The command decides these five; the others (e.g. BRAINTUMOR_LOADTEST_MAX_IMAGES) pass through.
     env = {k: v for k, v in os.environ.items() if k not in (
         "BRAINTUMOR_LOADTEST_SHAPE", "BRAINTUMOR_LOADTEST_STEPS", "BRAINTUMOR_LOADTEST_USER_RATE",
-        "BRAINTUMOR_LOADTEST_HEATMAP")}
+        "BRAINTUMOR_LOADTEST_HEATMAP", "BRAINTUMOR_LOADTEST_MASK_FORMAT")}
     env["BRAINTUMOR_LOADTEST_HEATMAP"] = "1" if args.heatmap else "0"
+    env["BRAINTUMOR_LOADTEST_MASK_FORMAT"] = args.mask_format
     env["PYTHONUNBUFFERED"] = "1"
     images = args.images or os.environ.get("BRAINTUMOR_LOADTEST_IMAGES")
     if images:
@@ -169,6 +172,8 @@ def register(sub) -> None:
                                                    "$BRAINTUMOR_LOADTEST_IMAGES, else ../shared/data/brisc2025)")
     p.add_argument("--heatmap", action="store_true",
                    help="analyze calls ask for the Grad-CAM heatmap too (explanations are on demand; default: not)")
+    p.add_argument("--mask-format", choices=MASK_FORMATS, default=MASK_FORMATS[0],
+                   help="how analyze calls ask for the mask: png (default) or rle (COCO run-length encoding)")
     p.add_argument("--api-key", help="API key of the server (default: $BRAINTUMOR_API_KEY, if set)")
     p.add_argument("--locustfile", metavar="PATH", help="locustfile to run instead of loadtest/locustfile_<target>.py")
     p.add_argument("--serve-pid", type=int, help="soak: PID of `braintumor serve` (default: found from --url's port)")

@@ -15,6 +15,8 @@ CACHE_BUST = os.environ.get("BRAINTUMOR_LOADTEST_CACHE_BUST", "1") != "0"
 USER_RATE = float(os.environ.get("BRAINTUMOR_LOADTEST_USER_RATE") or 0)
 # 1 (`--heatmap`): analyze asks for the Grad-CAM heatmap too; default 0, as most callers (explanations on demand).
 HEATMAP = os.environ.get("BRAINTUMOR_LOADTEST_HEATMAP", "0") == "1"
+# `--mask-format`: how analyze asks for the mask, "png" (default, the field not sent) or "rle" (COCO run-length).
+MASK_FORMAT = os.environ.get("BRAINTUMOR_LOADTEST_MASK_FORMAT") or "png"
 
 
 def pacing():

@@ -7,7 +7,7 @@
 Mix per user (weights): Analyze 20, Explain gradcam 4, Explain lime 1 (small num_samples). Each call has a deadline
 and is reported to locust as request type ``grpc`` under the RPC's name; a non-OK status is a failure carrying the
 status code and the server's message. Same environment variables as locustfile_http.py (images, API key sent as
-``x-api-key`` metadata, shape, user rate, cache bust, heatmap).
+``x-api-key`` metadata, shape, user rate, cache bust, heatmap, mask format).
 
 grpcio runs its own threads, which gevent (locust) does not see: ``init_gevent()`` below makes grpcio cooperate,
 and must run before any channel exists. Each user closes its channel in ``on_stop``; a channel left open makes
@@ -25,7 +25,7 @@ import gevent
 import grpc
 import grpc.experimental.gevent as grpc_gevent
 from locust import User, events, task
-from locust_common import CACHE_BUST, HEATMAP, pacing
+from locust_common import CACHE_BUST, HEATMAP, MASK_FORMAT, pacing
 from payloads import PayloadError, load_payloads, unique_bytes
 from shapes import SHAPE_ENV, locust_shape
 
@@ -90,7 +90,8 @@ class GrpcApiUser(User):
     @task(20)
     def analyze(self) -> None:
         self._call("Analyze", self.stub.Analyze,
-                   pb.AnalyzeRequest(image=self._image(False), id="load", heatmap=HEATMAP))
+                   pb.AnalyzeRequest(image=self._image(False), id="load", heatmap=HEATMAP,
+                                     mask_format="" if MASK_FORMAT == "png" else MASK_FORMAT))
 
     @task(4)
     def explain_gradcam(self) -> None:

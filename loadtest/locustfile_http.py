@@ -11,7 +11,7 @@ throughput per user (tasks/s). Environment: ``BRAINTUMOR_LOADTEST_IMAGES`` (fold
 payloads.py), ``BRAINTUMOR_API_KEY`` (sent as ``x-api-key`` when set), ``BRAINTUMOR_LOADTEST_SHAPE`` (``step`` or
 ``soak``; see shapes.py), ``BRAINTUMOR_LOADTEST_CACHE_BUST`` (``0``: send identical bytes, so repeated explains
 are cache hits; default ``1``), ``BRAINTUMOR_LOADTEST_HEATMAP`` (``1``: /analyze asks for the heatmap too; default
-``0``).
+``0``), ``BRAINTUMOR_LOADTEST_MASK_FORMAT`` (``rle``: /analyze asks for the mask as COCO RLE; default ``png``).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 
 import gevent
 from locust import FastHttpUser, task
-from locust_common import CACHE_BUST, HEATMAP, pacing
+from locust_common import CACHE_BUST, HEATMAP, MASK_FORMAT, pacing
 from payloads import PayloadError, load_payloads, multipart, unique_bytes
 from shapes import SHAPE_ENV, locust_shape
 
@@ -68,7 +68,10 @@ class GatewayUser(FastHttpUser):
 
     @task(20)
     def analyze(self) -> None:
-        body, headers = self._body({"heatmap": "true"} if HEATMAP else {}, fresh=False)  # /analyze has no cache
+        fields = {"heatmap": "true"} if HEATMAP else {}
+        if MASK_FORMAT != "png":  # the default is not sent, as the SDK does
+            fields["mask_format"] = MASK_FORMAT
+        body, headers = self._body(fields, fresh=False)  # /analyze has no cache
         self._post_json("/analyze", body, headers, "/analyze", "label")
 
     @task(4)

@@ -358,6 +358,22 @@ def test_heatmap_flag_reaches_the_locustfiles(flag, value, monkeypatch):
     assert commands._child_env(args, "flat", 8, None)["BRAINTUMOR_LOADTEST_HEATMAP"] == value
 
 
+@pytest.mark.parametrize("flag, value", [([], "png"), (["--mask-format", "rle"], "rle")])
+def test_mask_format_flag_reaches_the_locustfiles(flag, value, monkeypatch):
+    """analyze asks for the mask as COCO RLE only with --mask-format rle (an inherited value is ignored)."""
+    import argparse
+
+    from braintumor.loadtest import commands
+
+    monkeypatch.setenv("BRAINTUMOR_LOADTEST_MASK_FORMAT", "rle" if value == "png" else "png")
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["loadtest", "--target", "grpc", "--out", "unused", *flag])
+    assert commands._child_env(args, "flat", 8, None)["BRAINTUMOR_LOADTEST_MASK_FORMAT"] == value
+    with pytest.raises(SystemExit):
+        parser.parse_args(["loadtest", "--target", "grpc", "--out", "unused", "--mask-format", "jpeg"])
+
+
 def test_bench_gateway_cpu_per_image_by_role():
     """CPU ms per image: each role's CPU seconds between two reads over the images answered; a process that appeared
     in between counts from zero; roles outside the serving ones (supervisor, other) are left out."""
