@@ -138,6 +138,16 @@ BAD_INPUTS = [
      "heatmap"),
     ("heatmap flag not a boolean (JSON)", "/analyze_batch", lambda s: _json(images_base64=[_b64(s)], heatmap="maybe"),
      400, "heatmap"),
+    ("unknown mask_format", "/analyze", lambda s: {"files": _files(s), "data": {"mask_format": "jpeg"}}, 400,
+     "unknown mask_format 'jpeg'; use one of png, rle"),
+    ("unknown mask_format (JSON)", "/analyze", lambda s: _json(image_base64=_b64(s), mask_format="RLE"), 400,
+     "unknown mask_format 'RLE'; use one of png, rle"),
+    ("unknown mask_format (batch)", "/analyze_batch", lambda s: {"files": [("images", ("a.jpg", s))],
+                                                                  "data": {"mask_format": "coco"}}, 400,
+     "unknown mask_format 'coco'; use one of png, rle"),
+    ("unknown mask_format (batch, JSON)", "/analyze_batch", lambda s: _json(images_base64=[_b64(s)],
+                                                                         mask_format="rle "),
+     400, "unknown mask_format 'rle '; use one of png, rle"),
 ]
 
 
@@ -199,6 +209,48 @@ def test_multipart_json_and_pipeline_agree(gateway, tiny_triton, slice_jpeg):
     assert a["heatmap_png"] is None
     assert base64.b64decode(b["heatmap_png"]) == base64.b64decode(with_heatmap.json()["heatmap_png"]) \
         == expected.heatmap_png
+
+
+def _mask_of(body: dict) -> np.ndarray:
+    """The answer's mask as booleans: from the PNG, or from the RLE by pycocotools (any COCO reader's way)."""
+    if body["mask_png"] is not None:
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png"]))).convert("L")) > 127
+    from pycocotools import mask as coco
+
+    return coco.decode(body["mask_rle"]).astype(bool)
+
+
+def test_mask_format_rle_gives_the_png_mask(gateway, slice_jpeg):
+    """/analyze and /analyze_batch, multipart and JSON: mask_format=rle answers mask_rle (no PNG) holding the mask
+    the default PNG holds; the overlay outlines it either way."""
+    png = gateway.post("/analyze", files=_files(slice_jpeg), data={"overlay": "true"})
+    rle = gateway.post("/analyze", files=_files(slice_jpeg), data={"mask_format": "rle", "overlay": "true"})
+    rle_json = gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg), "mask_format": "rle"})
+    for response in (png, rle, rle_json):
+        assert response.status_code == 200, response.text
+    png, rle, rle_json = png.json(), rle.json(), rle_json.json()
+    assert png["mask_rle"] is None and png["mask_png"]
+    height, width = png["image_height"], png["image_width"]
+    assert rle["mask_png"] is None and rle["mask_rle"]["size"] == [height, width]
+    assert isinstance(rle["mask_rle"]["counts"], str) and rle_json["mask_rle"] == rle["mask_rle"]
+    expected = _mask_of(png)
+    assert expected.shape == (height, width) and expected.sum() == png["tumor_area_px"]
+    np.testing.assert_array_equal(_mask_of(rle), expected)
+    assert rle["overlay_png"] == png["overlay_png"]
+    assert (rle["label"], rle["probabilities"], rle["tumor_area_px"]) == (
+        png["label"], png["probabilities"], png["tumor_area_px"])
+
+    files = [("images", ("a.jpg", slice_jpeg, "image/jpeg")), ("images", ("b.txt", b"not an image", "text/plain"))]
+    batch = gateway.post("/analyze_batch", files=files, data={"mask_format": "rle"})
+    batch_json = gateway.post("/analyze_batch", json={"images_base64": [_b64(slice_jpeg)], "mask_format": "rle"})
+    batch_png = gateway.post("/analyze_batch", json={"images_base64": [_b64(slice_jpeg)]})
+    assert batch.status_code == batch_json.status_code == batch_png.status_code == 200, batch.text
+    good, bad = batch.json()["results"]
+    assert bad["error"] == "bad_input"
+    for body in (good, batch_json.json()["results"][0]):
+        assert body["mask_png"] is None and body["mask_rle"] == rle["mask_rle"]
+        np.testing.assert_array_equal(_mask_of(body), expected)
+    assert batch_png.json()["results"][0]["mask_png"] == png["mask_png"]
 
 
 def test_batch_answers_each_image(gateway, slice_jpeg):

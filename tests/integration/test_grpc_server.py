@@ -139,6 +139,32 @@ def test_analyze_equals_the_pipeline(server, tiny_triton, slice_jpeg):
     assert plain.mask_png == reply.mask_png and not (plain.heatmap_png or plain.overlay_png)
 
 
+def test_mask_format_rle_gives_the_png_mask(server, slice_jpeg):
+    from pycocotools import mask as coco
+
+    png = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg, overlay=True), timeout=30)
+    rle = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg, overlay=True, mask_format="rle"), timeout=30)
+    assert not png.HasField("mask_rle") and png.mask_png.startswith(b"\x89PNG")
+    assert rle.mask_png == b"" and list(rle.mask_rle.size) == [rle.image_height, rle.image_width]
+    expected = _png(png.mask_png) > 127
+    assert expected.shape == (png.image_height, png.image_width) and expected.sum() == png.tumor_area_px
+    decoded = coco.decode({"size": list(rle.mask_rle.size), "counts": rle.mask_rle.counts}).astype(bool)
+    np.testing.assert_array_equal(decoded, expected)
+    assert rle.overlay_png == png.overlay_png and rle.tumor_area_px == png.tumor_area_px
+
+    requests = [pb.AnalyzeRequest(image=slice_jpeg, id="r", mask_format="rle"),
+                pb.AnalyzeRequest(image=slice_jpeg, id="p", mask_format="png"),
+                pb.AnalyzeRequest(image=slice_jpeg, id="x", mask_format="bmp")]
+    by_id = {r.id: r for r in server.stub.AnalyzeStream(iter(requests), timeout=60)}
+    assert by_id["r"].mask_rle == rle.mask_rle and by_id["r"].mask_png == b""
+    assert by_id["p"].mask_png == png.mask_png and not by_id["p"].HasField("mask_rle")
+    assert by_id["x"].error.code == "INVALID_ARGUMENT" and "use one of png, rle" in by_id["x"].error.message
+
+    error = _code(lambda: server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg, mask_format="jpeg"), timeout=30))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "unknown mask_format 'jpeg'; use one of png, rle" in error.details()
+
+
 def test_stream_answers_every_image_and_isolates_the_bad_one(server, slice_jpeg):
     ids = ["g0", "g1", "bad", "g2"]
     requests = [pb.AnalyzeRequest(image=b"definitely not an image" if i == "bad" else slice_jpeg, id=i) for i in ids]

@@ -97,6 +97,16 @@ def test_both_protocols_agree(grpc_target, http_url, slice_jpeg):
     assert ha.heatmap_png == hb.heatmap_png and ha.heatmap_png.startswith(b"\x89PNG")
 
 
+def test_mask_format_rle_reads_and_saves_as_the_png(client, slice_jpeg, tmp_path):
+    png, rle = client.analyze(slice_jpeg), client.analyze(slice_jpeg, mask_format="rle")
+    assert png.mask_rle is None and rle.mask_png == b"" and rle.mask_rle["size"] == [png.image_height, png.image_width]
+    np.testing.assert_array_equal(rle.mask_array(), png.mask_array())
+    assert rle.mask_array().shape == _pixels(slice_jpeg).shape and rle.mask_array().sum() == png.tumor_area_px
+    assert rle.save_mask(tmp_path / "rle.png").read_bytes() == png.save_mask(tmp_path / "png.png").read_bytes()
+    many = list(client.analyze_many([slice_jpeg, b"not an image at all"], mask_format="rle"))
+    assert many[0].mask_rle == rle.mask_rle and isinstance(many[1], InvalidInputError)
+
+
 def test_analyze_many_in_order_with_a_bad_image(client, slice_jpeg):
     images = [slice_jpeg, slice_jpeg, b"not an image at all", slice_jpeg]
     answers = list(client.analyze_many(images, concurrency=2))
