@@ -133,6 +133,7 @@ class ModelAlone:
         import onnxruntime as ort
 
         from braintumor.export import contract
+        from braintumor.serving.local_model import session_options
         from braintumor.train.decode import decode_image
         from braintumor.train.preprocess import PreprocessConfig, preprocess
 
@@ -144,12 +145,7 @@ class ModelAlone:
         cfg = PreprocessConfig.from_dict(meta["preprocess"])
         self.images = np.stack([preprocess(decode_image(d).pixels, cfg)[0] for d in payloads])[:, None]
         self.max_batch = self._max_batch(Path(repository) / name / "config.pbtxt")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = os.cpu_count() or 1
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options = session_options(os.cpu_count() or 1)
         cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         if device == "cuda" and not cuda:
             raise SystemExit("--device cuda: this onnxruntime has no CUDAExecutionProvider")

@@ -72,6 +72,21 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def session_options(intra_op_threads: int, inter_op_threads: int = 1):
+    """ONNX Runtime options of the served model: the python backend's (export/python_backend/model.py, which cannot
+    import this), also used by bench_gateway's model-alone line. No busy-waiting between ops: on a small CPU host
+    the spinning threads take cores from the front doors."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = inter_op_threads
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
 def _instances(config: dict) -> tuple[int, bool]:
     """(instance count, wants a GPU) from the config's ``instance_group``."""
     groups = config.get("instance_group") or [{}]
@@ -125,6 +140,7 @@ class _Batcher:
         self._pending: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self._executor = ThreadPoolExecutor(max_workers=instances, thread_name_prefix=f"ort-{name}")
         self._running = 0  # batches in flight
+        self._tasks: set[asyncio.Task] = set()  # the loop keeps only weak references to tasks
 
     async def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
         future = asyncio.get_running_loop().create_future()
@@ -143,7 +159,9 @@ class _Batcher:
                     size += len(images)
             if batch:
                 self._running += 1
-                asyncio.get_running_loop().create_task(self._run_batch(batch), name=f"ort-{self.name}")
+                task = asyncio.get_running_loop().create_task(self._run_batch(batch), name=f"ort-{self.name}")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
     async def _run_batch(self, batch: list[tuple[np.ndarray, asyncio.Future]]) -> None:
         try:
@@ -206,14 +224,10 @@ class LocalModel:
         config, version = _locate(self.repository, name, version, self.layout)
         version_dir = self.repository / name / version
         instances, gpu = _instances(config)
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # The python backend's rule: intra 0 = the usable CPUs shared among the instances; no busy-waiting.
-        options.intra_op_num_threads = (int(_parameter(config, PARAM_INTRA_OP_THREADS, "0"))
-                                        or max(1, _cpu_count() // instances))
-        options.inter_op_num_threads = int(_parameter(config, PARAM_INTER_OP_THREADS, "1"))
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # The python backend's rule: intra 0 = the usable CPUs shared among the instances.
+        options = session_options(int(_parameter(config, PARAM_INTRA_OP_THREADS, "0"))
+                                  or max(1, _cpu_count() // instances),
+                                  int(_parameter(config, PARAM_INTER_OP_THREADS, "1")))
         providers = ["CPUExecutionProvider"]
         if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
