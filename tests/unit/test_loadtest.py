@@ -344,32 +344,34 @@ def test_run_group_returns_the_exit_code(tmp_path):
     assert (tmp_path / "log").read_text() == "hi\n"
 
 
-@pytest.mark.parametrize("flag, value", [([], "0"), (["--heatmap"], "1")])
-def test_heatmap_flag_reaches_the_locustfiles(flag, value, monkeypatch):
-    """Explanations are on demand: analyze asks for the heatmap only with --heatmap (an inherited value is ignored)."""
+@pytest.mark.parametrize("target, variable, flag, value, inherited", [
+    # explanations are on demand: the heatmap only with --heatmap
+    ("http", "BRAINTUMOR_LOADTEST_HEATMAP", [], "0", "1"),
+    ("http", "BRAINTUMOR_LOADTEST_HEATMAP", ["--heatmap"], "1", "0"),
+    # the mask as COCO RLE only with --mask-format rle
+    ("grpc", "BRAINTUMOR_LOADTEST_MASK_FORMAT", [], "png", "rle"),
+    ("grpc", "BRAINTUMOR_LOADTEST_MASK_FORMAT", ["--mask-format", "rle"], "rle", "png"),
+])
+def test_request_flags_reach_the_locustfiles(target, variable, flag, value, inherited, monkeypatch):
+    """What analyze asks for comes from the flag alone: a value inherited from the environment is ignored."""
     import argparse
 
     from braintumor.loadtest import commands
 
-    monkeypatch.setenv("BRAINTUMOR_LOADTEST_HEATMAP", "1" if value == "0" else "0")
+    monkeypatch.setenv(variable, inherited)
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers())
-    args = parser.parse_args(["loadtest", "--target", "http", "--out", "unused", *flag])
-    assert commands._child_env(args, "flat", 8, None)["BRAINTUMOR_LOADTEST_HEATMAP"] == value
+    args = parser.parse_args(["loadtest", "--target", target, "--out", "unused", *flag])
+    assert commands._child_env(args, "flat", 8, None)[variable] == value
 
 
-@pytest.mark.parametrize("flag, value", [([], "png"), (["--mask-format", "rle"], "rle")])
-def test_mask_format_flag_reaches_the_locustfiles(flag, value, monkeypatch):
-    """analyze asks for the mask as COCO RLE only with --mask-format rle (an inherited value is ignored)."""
+def test_an_unknown_mask_format_is_refused_by_loadtest():
     import argparse
 
     from braintumor.loadtest import commands
 
-    monkeypatch.setenv("BRAINTUMOR_LOADTEST_MASK_FORMAT", "rle" if value == "png" else "png")
     parser = argparse.ArgumentParser()
     commands.register(parser.add_subparsers())
-    args = parser.parse_args(["loadtest", "--target", "grpc", "--out", "unused", *flag])
-    assert commands._child_env(args, "flat", 8, None)["BRAINTUMOR_LOADTEST_MASK_FORMAT"] == value
     with pytest.raises(SystemExit):
         parser.parse_args(["loadtest", "--target", "grpc", "--out", "unused", "--mask-format", "jpeg"])
 
