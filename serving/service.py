@@ -1,6 +1,7 @@
 """The HTTP gateway: a BentoML service over the one serving :class:`Pipeline`.
 
-    bentoml serve braintumor.serving.service:BrainTumorGateway --port 3000     (Triton at BRAINTUMOR_TRITON_URL)
+    bentoml serve braintumor.serving.service:BrainTumorGateway --port 3000     (Triton at BRAINTUMOR_TRITON_URL, or
+    the model in this process: BRAINTUMOR_BACKEND=onnxruntime BRAINTUMOR_MODEL_REPOSITORY=DIR)
 
 POST /analyze, /analyze_batch, /explain (also a BentoML task: /explain/submit, /explain/status, /explain/get);
 GET /model; /healthz (liveness), /readyz (Triton ready and the model loaded), /metrics, Swagger UI at / and
