@@ -72,6 +72,12 @@ def test_serve_http_and_grpc_agree_with_onnxruntime(backend, tiny_repository, sl
         assert body["tumor_area_px"] == reply.tumor_area_px == expected.tumor_area_px
         assert base64.b64decode(body["mask_png"]) == reply.mask_png == expected.mask_png
 
+        # LIME's perturbations go through the classifier twin (Triton's, or the in-process batcher's)
+        lime = httpx.post(f"{gateway}/explain", files={"image": ("slice.jpg", slice_jpeg, "image/jpeg")},
+                          data={"method": "lime", "num_samples": "20"}, timeout=120)
+        assert lime.status_code == 200, lime.text
+        assert lime.json()["method"] == "lime" and lime.json()["label"] == expected.label
+
         metrics = httpx.get(f"{gateway}/metrics", timeout=10).text
         assert 'braintumor_requests_total' in metrics and 'frontend="http"' in metrics
         grpc_metrics = httpx.get(f"http://127.0.0.1:{ports['grpc_metrics']}/metrics", timeout=10).text
