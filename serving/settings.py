@@ -87,8 +87,8 @@ class ServeSettings:
         if self.backend not in BACKENDS:
             raise ValueError(f"{PREFIX}BACKEND={self.backend!r}: use one of {', '.join(BACKENDS)}")
         if self.backend == "onnxruntime" and not self.model_repository:
-            raise ValueError(f"{PREFIX}BACKEND=onnxruntime needs {PREFIX}MODEL_REPOSITORY (the directory written by "
-                             "`braintumor export`)")
+            raise ValueError(f"{PREFIX}BACKEND=onnxruntime needs {PREFIX}MODEL_REPOSITORY or --model-repository: "
+                             "the directory written by `braintumor export`")
         if self.layout not in LAYOUTS:
             raise ValueError(f"{PREFIX}LAYOUT={self.layout!r}: use one of {', '.join(LAYOUTS)}")
         self.api_keys()  # a keys file that cannot be used fails here, naming the file and line
