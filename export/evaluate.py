@@ -12,13 +12,7 @@ from ..train.evaluate import samples_for_split, score_and_report
 from ..train.preprocess import PreprocessConfig
 from .contract import CAM, CLASS_PROBS, DEFAULT_NAME, INPUT_NAME, MASK_PROB, METADATA_FILE, ONNX_FILE, OOD_SCORE
 from .manifest import verify_manifest
-
-
-def latest_version(model_dir: Path) -> Path:
-    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    if not versions:
-        raise FileNotFoundError(f"{model_dir}: no numbered version folder; export one with `braintumor export`")
-    return versions[-1][1]
+from .triton_config import latest_version
 
 
 def evaluate_repository(repository: str | Path, data: str | Path, split: str, out: str | Path, *,

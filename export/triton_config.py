@@ -92,6 +92,14 @@ def layout_options(options: TritonOptions, layout: str) -> TritonOptions:
     return replace(options, instance_count=max(options.instance_count, THROUGHPUT_INSTANCES))
 
 
+def latest_version(model_dir: Path) -> Path:
+    """The newest numbered version folder of ``<repository>/<model>`` (what Triton's ``latest`` policy serves)."""
+    versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    if not versions:
+        raise FileNotFoundError(f"{model_dir}: no numbered version folder; export one with `braintumor export`")
+    return versions[-1][1]
+
+
 def layout_file(layout: str) -> str:
     """Where a layout's config lives inside ``<repository>/<model>/``."""
     return CONFIG_FILE if layout == "latency" else f"{CONFIGS_DIR}/{layout}.pbtxt"

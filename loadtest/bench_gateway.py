@@ -133,18 +133,19 @@ class ModelAlone:
         import onnxruntime as ort
 
         from braintumor.export import contract
-        from braintumor.serving.local_model import session_options
+        from braintumor.export.triton_config import latest_version
+        from braintumor.serving.local_model import read_config, session_options
         from braintumor.train.decode import decode_image
         from braintumor.train.preprocess import PreprocessConfig, preprocess
 
-        versions = sorted((Path(repository) / name).glob("[0-9]*"), key=lambda p: int(p.name))
-        if not versions:
-            raise SystemExit(f"no version of {name} under {repository}")
-        version = versions[-1]
+        try:
+            version = latest_version(Path(repository) / name)
+        except FileNotFoundError as exc:
+            raise SystemExit(str(exc)) from None
         meta = json.loads((version / "metadata.json").read_text())
         cfg = PreprocessConfig.from_dict(meta["preprocess"])
         self.images = np.stack([preprocess(decode_image(d).pixels, cfg)[0] for d in payloads])[:, None]
-        self.max_batch = self._max_batch(Path(repository) / name / "config.pbtxt")
+        self.max_batch = int(read_config(Path(repository) / name / contract.CONFIG_FILE).get("max_batch_size") or 1)
         options = session_options(os.cpu_count() or 1)
         cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         if device == "cuda" and not cuda:
@@ -156,13 +157,6 @@ class ModelAlone:
         self.input = contract.INPUT_NAME
         self.outputs = list(contract.FULL_OUTPUTS)  # what the served model computes for every request
         self.label = f"{name}/{version.name} at {cfg.image_size} px on {self.provider}"
-
-    @staticmethod
-    def _max_batch(config: Path) -> int:
-        for line in config.read_text().splitlines():
-            if line.strip().startswith("max_batch_size:"):
-                return max(1, int(line.split(":", 1)[1]))
-        return 1
 
     def run(self, concurrency: int, seconds: float) -> dict:
         batch = min(concurrency, self.max_batch)
@@ -396,7 +390,8 @@ def report(rows: list[dict], args, model_label: str, images: int) -> str:
                      f"| {r['model'].get('cpu_ms', float('nan')):.1f} "
                      f"| {_cpu(r['http_cpu'], 'gateway')} / {_cpu(r['http_cpu'], 'triton')} "
                      f"| {_cpu(r['grpc_cpu'], 'grpc')} / {_cpu(r['grpc_cpu'], 'triton')} "
-                     f"| {_overhead(r['http_cpu'], 'gateway', r['model'])} / {_overhead(r['grpc_cpu'], 'grpc', r['model'])} "
+                     f"| {_overhead(r['http_cpu'], 'gateway', r['model'])} "
+                     f"/ {_overhead(r['grpc_cpu'], 'grpc', r['model'])} "
                      f"| {_cpu(r['base_cpu'], 'gateway')} "
                      f"| {_cpu(r['http_cpu'], 'client')} / {_cpu(r['grpc_cpu'], 'client')} | {fails} |")
     return "\n".join(lines)

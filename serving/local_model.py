@@ -24,14 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..export.contract import CLASS_PROBS, CONFIG_FILE, ONNX_FILE, PARAM_INTER_OP_THREADS, PARAM_INTRA_OP_THREADS
+from ..export.contract import CLASS_PROBS, ONNX_FILE, PARAM_INTER_OP_THREADS, PARAM_INTRA_OP_THREADS
 from ..export.contract import classifier_name as classifier_of
 from ..export.manifest import ManifestError, verify_manifest
-from ..export.triton_config import layout_file
+from ..export.triton_config import latest_version, layout_file
 from .errors import BadInput, DeadlineExceeded, UpstreamError
-from .triton_client import ModelInfo, _chunks, _version_key
+from .triton_client import ModelInfo, _chunks
 
 log = logging.getLogger("braintumor.serving")
+
 
 class ModelLoadError(ValueError):
     """The repository cannot be served in-process; the message names the file and the fix."""
@@ -58,11 +59,10 @@ def newest_version(model_dir: Path, version: str = "") -> str:
         if not (model_dir / version).is_dir():
             raise ModelLoadError(f"{model_dir / version}: no such model version")
         return version
-    versions = [p.name for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()]
-    if not versions:
-        raise ModelLoadError(f"{model_dir}: no numbered version folder; serve a repository written by "
-                             "`braintumor export`")
-    return max(versions, key=_version_key)
+    try:
+        return latest_version(model_dir).name
+    except FileNotFoundError as exc:
+        raise ModelLoadError(str(exc)) from None
 
 
 def _cpu_count() -> int:

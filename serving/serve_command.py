@@ -234,9 +234,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "onnxruntime (no Triton: each front door loads --model-repository's ONNX graphs with ONNX "
                         "Runtime in its own process; for single-host installs, README has the measurements)")
     p.add_argument("--layout", choices=LAYOUTS, default="latency",
-                   help="the model layout (the embedded Triton's, or the onnxruntime backend's): latency (one model instance using every core: the "
-                        "fastest single request) or throughput (an instance per share of the cores: more images per "
-                        "second under concurrent load, a slower single request; README has the measurements)")
+                   help="the model layout (the embedded Triton's, or the onnxruntime backend's): latency (one model "
+                        "instance using every core: the fastest single request) or throughput (an instance per share "
+                        "of the cores: more images per second under concurrent load, a slower single request; README "
+                        "has the measurements)")
     p.add_argument("--startup-timeout", type=float, default=180.0, help="seconds to wait for each part to be ready")
     p.add_argument("--verbose", action="store_true", help="echo Triton's log")
     p.set_defaults(func=_serve)

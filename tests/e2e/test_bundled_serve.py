@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("bentoml")
 
 from braintumor.export import contract  # noqa: E402
-from braintumor.export.evaluate import latest_version  # noqa: E402
+from braintumor.export.triton_config import latest_version  # noqa: E402
 from braintumor.serving.triton_embedded import free_port  # noqa: E402
 from braintumor.train.decode import decode_image  # noqa: E402
 from braintumor.train.preprocess import PreprocessConfig, preprocess  # noqa: E402

@@ -16,7 +16,7 @@ from braintumor.export.contract import (
     OOD_SCORE, PARAM_CAM_SIZE, PARAM_DISAGREE_MIN_AREA, PARAM_OOD_THRESHOLD, PARAM_REFER_THRESHOLD, PARAM_TEMPERATURE,
     classifier_name,
 )
-from braintumor.export.evaluate import latest_version
+from braintumor.export.triton_config import latest_version
 from braintumor.export.manifest import verify_manifest
 from braintumor.export.triton_config import layout_configs, layout_file
 

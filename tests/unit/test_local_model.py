@@ -19,7 +19,7 @@ pytest.importorskip("tritonclient.grpc")
 from braintumor.export.contract import (  # noqa: E402
     CLASS_PROBS, CONFIG_FILE, DEFAULT_NAME, INPUT_NAME, METADATA_FILE, ONNX_FILE, classifier_name,
 )
-from braintumor.export.evaluate import latest_version  # noqa: E402
+from braintumor.export.triton_config import latest_version  # noqa: E402
 from braintumor.serving.errors import BadInput, DeadlineExceeded, UpstreamError  # noqa: E402
 from braintumor.serving.local_model import LocalModel, ModelLoadError, read_config  # noqa: E402
 from braintumor.serving.pipeline import Pipeline  # noqa: E402
