@@ -9,6 +9,7 @@ from collections.abc import Callable
 import grpc
 
 from .errors import BrainTumorError, ServerError, UnavailableError, grpc_error
+from .masks import requested
 from .results import Analysis, Explanation, Health
 from .v1 import braintumor_pb2 as pb
 from .v1 import braintumor_pb2_grpc as pb_grpc
@@ -85,7 +86,7 @@ class GrpcTransport:
 
     async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False,
                       mask_format: str = "png") -> Analysis:
-        request = pb.AnalyzeRequest(image=data, overlay=overlay, heatmap=heatmap, mask_format=_wire(mask_format))
+        request = pb.AnalyzeRequest(image=data, overlay=overlay, heatmap=heatmap, mask_format=requested(mask_format))
         response = await self._call(self.stub.Analyze, request, timeout)
         return Analysis.from_message(response)
 
@@ -125,11 +126,6 @@ class GrpcTransport:
         return AnalyzeStream(self, overlay, retries, backoff, heatmap=heatmap, mask_format=mask_format)
 
 
-def _wire(mask_format: str) -> str:
-    """The request's mask_format: empty for the default (png), so the request is the one it was before the field."""
-    return "" if mask_format == "png" else mask_format
-
-
 _CLOSE = object()  # ends the request side of a stream
 
 
@@ -145,7 +141,7 @@ class AnalyzeStream:
         self._transport = transport
         self._overlay = overlay
         self._heatmap = heatmap
-        self._mask_format = _wire(mask_format)
+        self._mask_format = requested(mask_format)
         self._retries = retries
         self._backoff = backoff
         self._queue: asyncio.Queue = asyncio.Queue()

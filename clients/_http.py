@@ -9,6 +9,7 @@ from http import HTTPStatus
 import httpx
 
 from .errors import BrainTumorError, DeadlineExceededError, UnavailableError, http_error
+from .masks import requested
 from .results import Analysis, Explanation, Health
 
 API_KEY_HEADER = "x-api-key"  # serving/http_middleware.py also accepts `authorization: Bearer KEY`
@@ -64,7 +65,7 @@ class HttpTransport:
     async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False,
                       mask_format: str = "png") -> Analysis:
         fields = {"overlay": "true" if overlay else "false", "heatmap": "true" if heatmap else "false"}
-        if mask_format != "png":  # the default is not sent, so a gateway older than mask_format still answers
+        if requested(mask_format):
             fields["mask_format"] = mask_format
         response = await self._request("POST", "/analyze", timeout, files={"image": ("image", data)}, data=fields)
         return Analysis.from_json(response.json())

@@ -23,6 +23,12 @@ def check_mask_format(value: str | None) -> str:
     return value
 
 
+def requested(mask_format: str) -> str:
+    """What a request carries for ``mask_format``: nothing ("") for the default, so a default request is the one it
+    was before the field existed and a server older than it still answers; the format's name otherwise."""
+    return "" if mask_format == MASK_FORMATS[0] else mask_format
+
+
 def mask_png(mask: np.ndarray) -> bytes:
     """(H, W) mask (bool or 0/1) -> L PNG, 255 tumour / 0 background. Fast compression: made per request."""
     import numpy as np
