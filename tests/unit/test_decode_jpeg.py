@@ -1,0 +1,113 @@
+"""The OpenCV JPEG path of decode_any gives exactly Pillow's pixels, or steps aside for Pillow."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from braintumor.train import decode
+from braintumor.train.decode import ImageDecodeError, decode_any
+
+
+def _jpeg(arr: np.ndarray, orientation: int = 1, mode: str | None = None) -> bytes:
+    img = Image.fromarray(arr)
+    if mode:
+        img = img.convert(mode)
+    exif = Image.Exif()
+    if orientation != 1:
+        exif[0x0112] = orientation
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def _slice(h: int = 48, w: int = 72) -> np.ndarray:
+    """An asymmetric, non-square slice: every flip and rotation gives a different array."""
+    yy, xx = np.mgrid[:h, :w]
+    img = (40 + 2 * xx + yy).astype(np.uint8)
+    img[5:15, 8:30] = 250
+    return img
+
+
+@pytest.fixture
+def pillow_only(monkeypatch):
+    """decode_any as it was before the OpenCV path: Pillow's decoder and exif_transpose for every image."""
+
+    def by_pillow(data: bytes):
+        with monkeypatch.context() as m:
+            m.setattr(decode, "_jpeg_grey", lambda *_: None)
+            return decode_any(data)[0]
+
+    return by_pillow
+
+
+@pytest.fixture
+def opencv_used(monkeypatch):
+    """Records whether the OpenCV path answered (not None) for each decode."""
+    answered: list[bool] = []
+    real = decode._jpeg_grey
+
+    def spy(data, img):
+        out = real(data, img)
+        answered.append(out is not None)
+        return out
+
+    monkeypatch.setattr(decode, "_jpeg_grey", spy)
+    return answered
+
+
+def _same(a, b) -> None:
+    np.testing.assert_array_equal(a.pixels, b.pixels)
+    assert (a.mode, a.is_colour, a.pixels.dtype) == (b.mode, b.is_colour, b.pixels.dtype)
+    assert a.pixels.flags.c_contiguous
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("channels", ["L", "RGB"])
+def test_every_exif_orientation_gives_pillows_pixels(orientation, channels, pillow_only, opencv_used):
+    data = _jpeg(_slice(), orientation, channels)
+    got = decode_any(data)[0]
+    assert opencv_used == [True]
+    _same(got, pillow_only(data))
+    assert got.pixels.shape == ((72, 48) if orientation >= 5 else (48, 72))
+
+
+def test_a_colour_photo_keeps_pillows_luma(pillow_only, opencv_used):
+    photo = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+    data = _jpeg(photo)
+    got = decode_any(data)[0]
+    assert opencv_used == [False] and got.is_colour
+    _same(got, pillow_only(data))
+
+
+def test_a_truncated_jpeg_is_still_refused(opencv_used):
+    data = _jpeg(_slice(96, 96))
+    with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+        decode_any(data[: len(data) * 2 // 3])
+    assert opencv_used == [False]  # no EOI marker: Pillow's decoder, which refuses it (libjpeg would fill grey)
+
+
+@pytest.mark.parametrize("variant", ["trailing bytes", "CMYK"])
+def test_other_jpegs_go_through_pillow_unchanged(variant, pillow_only, opencv_used):
+    data = _jpeg(_slice(), mode="CMYK") if variant == "CMYK" else _jpeg(_slice()) + b"\x00" * 7
+    got = decode_any(data)[0]
+    assert opencv_used == [False]
+    _same(got, pillow_only(data))
+
+
+def test_real_brisc_jpegs_decode_as_pillow_decodes_them(real_data, pillow_only, opencv_used):
+    """A spread of the train split, and its EXIF-rotated files (orientations 3 and 8 occur in BRISC); every one of
+    the 8,933 JPEGs was compared once when the path went in."""
+    paths = sorted(real_data.rglob("*.jpg"))
+    rotated = []
+    for path in paths:
+        with Image.open(path) as img:
+            if img.getexif().get(0x0112, 1) != 1:
+                rotated.append(path)
+    chosen = paths[::40] + rotated[::10]
+    assert len(rotated) > 100
+    for path in chosen:
+        data = path.read_bytes()
+        _same(decode_any(data)[0], pillow_only(data))
+    assert all(opencv_used[: len(chosen)])
