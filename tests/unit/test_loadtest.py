@@ -446,3 +446,35 @@ def test_bench_gateway_report_prints_the_stacks_cpu_over_the_model(backend, http
     assert f"backend {backend}" in text.splitlines()[0]
     cpu_row = text.splitlines()[-1].split("|")
     assert cpu_row[6].strip() == "43.0" and cpu_row[9].strip() == overhead
+
+
+def test_bench_gateway_http_load_sends_what_the_gateway_parses():
+    """The lean HTTP load generator (aiohttp, bodies built once): each body is multipart as the gateway's parser reads
+    it, with the image and the asked fields; 200s are timed, anything else counted as a failure."""
+    aiohttp_web = pytest.importorskip("aiohttp.web")
+    import asyncio
+
+    from braintumor.loadtest.bench_gateway import load_http
+    from braintumor.serving.multipart import boundary_of, read_parts
+
+    seen: list[dict[str, bytes]] = []
+
+    async def analyze(request):
+        parts = read_parts(boundary_of(request.headers["content-type"]), await request.read())
+        seen.append({part.name: bytes(part.data) for part in parts})
+        return aiohttp_web.json_response({}, status=200 if len(seen) % 4 else 503)
+
+    async def main():
+        from aiohttp.test_utils import TestServer
+
+        app = aiohttp_web.Application()
+        app.router.add_post("/analyze", analyze)
+        async with TestServer(app, host="127.0.0.1") as server:
+            return await load_http(str(server.make_url("/analyze")), [b"\xff\xd8one", b"\xff\xd8two"], 2, 0.5,
+                                   False, "rle")
+
+    result = asyncio.run(main())
+    assert len(seen) >= 8 and result["n"] + result["failures"] == len(seen) - 1  # the first is the warm-up
+    assert result["failures"] == sum(1 for k in range(2, len(seen) + 1) if k % 4 == 0)
+    assert {part["image"] for part in seen} == {b"\xff\xd8one", b"\xff\xd8two"}
+    assert all(part["heatmap"] == b"false" and part["mask_format"] == b"rle" for part in seen)
