@@ -10,6 +10,7 @@ import httpx
 
 from .errors import BrainTumorError, DeadlineExceededError, UnavailableError, http_error
 from .masks import requested
+from .multipart import encode
 from .results import Analysis, Explanation, Health
 
 API_KEY_HEADER = "x-api-key"  # serving/http_middleware.py also accepts `authorization: Bearer KEY`
@@ -27,6 +28,12 @@ def normalise_url(url: str) -> str:
 def _explain_fields(method: str, target: str | None, num_samples: int | None, max_evals: int | None) -> dict:
     fields = {"method": method, "target": target, "num_samples": num_samples, "max_evals": max_evals}
     return {k: str(v) for k, v in fields.items() if v is not None}
+
+
+def _form(fields: dict[str, str], data: bytes) -> dict:
+    """The request keywords of a multipart body with ``fields`` and the image file ``image``."""
+    body, content_type = encode(fields, "image", data)
+    return {"content": body, "headers": {"content-type": content_type}}
 
 
 class HttpTransport:
@@ -67,20 +74,20 @@ class HttpTransport:
         fields = {"overlay": "true" if overlay else "false", "heatmap": "true" if heatmap else "false"}
         if requested(mask_format):
             fields["mask_format"] = mask_format
-        response = await self._request("POST", "/analyze", timeout, files={"image": ("image", data)}, data=fields)
+        response = await self._request("POST", "/analyze", timeout, **_form(fields, data))
         return Analysis.from_json(response.json())
 
     async def explain(self, data: bytes, timeout: float, method: str, target: str | None = None,
                       num_samples: int | None = None, max_evals: int | None = None) -> Explanation:
-        response = await self._request("POST", "/explain", timeout, files={"image": ("image", data)},
-                                       data=_explain_fields(method, target, num_samples, max_evals))
+        response = await self._request("POST", "/explain", timeout,
+                                       **_form(_explain_fields(method, target, num_samples, max_evals), data))
         return Explanation.from_json(response.json())
 
     async def submit_explain(self, data: bytes, timeout: float, method: str, target: str | None = None,
                              num_samples: int | None = None, max_evals: int | None = None) -> str:
         """The BentoML task id of a submitted explanation."""
-        response = await self._request("POST", "/explain/submit", timeout, files={"image": ("image", data)},
-                                       data=_explain_fields(method, target, num_samples, max_evals))
+        response = await self._request("POST", "/explain/submit", timeout,
+                                       **_form(_explain_fields(method, target, num_samples, max_evals), data))
         return response.json()["task_id"]
 
     async def task_status(self, task_id: str, timeout: float) -> str:

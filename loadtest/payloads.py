@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from braintumor.clients.multipart import encode
+
 IMAGES_ENV = "BRAINTUMOR_LOADTEST_IMAGES"
 MAX_IMAGES_ENV = "BRAINTUMOR_LOADTEST_MAX_IMAGES"
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "brisc2025"
@@ -88,14 +90,7 @@ def multipart(fields: dict[str, str], payload: Payload, data: bytes | None = Non
               field: str = "image") -> tuple[bytes, str]:
     """A multipart/form-data body with text ``fields`` and the image as file ``field``; returns (body, content type).
 
-    Built here rather than by the HTTP client so both clients send byte-identical bodies.
+    Built here rather than by the HTTP client so both clients send byte-identical bodies; the SDK's encoder.
     """
-    boundary = f"braintumor{random.getrandbits(64):016x}"
-    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
-             for name, value in fields.items()]
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; '
-                 f'filename="slice{Path(payload.name).suffix.lower()}"\r\n'
-                 f"Content-Type: {payload.content_type}\r\n\r\n".encode() + (payload.data if data is None else data)
-                 + b"\r\n")
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
+    return encode(fields, field, payload.data if data is None else data,
+                  filename=f"slice{Path(payload.name).suffix.lower()}", content_type=payload.content_type)
