@@ -10,7 +10,7 @@ from braintumor.train import decode
 from braintumor.train.decode import ImageDecodeError, decode_any
 
 
-def _jpeg(arr: np.ndarray, orientation: int = 1, mode: str | None = None) -> bytes:
+def _jpeg(arr: np.ndarray, orientation: int = 1, mode: str | None = None, **options) -> bytes:
     img = Image.fromarray(arr)
     if mode:
         img = img.convert(mode)
@@ -18,7 +18,7 @@ def _jpeg(arr: np.ndarray, orientation: int = 1, mode: str | None = None) -> byt
     if orientation != 1:
         exif[0x0112] = orientation
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    img.save(buf, format="JPEG", exif=exif.tobytes(), **({"quality": 90} | options))
     return buf.getvalue()
 
 
@@ -71,6 +71,16 @@ def test_every_exif_orientation_gives_pillows_pixels(orientation, channels, pill
     assert opencv_used == [True]
     _same(got, pillow_only(data))
     assert got.pixels.shape == ((72, 48) if orientation >= 5 else (48, 72))
+
+
+@pytest.mark.parametrize("options", [{"progressive": True}, {"subsampling": 0}, {"subsampling": 2, "optimize": True},
+                                     {"quality": 40, "restart_marker_blocks": 1}])
+def test_encodings_decode_to_pillows_pixels(options, pillow_only, opencv_used):
+    """Progressive, 4:4:4 and 4:2:0 chroma, optimised Huffman tables, restart markers: one decoder, one answer."""
+    data = _jpeg(_slice(), 6, "RGB", **options)
+    got = decode_any(data)[0]
+    assert opencv_used == [True]
+    _same(got, pillow_only(data))
 
 
 def test_a_colour_photo_keeps_pillows_luma(pillow_only, opencv_used):
