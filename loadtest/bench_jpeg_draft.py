@@ -19,7 +19,7 @@ import numpy as np
 
 from braintumor.export import contract
 from braintumor.export.fp16_storage import FP16_PARITY_TOLERANCES
-from braintumor.train.decode import _to_grey, decode_any
+from braintumor.train.decode import _to_grey, decode_any, upright
 from braintumor.train.preprocess import PreprocessConfig, preprocess
 
 
@@ -31,7 +31,7 @@ def drafted(data: bytes, cfg: PreprocessConfig, scale: int) -> np.ndarray:
         if scale > 1:
             img.draft(img.mode, (img.width // scale, img.height // scale))
         img.load()
-        pixels, _ = _to_grey(img)
+        pixels = upright(_to_grey(img)[0], img)
     return preprocess(pixels, cfg)[0]
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
 
 # The size budget, checked on the header before any pixel is decoded. The longest side bounds every array a request
 # allocates (the padded square of crop_pad is at most ~1.1 x MAX_SIDE on a side), so a 613-byte 20000x20 PNG is
@@ -125,9 +125,8 @@ def _decode_raster(data: bytes, name: str) -> DecodedImage:
             fast = _jpeg_grey(data, img)
             if fast is None:
                 img.load()
-                pixels, is_colour = _to_grey(img)
-            else:
-                pixels, is_colour = fast
+            pixels, is_colour = fast or _to_grey(img)
+            pixels = upright(pixels, img)
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -157,12 +156,20 @@ _ORIENT = {
 _JPEG_EOI = b"\xff\xd9"
 
 
+def upright(pixels: np.ndarray, img: Image.Image) -> np.ndarray:
+    """``img``'s (H, W) pixels turned as its EXIF orientation says, as Pillow's ``exif_transpose`` turns them (tests
+    compare the two); unrotated pixels are returned as they are. Per-pixel conversions commute with these moves, so
+    both decoders apply it last."""
+    turn = _ORIENT.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+    return pixels if turn is None else np.ascontiguousarray(turn(pixels))
+
+
 def _jpeg_grey(data: bytes, img: Image.Image) -> tuple[np.ndarray, bool] | None:
     """A complete 8-bit greyscale or RGB JPEG decoded by OpenCV: the same libjpeg-turbo, the same pixels as Pillow
-    (every BRISC JPEG compared, EXIF-rotated ones included: tests/unit/test_decode.py), in about half the time,
-    since Pillow decodes RGB into 4-byte pixels that numpy then copies. None sends the image down Pillow's path:
-    another mode, a real colour photo (Pillow's luma rounding), or a file that does not end in an EOI marker (libjpeg
-    would fill a truncated file with grey and only warn; Pillow refuses it)."""
+    (every BRISC JPEG compared: tests/unit/test_decode_jpeg.py), in about half the time, since Pillow decodes RGB into
+    4-byte pixels that numpy then copies. None sends the image down Pillow's path: another mode, a real colour photo
+    (Pillow's luma rounding), or a file that does not end in an EOI marker (libjpeg would fill a truncated file with
+    grey and only warn; Pillow refuses it)."""
     if img.format != "JPEG" or img.mode not in ("L", "RGB") or not data.endswith(_JPEG_EOI):
         return None
     pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
@@ -174,8 +181,7 @@ def _jpeg_grey(data: bytes, img: Image.Image) -> tuple[np.ndarray, bool] | None:
         if _channel_spread(r, g, b) > 2.0:
             return None
         pixels = r
-    turn = _ORIENT.get(img.getexif().get(0x0112, 1))
-    return (pixels if turn is None else np.ascontiguousarray(turn(pixels))), False
+    return pixels, False
 
 
 def _channel_spread(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> float:
@@ -185,7 +191,7 @@ def _channel_spread(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> float:
 
 
 def _to_grey(img: Image.Image) -> tuple[np.ndarray, bool]:
-    ImageOps.exif_transpose(img, in_place=True)  # in place: no copy of the common, unrotated slice
+    """A loaded image's greyscale pixels and whether it is a colour photo, as stored (:func:`upright` turns them)."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _min_max(np.array(img, dtype=np.float64)), False
     if img.mode == "L":

@@ -4,7 +4,7 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from braintumor.train import decode
 from braintumor.train.decode import ImageDecodeError, decode_any
@@ -30,13 +30,21 @@ def _slice(h: int = 48, w: int = 72) -> np.ndarray:
     return img
 
 
+def _pillow_upright(pixels: np.ndarray, img: Image.Image) -> np.ndarray:
+    """Pillow's own ImageOps.exif_transpose, reading the orientation from ``img``'s metadata."""
+    copy = Image.fromarray(pixels)
+    copy.info.update(img.info)
+    return np.asarray(ImageOps.exif_transpose(copy))
+
+
 @pytest.fixture
 def pillow_only(monkeypatch):
-    """decode_any as it was before the OpenCV path: Pillow's decoder and exif_transpose for every image."""
+    """decode_any as it was before the OpenCV path: Pillow's decoder and Pillow's exif_transpose for every image."""
 
     def by_pillow(data: bytes):
         with monkeypatch.context() as m:
             m.setattr(decode, "_jpeg_grey", lambda *_: None)
+            m.setattr(decode, "upright", _pillow_upright)
             return decode_any(data)[0]
 
     return by_pillow
@@ -81,6 +89,17 @@ def test_encodings_decode_to_pillows_pixels(options, pillow_only, opencv_used):
     got = decode_any(data)[0]
     assert opencv_used == [True]
     _same(got, pillow_only(data))
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7])
+def test_a_png_with_an_exif_orientation_is_turned_as_pillow_turns_it(orientation, pillow_only, opencv_used):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(_slice()).save(buf, format="PNG", exif=exif.tobytes())
+    got = decode_any(buf.getvalue())[0]
+    assert opencv_used == [False] and got.pixels.shape == ((72, 48) if orientation >= 5 else (48, 72))
+    _same(got, pillow_only(buf.getvalue()))
 
 
 def test_a_colour_photo_keeps_pillows_luma(pillow_only, opencv_used):
