@@ -136,7 +136,7 @@ class ModelAlone:
 
         from braintumor.export import contract
         from braintumor.export.triton_config import latest_version
-        from braintumor.serving.local_model import read_config, session_options
+        from braintumor.serving.local_model import read_config, session_options, usable_cpus
         from braintumor.train.decode import decode_image
         from braintumor.train.preprocess import PreprocessConfig, preprocess
 
@@ -148,7 +148,7 @@ class ModelAlone:
         cfg = PreprocessConfig.from_dict(meta["preprocess"])
         self.images = np.stack([preprocess(decode_image(d).pixels, cfg)[0] for d in payloads])[:, None]
         self.max_batch = int(read_config(Path(repository) / name / contract.CONFIG_FILE).get("max_batch_size") or 1)
-        options = session_options(os.cpu_count() or 1)
+        options = session_options(usable_cpus())  # the served rule: intra 0 = the usable CPUs
         cuda = "CUDAExecutionProvider" in ort.get_available_providers()
         if device == "cuda" and not cuda:
             raise SystemExit("--device cuda: this onnxruntime has no CUDAExecutionProvider")

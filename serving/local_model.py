@@ -65,7 +65,8 @@ def newest_version(model_dir: Path, version: str = "") -> str:
         raise ModelLoadError(str(exc)) from None
 
 
-def _cpu_count() -> int:
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity), as the python backend counts them."""
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
@@ -226,7 +227,7 @@ class LocalModel:
         instances, gpu = _instances(config)
         # The python backend's rule: intra 0 = the usable CPUs shared among the instances.
         options = session_options(int(_parameter(config, PARAM_INTRA_OP_THREADS, "0"))
-                                  or max(1, _cpu_count() // instances),
+                                  or max(1, usable_cpus() // instances),
                                   int(_parameter(config, PARAM_INTER_OP_THREADS, "1")))
         providers = ["CPUExecutionProvider"]
         if gpu and "CUDAExecutionProvider" in ort.get_available_providers():
