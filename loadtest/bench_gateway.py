@@ -410,6 +410,10 @@ def report(rows: list[dict], args, model_label: str, images: int) -> str:
 
 
 def main() -> None:
+    from braintumor.clients.masks import MASK_FORMATS
+    from braintumor.export.contract import LAYOUTS
+    from braintumor.serving.settings import BACKENDS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-repository", default="model_repository", help="what `braintumor serve` and the "
                     "model-alone line run")
@@ -425,11 +429,11 @@ def main() -> None:
                          "of a core): each front-door process warms its explainers (imports lime/shap, compiles "
                          "shap's numba kernels) in the background, which would count as serving CPU")
     ap.add_argument("--heatmap", action="store_true", help="ask for the Grad-CAM heatmap on every request")
-    ap.add_argument("--layout", choices=("latency", "throughput"), default="latency",
+    ap.add_argument("--layout", choices=LAYOUTS, default="latency",
                     help="`braintumor serve --layout` of the server the bench starts")
-    ap.add_argument("--mask-format", choices=("png", "rle"), default="png",
+    ap.add_argument("--mask-format", choices=MASK_FORMATS, default="png",
                     help="the mask format ours is asked for (the baseline always answers a PNG, as before)")
-    ap.add_argument("--backend", choices=("triton", "onnxruntime"), default="triton",
+    ap.add_argument("--backend", choices=BACKENDS, default="triton",
                     help="`braintumor serve --backend` of the server the bench starts (onnxruntime: no Triton, the "
                          "model runs in each front door)")
     ap.add_argument("--no-grpc", action="store_true", help="leave out the gRPC Analyze column")
