@@ -12,14 +12,17 @@ side in one run, with the ratios and the serving processes' CPU per image.
 - **baseline** (with ``--checkpoint``): how most BRISC projects serve: one web process holding the eager PyTorch model
   and answering each request with ``model(x)`` (a sync Starlette handler on uvicorn, i.e. FastAPI's default), doing
   the same decoding, preprocessing and postprocessing into the same JSON. Without a checkpoint it is left out.
+- **rounds**: the lines of one concurrency take turns (``--rounds``, default 3, each ``seconds/rounds`` long) and
+  each cell pools its rounds, so a slow spell of a shared host lands on all lines alike; the p50 gap to the model
+  alone at concurrency 1 moved by ±2 ms from run to run here when each line ran in one block.
 - **CPU per image**: user + system CPU seconds of each serving process (psutil ``cpu_times`` before and after each
   cell, summed by role: gateway, gRPC server, Triton with its python backend) divided by the images answered; the
   model alone's own CPU per image; and the stack's CPU over the model (front door + Triton - model alone), which
   compares the backends fairly (with ``--backend onnxruntime`` the front door's CPU includes the model).
 
     python loadtest/bench_gateway.py --model-repository model_repository --data ../shared/data/brisc2025 \
-        [--checkpoint RUN/release.pt] [--seconds 15] [--concurrency 1 8 32] [--backend onnxruntime] \
-        [--layout throughput] [--mask-format rle]
+        [--checkpoint RUN/release.pt] [--seconds 15] [--rounds 3] [--concurrency 1 8 32] \
+        [--backend onnxruntime] [--layout throughput] [--mask-format rle]
 
 The load generator runs on the same host and takes CPU from the servers (not from the model-alone line, which runs
 alone); its own CPU per image is printed too. It is kept lean for that reason: HTTP over aiohttp with each multipart
@@ -124,7 +127,31 @@ def _summary(latencies: list[float], images: int, elapsed: float, failures: int)
     return {"rps": images / elapsed if elapsed > 0 else 0.0,
             "p50": statistics.median(lat) * 1000 if lat else float("nan"),
             "p99": lat[min(len(lat) - 1, int(0.99 * len(lat)))] * 1000 if lat else float("nan"),
-            "n": images, "failures": failures}
+            "n": images, "failures": failures, "elapsed": elapsed, "latencies": latencies}
+
+
+def combine(rounds: list[dict]) -> dict:
+    """One cell from its rounds: latencies pooled, images over the summed load time, failures added; the model-alone
+    line's batch and CPU per image (weighted by images) kept."""
+    out = _summary([x for r in rounds for x in r["latencies"]], sum(r["n"] for r in rounds),
+                   sum(r["elapsed"] for r in rounds), sum(r["failures"] for r in rounds))
+    if "batch" in rounds[0]:
+        out["batch"] = rounds[0]["batch"]
+    if "cpu_ms" in rounds[0]:
+        out["cpu_ms"] = _weighted([r["cpu_ms"] for r in rounds], [r["n"] for r in rounds])
+    return out
+
+
+def combine_cpu(rounds: list[tuple[dict, dict[str, float]]]) -> dict[str, float]:
+    """CPU ms per image by role over a cell's rounds (each round's per-image figure weighted by its images)."""
+    images = [result["n"] for result, _ in rounds]
+    return {role: _weighted([cpu[role] for _, cpu in rounds], images) for role in rounds[0][1]}
+
+
+def _weighted(values: list[float], weights: list[int]) -> float:
+    """Weighted mean; a round that answered nothing (its per-image figure is NaN) weighs nothing."""
+    total = sum(w for w in weights if w)
+    return sum(v * w for v, w in zip(values, weights) if w) / total if total else float("nan")
 
 
 # -- the model alone ----------------------------------------------------------------------------------------------
@@ -364,6 +391,11 @@ def _lat(r: dict | None) -> str:
     return "—" if r is None else f"{r['p50']:.0f} / {r['p99']:.0f}"
 
 
+def _gap(r: dict | None, model: dict) -> str:
+    """How much later than the model alone the median answer comes (ms): the p50 goal's measure."""
+    return "—" if r is None else f"{r['p50'] - model['p50']:+.0f}"
+
+
 def _cpu(c: dict | None, role: str) -> str:
     return "—" if not c or c.get(role) is None or np.isnan(c[role]) else f"{c[role]:.1f}"
 
@@ -377,7 +409,9 @@ def _overhead(c: dict | None, role: str, model: dict) -> str:
 
 
 def report(rows: list[dict], args, model_label: str, images: int) -> str:
-    lines = [f"/analyze, {images} real images, {args.seconds:g} s per cell, {os.cpu_count()} CPUs, model {model_label}, "
+    rounds = getattr(args, "rounds", 1)
+    per_cell = f"{args.seconds:g} s per cell" + (f" in {rounds} alternating rounds" if rounds > 1 else "")
+    lines = [f"/analyze, {images} real images, {per_cell}, {os.cpu_count()} CPUs, model {model_label}, "
              f"heatmap {'asked' if args.heatmap else 'not asked'}, mask {args.mask_format}, "
              f"layout {args.layout if not args.gateway else 'of the running server'}, "
              f"backend {args.backend if not args.gateway else 'of the running server'}"
@@ -392,13 +426,15 @@ def report(rows: list[dict], args, model_label: str, images: int) -> str:
                      f"| {_rps(r['base'])} | {_ratio(r['http'], m)} | {_ratio(r['grpc'], m)} "
                      f"| {_ratio(r['http'], r['base'])} | {_ratio(r['grpc'], r['base'])} |")
     lines += ["", "| concurrency | p50 / p99 ms: model alone (per batch) | HTTP | gRPC | baseline "
+              "| p50 over the model alone, ms (HTTP / gRPC) "
               "| CPU ms/img: model alone | HTTP cell: gateway / Triton | gRPC cell: gRPC server / Triton "
               "| stack over the model (HTTP / gRPC) | baseline | load generator (HTTP / gRPC) "
               "| failures (HTTP/gRPC/base) |",
-              "|---:|---|---|---|---|---:|---|---|---|---:|---|---|"]
+              "|---:|---|---|---|---|---|---:|---|---|---|---:|---|---|"]
     for r in rows:
         fails = "/".join("—" if r[k] is None else str(r[k]["failures"]) for k in ("http", "grpc", "base"))
         lines.append(f"| {r['c']} | {_lat(r['model'])} | {_lat(r['http'])} | {_lat(r['grpc'])} | {_lat(r['base'])} "
+                     f"| {_gap(r['http'], r['model'])} / {_gap(r['grpc'], r['model'])} "
                      f"| {r['model'].get('cpu_ms', float('nan')):.1f} "
                      f"| {_cpu(r['http_cpu'], 'gateway')} / {_cpu(r['http_cpu'], 'triton')} "
                      f"| {_cpu(r['grpc_cpu'], 'grpc')} / {_cpu(r['grpc_cpu'], 'triton')} "
@@ -424,6 +460,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64, help="distinct request images")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--seconds", type=float, default=15.0, help="load duration per cell")
+    ap.add_argument("--rounds", type=int, default=3, help="the lines of one concurrency take turns this many times, "
+                    "each for seconds/rounds, and each cell pools its rounds (1: one block per line, as before)")
     ap.add_argument("--settle", type=float, default=120.0,
                     help="at most this many seconds to wait after start-up for the servers to go quiet (under 5%% "
                          "of a core): each front-door process warms its explainers (imports lime/shap, compiles "
@@ -446,6 +484,8 @@ def main() -> None:
     ap.add_argument("--baseline-server", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error("--rounds must be at least 1")
     if args.baseline_server:
         run_baseline_server(args.checkpoint, args.port)
         return
@@ -495,17 +535,26 @@ def main() -> None:
                                   args.mask_format if url == gateway else "png"))
         if grpc_target:
             asyncio.run(load_grpc(grpc_target, payloads, max(args.concurrency), warm, args.heatmap, args.mask_format))
+        share = args.seconds / args.rounds
         for c in args.concurrency:
-            row = {"c": c, "model": model.run(c, args.seconds), "grpc": None, "grpc_cpu": None, "base": None,
-                   "base_cpu": None}
-            row["http"], row["http_cpu"] = measured(serve, lambda: asyncio.run(
-                load_http(f"{gateway}/analyze", payloads, c, args.seconds, args.heatmap, args.mask_format)))
-            if grpc_target:
-                row["grpc"], row["grpc_cpu"] = measured(serve, lambda: asyncio.run(
-                    load_grpc(grpc_target, payloads, c, args.seconds, args.heatmap, args.mask_format)))
-            if baseline:
-                row["base"], row["base_cpu"] = measured(base_meter, lambda: asyncio.run(
-                    load_http(f"{baseline}/analyze", payloads, c, args.seconds, args.heatmap)))
+            # The lines take turns, `rounds` times, so a slow spell of the host (other tenants, a timer) falls on
+            # every line alike instead of on whichever cell it met; the ratios and the p50 gaps compare like with like.
+            lines: dict[str, list] = {"model": [], "http": [], "grpc": [], "base": []}
+            for _ in range(args.rounds):
+                lines["model"].append(model.run(c, share))
+                lines["http"].append(measured(serve, lambda: asyncio.run(
+                    load_http(f"{gateway}/analyze", payloads, c, share, args.heatmap, args.mask_format))))
+                if grpc_target:
+                    lines["grpc"].append(measured(serve, lambda: asyncio.run(
+                        load_grpc(grpc_target, payloads, c, share, args.heatmap, args.mask_format))))
+                if baseline:
+                    lines["base"].append(measured(base_meter, lambda: asyncio.run(
+                        load_http(f"{baseline}/analyze", payloads, c, share, args.heatmap))))
+            row = {"c": c, "model": combine(lines["model"])}
+            for key in ("http", "grpc", "base"):
+                rounds = lines[key]
+                row[key] = combine([result for result, _ in rounds]) if rounds else None
+                row[f"{key}_cpu"] = combine_cpu(rounds) if rounds else None
             rows.append(row)
     finally:
         for proc in reversed(procs):
@@ -513,7 +562,11 @@ def main() -> None:
 
     print("\n" + report(rows, args, model.label, len(payloads)))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": model.label, "seconds": args.seconds,
+        for row in rows:  # the raw latencies stay out of the file
+            for cell in ("model", "http", "grpc", "base"):
+                if row[cell] is not None:
+                    row[cell].pop("latencies", None)
+        Path(args.json).write_text(json.dumps({"model": model.label, "seconds": args.seconds, "rounds": args.rounds,
                                                "heatmap": args.heatmap, "layout": args.layout,
                                                "backend": args.backend, "mask_format": args.mask_format,
                                                "cpus": os.cpu_count(), "rows": rows},

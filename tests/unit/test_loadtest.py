@@ -445,7 +445,43 @@ def test_bench_gateway_report_prints_the_stacks_cpu_over_the_model(backend, http
     text = report(rows, args, "brain_tumor/3", 64)
     assert f"backend {backend}" in text.splitlines()[0]
     cpu_row = text.splitlines()[-1].split("|")
-    assert cpu_row[6].strip() == "43.0" and cpu_row[9].strip() == overhead
+    assert cpu_row[7].strip() == "43.0" and cpu_row[10].strip() == overhead
+
+
+def test_bench_gateway_pools_the_rounds_of_a_cell():
+    """A cell made of alternating rounds: latencies pooled (the median of all, not of the rounds' medians), images over
+    the summed load time, failures added, the model line's CPU per image weighted by images; a round that answered
+    nothing weighs nothing in the CPU columns."""
+    from braintumor.loadtest.bench_gateway import _summary, combine, combine_cpu
+
+    one = _summary([0.010, 0.020, 0.030], 3, 1.0, 1) | {"batch": 1, "cpu_ms": 40.0}
+    two = _summary([0.040, 0.050, 0.060, 0.070, 0.080, 0.090], 6, 2.0, 0) | {"batch": 1, "cpu_ms": 46.0}
+    cell = combine([one, two])
+    assert cell["rps"] == pytest.approx(3.0) and cell["n"] == 9 and cell["failures"] == 1
+    assert cell["p50"] == pytest.approx(50.0)  # the pooled median; the rounds' medians would give 20 and 65
+    assert cell["batch"] == 1 and cell["cpu_ms"] == pytest.approx(44.0)
+    empty = _summary([], 0, 1.0, 2)
+    cpu = combine_cpu([(one, {"gateway": 9.0, "triton": 45.0}), (two, {"gateway": 12.0, "triton": 42.0}),
+                       (empty, {"gateway": float("nan"), "triton": float("nan")})])
+    assert cpu == {"gateway": pytest.approx(11.0), "triton": pytest.approx(43.0)}
+
+
+def test_bench_gateway_report_prints_the_p50_gap_to_the_model():
+    """The p50 goal's measure, printed: each door's median minus the model alone's, and the rounds in the header."""
+    import argparse
+
+    from braintumor.loadtest.bench_gateway import report
+
+    args = argparse.Namespace(seconds=15.0, rounds=3, heatmap=False, layout="latency", gateway=None,
+                              backend="triton", mask_format="png")
+    model = {"rps": 41.0, "batch": 1, "p50": 24.0, "p99": 28.0, "cpu_ms": 43.0}
+    http = {"rps": 28.0, "p50": 33.4, "p99": 40.0, "failures": 0}
+    grpc = {"rps": 30.0, "p50": 30.6, "p99": 38.0, "failures": 0}
+    rows = [{"c": 1, "model": model, "http": http, "http_cpu": None, "grpc": grpc, "grpc_cpu": None, "base": None,
+             "base_cpu": None}]
+    text = report(rows, args, "brain_tumor/3", 64)
+    assert "15 s per cell in 3 alternating rounds" in text.splitlines()[0]
+    assert text.splitlines()[-1].split("|")[6].strip() == "+9 / +7"
 
 
 def test_bench_gateway_http_load_sends_what_the_gateway_parses():
