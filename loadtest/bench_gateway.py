@@ -409,8 +409,7 @@ def _overhead(c: dict | None, role: str, model: dict) -> str:
 
 
 def report(rows: list[dict], args, model_label: str, images: int) -> str:
-    rounds = getattr(args, "rounds", 1)
-    per_cell = f"{args.seconds:g} s per cell" + (f" in {rounds} alternating rounds" if rounds > 1 else "")
+    per_cell = f"{args.seconds:g} s per cell" + (f" in {args.rounds} alternating rounds" if args.rounds > 1 else "")
     lines = [f"/analyze, {images} real images, {per_cell}, {os.cpu_count()} CPUs, model {model_label}, "
              f"heatmap {'asked' if args.heatmap else 'not asked'}, mask {args.mask_format}, "
              f"layout {args.layout if not args.gateway else 'of the running server'}, "

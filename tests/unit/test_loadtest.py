@@ -437,7 +437,7 @@ def test_bench_gateway_report_prints_the_stacks_cpu_over_the_model(backend, http
 
     from braintumor.loadtest.bench_gateway import report
 
-    args = argparse.Namespace(seconds=15.0, heatmap=False, layout="latency", gateway=None, backend=backend,
+    args = argparse.Namespace(seconds=15.0, rounds=1, heatmap=False, layout="latency", gateway=None, backend=backend,
                               mask_format="png")
     cell = {"rps": 30.0, "p50": 30.0, "p99": 40.0, "failures": 0}
     rows = [{"c": 8, "model": {"rps": 43.0, "batch": 8, "p50": 180.0, "p99": 200.0, "cpu_ms": 43.0},
