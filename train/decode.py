@@ -178,16 +178,17 @@ def _jpeg_grey(data: bytes, img: Image.Image) -> tuple[np.ndarray, bool] | None:
         return None
     if pixels.ndim == 3:
         b, g, r = cv2.split(pixels)
-        if _channel_spread(r, g, b) > 2.0:
+        if not _equal_channels(r, g, b):
             return None
         pixels = r
     return pixels, False
 
 
-def _channel_spread(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> float:
+def _equal_channels(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> bool:
+    """A grey slice stored as RGB, not a colour photo: the one rule both decoders apply."""
     # JPEG chroma noise makes "equal" channels differ by a few levels; a photo differs by far more. The mean absolute
     # channel difference, through OpenCV's L1 norm (about 3x faster than numpy's int16 copies on a 512 px slice).
-    return max(cv2.norm(r, g, cv2.NORM_L1), cv2.norm(g, b, cv2.NORM_L1)) / r.size
+    return max(cv2.norm(r, g, cv2.NORM_L1), cv2.norm(g, b, cv2.NORM_L1)) / r.size <= 2.0
 
 
 def _to_grey(img: Image.Image) -> tuple[np.ndarray, bool]:
@@ -198,7 +199,7 @@ def _to_grey(img: Image.Image) -> tuple[np.ndarray, bool]:
         return np.array(img, dtype=np.uint8), False
     rgb = np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     r, g, b = cv2.split(rgb)
-    if _channel_spread(r, g, b) <= 2.0:
+    if _equal_channels(r, g, b):
         return r, False
     return np.array(img.convert("L"), dtype=np.uint8), True
 
