@@ -54,8 +54,15 @@ def _format_name(data: bytes) -> str | None:
     Image.init()
     prefix = data[:16]
     for fmt, (_, accept) in Image.OPEN.items():
-        if fmt not in FORMATS and accept is not None and accept(prefix):
-            return fmt
+        if fmt in FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):
+                return fmt
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            # a plugin's check that reads past a short prefix (BMP's needs 4 bytes); Pillow's own open() treats
+            # these the same way: not that format
+            continue
     return None
 
 
@@ -258,7 +265,28 @@ def _plausible_first_element(data: bytes) -> bool:
     return length < len(data) - 8
 
 
+# What a forced parse of untrusted bytes, and reading the values of what it parsed, can raise: a header whose values
+# are not what the standard says (a multi-valued UID, a bad length, an unknown VR) is the sender's fault, never a 500.
+# tests/unit/test_decode_fuzz.py found each of these.
+_HEADER_FAULTS = (EOFError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, NotImplementedError,
+                  OverflowError, struct.error)
+
+
 def decode_dicom(data: bytes, name: str = "DICOM") -> tuple[DecodedImage, DicomInfo]:
+    """Decode one DICOM slice to greyscale uint8, the way a viewer displays it (see :func:`_decode_dicom`).
+    Raises ImageDecodeError saying what is wrong and what is accepted, whatever the bytes are."""
+    from pydicom.errors import BytesLengthException, InvalidDicomError
+
+    try:
+        return _decode_dicom(data, name)
+    except ImageDecodeError:
+        raise
+    except (InvalidDicomError, BytesLengthException, *_HEADER_FAULTS) as exc:
+        reason = type(exc).__name__  # not the message: a header parse error could quote a value
+        raise ImageDecodeError(f"{name}: corrupt DICOM header ({reason}); send {ACCEPTED}") from exc
+
+
+def _decode_dicom(data: bytes, name: str) -> tuple[DecodedImage, DicomInfo]:
     """Decode one DICOM slice to greyscale uint8, the way a viewer displays it.
 
     Modality LUT (RescaleSlope/RescaleIntercept, or a Modality LUT Sequence), then the first VOI window
@@ -269,11 +297,16 @@ def decode_dicom(data: bytes, name: str = "DICOM") -> tuple[DecodedImage, DicomI
     Raises ImageDecodeError saying what is wrong and what is accepted.
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
+    from pydicom.errors import BytesLengthException, InvalidDicomError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True, specific_tags=_TAGS)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError, struct.error) as exc:
+        # pydicom converts element values lazily, on first access: convert every element read now, so that a value
+        # it cannot parse (an unknown VR, a bad length) is refused here as a corrupt header, not later as a 500
+        for dataset in (getattr(ds, "file_meta", None) or (), ds):
+            for _ in dataset:
+                pass
+    except (InvalidDicomError, BytesLengthException, *_HEADER_FAULTS) as exc:
         reason = type(exc).__name__  # not the message: a header parse error could quote a value
         raise ImageDecodeError(f"{name}: corrupt or truncated DICOM header ({reason}); send {ACCEPTED}") from exc
     _assume_transfer_syntax(ds)
