@@ -1,6 +1,7 @@
 """What `braintumor score --evaluate` knows about a BRISC 2025 folder: which files are slices, each slice's true class
-and where its ground-truth mask is. A small re-implementation of the file-name grammar (clients import nothing
-else of ours; the training side's version is train/naming.py)."""
+and where its ground-truth mask is. A small re-implementation of the file-name grammar: clients import nothing
+else of ours, so the class order and codes are train/naming.py's, restated; tests/unit/test_naming.py proves them
+equal."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path, PurePosixPath
 
 CLASSES: tuple[str, ...] = ("glioma", "meningioma", "pituitary", "no_tumor")
 # Every real file name uses `no` for no_tumor; the dataset README says `nt`. Accept both.
-_CODES = {"gl": "glioma", "me": "meningioma", "pi": "pituitary", "no": "no_tumor", "nt": "no_tumor"}
+TUMOUR_CODES = {"gl": "glioma", "me": "meningioma", "pi": "pituitary", "no": "no_tumor", "nt": "no_tumor"}
 _NAME = re.compile(r"^brisc2025_[a-z]+_\d+_(?P<code>[a-z]{2})_[a-z]{2}_t1$", re.IGNORECASE)
 MASK_SUFFIXES = (".png", ".jpg", ".jpeg")
 LAYOUT_HELP = ("--evaluate needs the BRISC 2025 layout: INPUT is the dataset root (classification_task/ and/or "
@@ -21,7 +22,7 @@ LAYOUT_HELP = ("--evaluate needs the BRISC 2025 layout: INPUT is the dataset roo
 def label_from_name(stem: str) -> str | None:
     """The class encoded in a BRISC file stem such as ``brisc2025_train_00001_gl_ax_t1``, else None."""
     m = _NAME.match(stem)
-    return _CODES.get(m["code"].lower()) if m else None
+    return TUMOUR_CODES.get(m["code"].lower()) if m else None
 
 
 def true_label(relpath: str) -> str | None:

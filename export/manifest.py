@@ -6,28 +6,19 @@ it carries its own ~15-line verifier of the same format; tests run both on the s
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
+from ..train.hashing import file_sha256
 from .contract import MANIFEST_FILE
 
 FORMAT = 1
-_CHUNK = 1 << 20
 # Written by Python/Triton at load time, never an artifact.
 _IGNORED_DIRS = {"__pycache__"}
 
 
 class ManifestError(ValueError):
     """A version folder does not match its manifest (missing, corrupted or unlisted file)."""
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _artifacts(folder: Path) -> list[Path]:
@@ -41,7 +32,7 @@ def write_manifest(folder: str | Path, extra: dict | None = None) -> Path:
     """Hash every file under ``folder`` (except the manifest itself) into ``folder/manifest.json``."""
     folder = Path(folder)
     files = {
-        p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        p.relative_to(folder).as_posix(): {"sha256": file_sha256(p), "bytes": p.stat().st_size}
         for p in _artifacts(folder)
     }
     if not files:
@@ -71,7 +62,7 @@ def verify_manifest(folder: str | Path) -> dict:
         if target.stat().st_size != entry["bytes"]:
             raise ManifestError(f"{target}: size {target.stat().st_size} != {entry['bytes']} bytes in {MANIFEST_FILE}; "
                                 "the file is truncated or replaced")
-        if sha256_file(target) != entry["sha256"]:
+        if file_sha256(target) != entry["sha256"]:
             raise ManifestError(f"{target}: sha256 does not match {MANIFEST_FILE}; the file is corrupted or was "
                                 "modified after export")
     unlisted = sorted(set(p.relative_to(folder).as_posix() for p in _artifacts(folder)) - set(manifest["files"]))

@@ -32,7 +32,8 @@ from .contract import (
     input_spec,
     output_specs,
 )
-from .manifest import sha256_file, write_manifest
+from ..train.hashing import file_sha256
+from .manifest import write_manifest
 from .onnx_export import (
     OPSET,
     OutputParity,
@@ -133,7 +134,7 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
     images = parity_images(state["preprocess"], options.parity_data, options.parity_count)
     graphs = build_graphs(model, state)
     provenance = {
-        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": sha256_file(checkpoint),
+        "checkpoint": str(Path(checkpoint).resolve()), "checkpoint_sha256": file_sha256(checkpoint),
         "epoch": state.get("epoch"), "validation_keys": sorted(state.get("val_keys") or []),
         "calibration": state.get("calibration"), "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "parity_images": str(options.parity_data) if options.parity_data else "synthetic",

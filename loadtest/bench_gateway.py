@@ -62,13 +62,14 @@ def baseline_app(checkpoint: str):
     from braintumor.serving.postprocess import postprocess
     from braintumor.serving.wire import analysis_to_dict
     from braintumor.train.decode import decode_any
+    from braintumor.train.naming import CLASSES
     from braintumor.train.preprocess import PreprocessConfig, preprocess
     from braintumor.train.trainer.checkpoint import load_model
 
     model, state = load_model(checkpoint)
     graph = build_graphs(model, state)["full"].eval()
     cfg = PreprocessConfig.from_dict(state["preprocess"])
-    classes = state.get("classes") or ["glioma", "meningioma", "pituitary", "no_tumor"]
+    classes = state.get("classes") or CLASSES
 
     def work(data: bytes, heatmap: bool) -> dict:
         decoded, _ = decode_any(data)

@@ -11,6 +11,8 @@ class ServingError(Exception):
     http_status = 500
     grpc_code = "INTERNAL"  # grpc.StatusCode member name; grpc is not imported here
     kind = "internal"
+    # Seconds after which a retry may succeed: HTTP's Retry-After, gRPC's retry-after and grpc-retry-pushback-ms.
+    retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -67,6 +69,7 @@ class Busy(ServingError):
     http_status = 429
     grpc_code = "RESOURCE_EXHAUSTED"
     kind = "busy"
+    retry_after_s = 1
 
 
 class Unavailable(ServingError):
@@ -75,6 +78,7 @@ class Unavailable(ServingError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
     kind = "unavailable"
+    retry_after_s = 1
 
 
 class DeadlineExceeded(ServingError):
@@ -93,3 +97,18 @@ class UpstreamError(ServingError):
     http_status = 500
     grpc_code = "INTERNAL"
     kind = "internal"
+
+
+def _kinds() -> dict[int, str]:
+    """HTTP status -> error kind, from the classes above (the first class with a status names it)."""
+    table: dict[int, str] = {}
+    pending = [ServingError]
+    while pending:
+        cls = pending.pop(0)
+        table.setdefault(cls.http_status, cls.kind)
+        pending += cls.__subclasses__()
+    return table
+
+
+# The kind of an error answer produced by something else (BentoML, Starlette) with one of our statuses.
+KIND_BY_STATUS: dict[int, str] = _kinds()

@@ -21,7 +21,6 @@ from .wire import analysis_message, error_message, explanation_message, model_in
 log = logging.getLogger("braintumor.serving.grpc")
 
 INTERNAL_HELP = "internal error; the server logged it (no image data); please report it with the time of the call"
-RETRY_LATER = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")  # answered with a hint to retry after 1 s
 
 
 class BrainTumorServicer(pb_grpc.BrainTumorServicer):
@@ -108,8 +107,9 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
             elif status == "CANCELLED":
                 status = _gone(context)
             self.metrics.observe_request(rpc, status, time.perf_counter() - start)
-        if error.grpc_code in RETRY_LATER:  # as HTTP's Retry-After; grpc-retry-pushback-ms is what gRPC retries read
-            context.set_trailing_metadata((("retry-after", "1"), ("grpc-retry-pushback-ms", "1000")))
+        if error.retry_after_s:  # as HTTP's Retry-After; grpc-retry-pushback-ms is what gRPC retries read
+            context.set_trailing_metadata((("retry-after", str(error.retry_after_s)),
+                                           ("grpc-retry-pushback-ms", str(1000 * error.retry_after_s))))
         await context.abort(grpc.StatusCode[error.grpc_code], error.message)
 
     async def _read_stream(self, requests, context, window: asyncio.Semaphore, answers: asyncio.Queue) -> None:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from . import explain_tasks
 from .errors import (
-    BadInput, Busy, NotFound, NotSupported, PayloadTooLarge, RequestTimeout, ServingError, Unauthenticated,
-    UnsupportedMediaType,
+    KIND_BY_STATUS, BadInput, Busy, NotFound, NotSupported, PayloadTooLarge, RequestTimeout, ServingError,
+    Unauthenticated, UnsupportedMediaType,
 )
 from .logsafe import escape_controls
 from .multipart import SCOPE_KEY
@@ -35,10 +35,6 @@ OTHER_ENDPOINT = "other"  # the metrics label of every path that is no route: a 
 BODY_TYPES = ("application/json", "multipart/form-data")
 MAX_FORM_VALUE_BYTES = 1024 * 1024  # Starlette's limit for a non-file multipart part (beyond it BentoML answers 500)
 
-# The kind of an error answer that BentoML or Starlette produced (not a ServingError), by status.
-_KINDS = {400: "bad_input", 401: "unauthenticated", 404: "not_found", 405: "method_not_allowed",
-          413: "payload_too_large", 415: "unsupported_media_type", 429: "busy", 503: "unavailable",
-          504: "deadline_exceeded"}
 
 
 @dataclass(frozen=True)
@@ -318,8 +314,8 @@ async def _answer(error: ServingError, send) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if error.http_status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="braintumor"'))
-    if error.http_status in (429, 503):
-        headers.append((b"retry-after", b"1"))
+    if error.retry_after_s:
+        headers.append((b"retry-after", str(error.retry_after_s).encode()))
     if error.http_status in (408, 413):  # the rest of the body may still be coming: do not keep the connection
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
@@ -360,7 +356,7 @@ def _rewrite(status: int, body: bytes, usage: str | None = None) -> bytes:
         data = body.decode("utf-8", "replace").strip() or None
     if isinstance(data, dict) and isinstance(data.get("error"), str) and isinstance(data.get("detail"), str):
         return body  # already ours
-    kind = _KINDS.get(status, "internal" if status >= 500 else "bad_request")
+    kind = KIND_BY_STATUS.get(status, "internal" if status >= 500 else "bad_request")
     if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
         data = data[0]  # BentoMLException with a 4xx: BentoML answers [{"error": message}]
     if isinstance(data, dict) and isinstance(data.get("detail"), list):  # pydantic validation errors

@@ -20,9 +20,9 @@ from ..clients.masks import check_mask_format, encode_rle, mask_png
 from ..export.contract import CAM, CLASS_PROBS, MASK_PROB, OOD_SCORE
 from ..train.decode import DecodedImage
 from ..train.heatmap import cam_heatmap, heatmap_levels
-from ..train.naming import NO_TUMOR
 from ..train.preprocess import Geometry, PreprocessConfig, invert_geometry, mask_to_original
-from ..train.refer import heads_disagree, mask_area
+from ..train.refer import ReferRules, decide
+from ..train.refer import reasons as refer_reasons
 
 MIN_STD = 2.0  # grey levels; below this the image is blank or near-constant
 MIN_FOREGROUND = 0.01  # fraction of pixels above the foreground threshold; below this the image is mostly blank
@@ -76,7 +76,6 @@ def postprocess(
     disagree_min_area: float | None = None,
     ood_threshold: float | None = None,
     pixel_spacing_mm: tuple[float, float] | None = None,
-    mask_threshold: float = 0.5,
     want_overlay: bool = False,
     modality: str | None = None,
     foreground_threshold: int = FOREGROUND_THRESHOLD,
@@ -89,10 +88,11 @@ def postprocess(
     blends it in, but returns no heatmap PNG unless asked): explanations on demand, the mask always, in one form:
     ``mask_format`` "png" (default) or "rle" (COCO run-length encoding; the PNG is then not encoded at all).
 
-    ``refer`` is True when the top probability is under ``refer_threshold``, when the two heads disagree beyond the
-    model's fitted ``disagree_min_area`` (train/refer.py; models without it only report ``mask_label_disagree``), when
-    the graph's ``ood_score`` is above the model's ``ood_threshold`` (train/ood.py; a model without it has only the
-    heuristics), or :func:`out_of_distribution` finds a reason; each reason is one sentence in ``refer_reason``.
+    ``refer`` is True when one of the model's refer rules refers the outputs (:func:`braintumor.train.refer.decide`,
+    the very rules the model card and evaluation apply: the refer threshold, mask/label disagreement beyond the
+    fitted ``disagree_min_area``, the learned ``ood_score`` above ``ood_threshold``), or when
+    :func:`out_of_distribution` finds a reason in the pixels; each reason is one sentence in ``refer_reason``.
+    ``mask_label_disagree`` is the disagreement rule's flag, reported also for a model without a fitted area.
     """
     mask_format = check_mask_format(mask_format)
     probs = _one(outputs, CLASS_PROBS, 1).astype(np.float64)
@@ -104,7 +104,7 @@ def postprocess(
     label = classes[index]
 
     mask_prob = _one(outputs, MASK_PROB, 2)
-    mask = mask_to_original(mask_prob, geometry, mask_threshold)
+    mask = mask_to_original(mask_prob, geometry)  # at MASK_THRESHOLD, as the refer rules' area
     cam = _one(outputs, CAM, 3)  # checked on every answer: the contract holds whether or not the heatmap is asked
     heat = gradcam_heatmap(cam, index, geometry) if want_heatmap or want_overlay else None
     area = int(mask.sum())
@@ -112,21 +112,10 @@ def postprocess(
     if pixel_spacing_mm is not None:
         area_mm2 = float(area * pixel_spacing_mm[0] * pixel_spacing_mm[1])
 
-    reasons = []
-    top = float(probs[index])
-    # Compared in float32, the dtype on the wire, so a probability printed equal to the threshold is not "under" it.
-    if refer_threshold is not None and np.float32(top) < np.float32(refer_threshold):
-        reasons.append(f"max probability {top:.3f} is under the model's refer threshold {refer_threshold:.3f}")
-    if disagree_min_area is not None:
-        input_area = int(mask_area(mask_prob, mask_threshold))
-        disagree = bool(heads_disagree(np.array([index]), np.array([input_area]), disagree_min_area, classes)[0])
-        if disagree:
-            reasons.append(f"mask and label disagree: {label} with a predicted tumour mask of {input_area} model-input "
-                           f"pixels (the model refers no_tumor above {disagree_min_area:g} and any tumour class at 0)")
-    else:
-        disagree = (label == NO_TUMOR) == (area > 0)
-    if ood_threshold is not None:
-        reasons += ood_score_reason(float(_one(outputs, OOD_SCORE, 0)), ood_threshold)
+    rules = ReferRules(refer_threshold, disagree_min_area, ood_threshold)
+    ood_scores = _one(outputs, OOD_SCORE, 0).reshape(1) if ood_threshold is not None else None
+    decision = decide(probs[None], mask_prob[None], ood_scores, rules, classes)
+    reasons = refer_reasons(decision, 0, rules, classes)
     reasons += out_of_distribution(decoded, modality=modality, foreground_threshold=foreground_threshold)
 
     overlay_png = encode_png(overlay(decoded.pixels, mask, heat)) if want_overlay else None
@@ -137,7 +126,7 @@ def postprocess(
         refer_reason=reasons,
         tumor_area_px=area,
         tumor_area_mm2=area_mm2,
-        mask_label_disagree=disagree,
+        mask_label_disagree=bool(decision.disagree[0]),
         original_shape=geometry.original_shape,
         mask_png=mask_png(mask) if mask_format == "png" else None,
         heatmap_png=encode_png(colourise(heat)) if want_heatmap else None,
@@ -146,21 +135,6 @@ def postprocess(
         heatmap=heat,
         mask_rle=encode_rle(mask) if mask_format == "rle" else None,
     )
-
-
-OOD_REASON = "out_of_distribution"
-
-
-def ood_score_reason(score: float, threshold: float) -> list[str]:
-    """The learned OOD rule: one reason when the feature distance is above the fitted threshold (compared in float32,
-    the dtype on the wire), else none."""
-    if not np.isfinite(score):
-        raise ValueError(f"{OOD_SCORE} is {score}; the model output is broken")
-    if np.float32(score) <= np.float32(threshold):
-        return []
-    return [f"{OOD_REASON}: the image's feature distance to the training slices is {score:.1f}, above the model's "
-            f"out-of-distribution threshold {threshold:.1f}; it does not look like the MRI slices the model was "
-            "trained on"]
 
 
 def out_of_distribution(
@@ -245,8 +219,3 @@ def _one(outputs: Mapping[str, np.ndarray], name: str, ndim: int) -> np.ndarray:
     if arr.ndim != ndim:
         raise ValueError(f"model output {name!r} has shape {np.shape(outputs[name])}; expected one image")
     return arr
-
-
-def _check_square(arr: np.ndarray, geometry: Geometry, name: str) -> None:
-    if arr.shape != (geometry.size, geometry.size):
-        raise ValueError(f"{name} of shape {arr.shape} does not match the model input size {geometry.size}")

@@ -151,7 +151,7 @@ def gateway_metrics() -> Metrics:
 
 
 def error_response(error: ServingError) -> JSONResponse:
-    headers = {"retry-after": "1"} if error.http_status in (429, 503) else None
+    headers = {"retry-after": str(error.retry_after_s)} if error.retry_after_s else None
     return JSONResponse(error_to_dict(error), status_code=error.http_status, headers=headers)
 
 

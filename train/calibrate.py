@@ -15,7 +15,7 @@ from .metrics import expected_calibration_error, fit_temperature, softmax, to_js
 from .naming import CLASSES
 from .predict import predict_arrays
 from .preprocess import PreprocessConfig
-from .refer import DISAGREE_FALSE_REFER, fit_disagree_min_area, heads_disagree, mask_area, refer_policy_stats
+from .refer import DISAGREE_FALSE_REFER, ReferRules, decide, fit_disagree_min_area, mask_area, refer_policy_stats
 from .trainer.checkpoint import load_model
 
 
@@ -50,8 +50,9 @@ def calibrate_checkpoint(checkpoint: str | Path, data: str | Path, out: str | Pa
     threshold = refer_threshold(after.max(1), after.argmax(1) == y, target_accuracy)
     labels, areas = after.argmax(1), mask_area(pred["mask_probs"])
     min_area = fit_disagree_min_area(labels, y, areas)
+    disagree = decide(after, pred["mask_probs"], None, ReferRules(threshold, min_area)).disagree
     policies = {"threshold": refer_policy_stats(y, after, threshold, None),
-                "threshold+disagreement": refer_policy_stats(y, after, threshold, heads_disagree(labels, areas, min_area))}
+                "threshold+disagreement": refer_policy_stats(y, after, threshold, disagree)}
     by_threshold = policies["threshold"]
     summary = {
         "temperature": temperature,

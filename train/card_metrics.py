@@ -18,7 +18,8 @@ from .metrics import (
     segmentation_metrics,
 )
 from .naming import CLASSES, NO_TUMOR
-from .refer import refer_policy_stats
+from .preprocess import MASK_THRESHOLD
+from .refer import low_confidence, ood_flags, refer_policy_stats
 
 CI_LEVEL = 0.95
 
@@ -92,7 +93,7 @@ def select_true_class_cams(cams: np.ndarray, y_true: np.ndarray) -> np.ndarray:
 def card_metrics(
     y_true: np.ndarray, probs: np.ndarray, masks_true: np.ndarray, mask_probs: np.ndarray, cams: np.ndarray | None,
     non_square: np.ndarray, *, refer_threshold: float | None = None, n_boot: int = 1000, seed: int = 0,
-    classes: Sequence[str] = CLASSES, mask_threshold: float = 0.5, dilation_px: int = 8,
+    classes: Sequence[str] = CLASSES, mask_threshold: float = MASK_THRESHOLD, dilation_px: int = 8,
     seg_original: Mapping[str, np.ndarray] | None = None, disagree: np.ndarray | None = None,
     ood: np.ndarray | None = None,
 ) -> dict[str, Any]:
@@ -192,7 +193,7 @@ def card_metrics(
 
     refer = None
     if refer_threshold is not None:
-        accepted = probs.max(1) >= refer_threshold
+        accepted = ~low_confidence(probs.max(1), refer_threshold)
 
         def accepted_accuracy(i: np.ndarray) -> float:
             a = accepted[i]
@@ -231,9 +232,9 @@ def ood_metrics(val_scores: np.ndarray, probe_scores: Mapping[str, float], thres
     CI) and the detection rate on the probe set (``probe_scores`` by name, ``kinds`` name -> family), overall and by
     family. ``fit``: the fit's summary (train/ood.py), carried through."""
     val = np.asarray(val_scores, np.float64)
-    referred = val > threshold
+    referred = ood_flags(val, threshold)
     names = list(probe_scores)
-    detected = np.array([probe_scores[n] > threshold for n in names], bool)
+    detected = ood_flags(np.array([probe_scores[n] for n in names], np.float64), threshold)
     by_kind: dict[str, dict[str, int]] = {}
     for name, hit in zip(names, detected):
         entry = by_kind.setdefault(kinds[name], {"n": 0, "detected": 0})

@@ -17,7 +17,7 @@ from .metrics import classification_metrics, dice_iou, pointing_game_hits, segme
 from .naming import CLASSES
 from .ood import OodModel
 from .preprocess import Geometry, PreprocessConfig, compute_geometry, mask_to_original
-from .refer import heads_disagree, mask_area, refer_policy_stats
+from .refer import ReferRules, decide, refer_policy_stats
 from .report import write_report
 from .samples import Sample, build_index
 from .splits import checkpoint_val_keys
@@ -56,7 +56,7 @@ def cams_for_classes(cams: np.ndarray, classes: np.ndarray, size: int) -> np.nda
 
 
 def original_resolution_segmentation(samples: list[Sample], mask_probs: np.ndarray, preprocess: PreprocessConfig,
-                                     threshold: float = 0.5, geometries: list[Geometry] | None = None,
+                                     geometries: list[Geometry] | None = None,
                                      ) -> dict[str, np.ndarray]:
     """Per-slice Dice and IoU on the ORIGINAL image: each predicted (S, S) mask is mapped back with the inverse
     geometry exactly as serving answers (``mask_to_original``) and compared with the original mask file.
@@ -69,7 +69,7 @@ def original_resolution_segmentation(samples: list[Sample], mask_probs: np.ndarr
         geometry = (geometries[i] if geometries is not None
                     else compute_geometry(decode_image(sample.image_path).pixels, preprocess))
         truth = decode_mask(sample.mask_path, preprocess.mask_threshold).astype(bool)
-        pred = mask_to_original(np.asarray(probs, np.float32), geometry, threshold).astype(bool)
+        pred = mask_to_original(np.asarray(probs, np.float32), geometry).astype(bool)
         d, j = dice_iou(truth[None], pred[None])
         dice[i], iou[i] = d[0], j[0]
     return {"dice_per_slice": dice, "iou_per_slice": iou}
@@ -102,18 +102,17 @@ def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarra
             original = original_resolution_segmentation(samples, mask_probs, preprocess, geometries=geometries)
             metrics["dice_original"] = _nanmean(original["dice_per_slice"])
             metrics["iou_original"] = _nanmean(original["iou_per_slice"])
-    labels, areas = probs.argmax(1), mask_area(mask_probs)
+    rules = ReferRules(refer_threshold, disagree_min_area, ood_threshold)
+    flags = decide(probs, mask_probs, ood_scores, rules)  # the rules serving applies, on the whole split
+    disagree = flags.disagree if disagree_min_area is not None else np.zeros(len(probs), bool)
     metrics["refer_policies"] = {
         "threshold": refer_policy_stats(y_true, probs, refer_threshold, None),
         "threshold+disagreement": refer_policy_stats(
-            y_true, probs, refer_threshold, heads_disagree(labels, areas, disagree_min_area)
-            if disagree_min_area is not None else None),
+            y_true, probs, refer_threshold, disagree if disagree_min_area is not None else None),
         "refer_threshold": refer_threshold, "disagree_min_area": disagree_min_area,
     }
     if ood_scores is not None and ood_threshold is not None:
-        ood = np.asarray(ood_scores, np.float64).reshape(-1) > ood_threshold
-        disagree = (heads_disagree(labels, areas, disagree_min_area) if disagree_min_area is not None
-                    else np.zeros(len(ood), bool))
+        ood = flags.ood
         metrics["refer_policies"]["threshold+disagreement+ood"] = refer_policy_stats(
             y_true, probs, refer_threshold, disagree | ood)
         metrics["ood"] = {"threshold": float(ood_threshold), "refer_rate": float(ood.mean()),

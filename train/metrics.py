@@ -23,6 +23,7 @@ from sklearn.metrics import (
 )
 
 from .naming import CLASSES
+from .preprocess import MASK_THRESHOLD
 
 DEFAULT_THRESHOLDS = np.linspace(0.05, 0.95, 19)
 
@@ -207,7 +208,7 @@ def dice_iou(truth: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return dice, iou
 
 
-def segmentation_metrics(masks_true: np.ndarray, mask_probs: np.ndarray, threshold: float = 0.5) -> dict[str, Any]:
+def segmentation_metrics(masks_true: np.ndarray, mask_probs: np.ndarray, threshold: float = MASK_THRESHOLD) -> dict[str, Any]:
     """Dice and IoU of ``mask_probs >= threshold`` against binary ground truth (non-zero = tumour).
 
     ``dice`` and ``iou`` are means over slices with a non-empty ground truth only. Dice with both masks empty

@@ -25,7 +25,7 @@ from .metrics import (
 )
 from .card_metrics import CI_LEVEL, _estimate, card_metrics, ood_metrics
 from .naming import CLASSES
-from .refer import heads_disagree, mask_area
+from .refer import ReferRules, decide, ood_flags
 
 # Published results on the official BRISC 2025 *test* split (Fateh et al. 2025); ours are on our validation split.
 PUBLISHED = (
@@ -449,8 +449,9 @@ def build_model_card(checkpoint: str | Path, data: str | Path, out_md: str | Pat
     ood = _ood_card(model, state, pred["features"], preprocess, n_boot) if state.get("ood") else None
 
     min_area = state.get("disagree_min_area")
-    disagree = (heads_disagree(pred["probs"].argmax(1), mask_area(pred["mask_probs"]), min_area)
-                if min_area is not None else None)
+    # The refer rules serving applies (train/refer.decide); the learned OOD flags come from _ood_card's scores.
+    flags = decide(pred["probs"], pred["mask_probs"], None, ReferRules(state.get("refer_threshold"), min_area))
+    disagree = flags.disagree if min_area is not None else None
     metrics = card_metrics(y, pred["probs"], masks.astype(bool), pred["mask_probs"], pred["cams"],
                            _non_square([s.image_path for s in samples]), refer_threshold=state.get("refer_threshold"),
                            n_boot=n_boot, classes=CLASSES, disagree=disagree,
@@ -512,4 +513,4 @@ def _ood_card(model, state: Mapping[str, Any], val_features: np.ndarray, preproc
     out = ood_metrics(val_scores, dict(zip(probes, probe_scores)), fitted.threshold,
                       {n: probe_kind(n) for n in probes}, n_boot=n_boot,
                       fit=(state.get("calibration") or {}).get("ood"))
-    return {**out, "val_flags": val_scores > fitted.threshold}
+    return {**out, "val_flags": ood_flags(val_scores, fitted.threshold)}

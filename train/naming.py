@@ -11,6 +11,8 @@ NO_TUMOR = "no_tumor"
 
 # The dataset README says `nt` for no_tumor, but every real file name uses `no`; accept both.
 TUMOUR_CODES: dict[str, str] = {"gl": "glioma", "me": "meningioma", "pi": "pituitary", "no": NO_TUMOR, "nt": NO_TUMOR}
+# The code a file name of each class is written with (the first listed: `no`, as in the real files).
+CLASS_CODES: dict[str, str] = {label: next(c for c, name in TUMOUR_CODES.items() if name == label) for label in CLASSES}
 PLANE_CODES: dict[str, str] = {"ax": "axial", "co": "coronal", "sa": "sagittal"}
 UNKNOWN_PLANE = "unknown"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .naming import CLASSES
+from .refer import ood_flags
 
 OOD_FALSE_REFER = 0.01  # validation slices the OOD rule may refer (its false-refer budget)
 # Quantile of the out-of-fold training scores used as the threshold: 0.5% of unseen in-distribution slices expected
@@ -119,18 +120,10 @@ def fit_ood(features: np.ndarray, labels: np.ndarray, num_classes: int, quantile
 def refer_rate(scores: np.ndarray, threshold: float) -> float:
     """Share of scores above the threshold (what serving refers: ``score > threshold``)."""
     scores = np.asarray(scores)
-    return float((scores > threshold).mean()) if scores.size else float("nan")
+    return float(ood_flags(scores, threshold).mean()) if scores.size else float("nan")
 
 
 # -- the run: features of the training and validation portions, the fit, the checkpoint ---------------------------
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 def _model_hash(state: dict) -> str:
     """Hash of the weights (not of the file: calibration rewrites the checkpoint without changing them)."""

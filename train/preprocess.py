@@ -15,6 +15,9 @@ import numpy as np
 from PIL import Image
 
 GEOMETRIES = ("crop_pad", "pad", "resize")
+# A predicted mask pixel is tumour at or above this probability: the one cut for serving's masks, evaluation, the model
+# card and the refer rules' mask area.
+MASK_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,7 @@ def _reach(hot: np.ndarray, scale: float, pad: int, length: int) -> tuple[int, i
     return max(0, a), min(length, b)
 
 
-def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float = 0.5) -> np.ndarray:
+def mask_to_original(mask_prob: np.ndarray, geometry: Geometry, threshold: float = MASK_THRESHOLD) -> np.ndarray:
     """(size, size) mask probabilities -> (H, W) uint8 0/1 mask on the original image: the one rule serving answers
     with and evaluation scores at the original resolution. Probabilities are resized bilinearly and then
     thresholded, so an enlarged mask has smooth edges rather than model-pixel blocks.

@@ -11,13 +11,14 @@ the stem's RGB kernels (timm's in_chans=1 adaptation) gives exactly the same act
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.metadata
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .hashing import file_sha256
 
 IMAGENET = "imagenet"
 
@@ -77,7 +78,7 @@ def weight_file(encoder: str) -> tuple[Path, WeightSource]:
     path = Path(getattr(module, cls_name).get_model_file_path())
     if not path.is_file():
         raise PretrainedWeightsError(f"{dist} is installed but its weight file {path} is missing; reinstall {dist}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = file_sha256(path)
     source = WeightSource(IMAGENET, encoder, dist, importlib.metadata.version(dist), path.name, digest)
     return path, source
 

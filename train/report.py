@@ -25,6 +25,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .preprocess import MASK_THRESHOLD
 from .metrics import (
     DEFAULT_THRESHOLDS,
     classification_metrics,
@@ -269,7 +270,7 @@ def write_report(
     images: np.ndarray,
     cams: np.ndarray | None,
     keys: Sequence[str],
-    threshold: float = 0.5,
+    threshold: float = MASK_THRESHOLD,
     title: str = "braintumor evaluation report",
 ) -> Path:
     """Write ``out_dir/report.html`` and return its path.

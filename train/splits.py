@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .hashing import file_sha256
 from .samples import Sample
 
 SPLIT_COLUMNS = ("key", "split_role", "label", "plane", "image_path", "mask_path", "group")
-_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes: byte-identical images share it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def duplicate_groups(samples: Iterable[Sample], *, progress: bool = False) -> dict[str, str]:

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .naming import CLASSES, NO_TUMOR
+from .naming import CLASS_CODES, CLASSES, NO_TUMOR, PLANE_CODES
 
-_CODES = {"glioma": "gl", "meningioma": "me", "pituitary": "pi", NO_TUMOR: "no"}
-_PLANES = ("ax", "co", "sa")
+_PLANES = tuple(PLANE_CODES)
 # A blob's place and size differ by class, so tiny models can learn something in a few steps.
 _BLOB = {"glioma": (0.35, 0.35, 0.16), "meningioma": (0.3, 0.7, 0.1), "pituitary": (0.68, 0.5, 0.08)}
 
@@ -56,7 +55,7 @@ def make_synthetic_dataset(
         class_dir.mkdir(parents=True, exist_ok=True)
         for i in range(n_per_class):
             img, mask = synthetic_slice(label, size, rng)
-            stem = f"brisc2025_{split}_{index:05d}_{_CODES[label]}_{_PLANES[i % 3]}_t1"
+            stem = f"brisc2025_{split}_{index:05d}_{CLASS_CODES[label]}_{_PLANES[i % 3]}_t1"
             index += 1
             pil = Image.fromarray(img)
             if label == NO_TUMOR and rgb_no_tumor:

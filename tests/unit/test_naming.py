@@ -36,3 +36,12 @@ def test_parse_name_errors_name_the_file(stem, fragment):
 
 def test_class_order_is_fixed():
     assert CLASSES == ("glioma", "meningioma", "pituitary", "no_tumor")
+
+
+def test_the_sdk_reads_the_same_class_order_and_codes():
+    """clients/ may not import train/: its restated grammar (score --evaluate) must equal the training side's."""
+    from braintumor.clients import brisc_layout
+    from braintumor.train import naming
+
+    assert brisc_layout.CLASSES == naming.CLASSES and brisc_layout.TUMOUR_CODES == naming.TUMOUR_CODES
+    assert naming.CLASS_CODES == {"glioma": "gl", "meningioma": "me", "pituitary": "pi", "no_tumor": "no"}

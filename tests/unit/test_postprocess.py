@@ -9,7 +9,7 @@ from braintumor.serving.postprocess import (
 )
 from braintumor.train.naming import CLASSES
 from braintumor.train.decode import DecodedImage
-from braintumor.train.preprocess import PreprocessConfig, preprocess
+from braintumor.train.preprocess import MASK_THRESHOLD, PreprocessConfig, preprocess
 
 NO_TUMOR_INDEX = CLASSES.index("no_tumor")
 
@@ -77,9 +77,9 @@ def test_mask_threshold_applies_to_probabilities():
     decoded = _slice(32, 32)
     _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
     outputs = _outputs(32)
-    outputs["mask_prob"][0, 0, 4:8, 4:8] = 0.6
-    assert _run(decoded, outputs, geom).tumor_area_px == 16
-    assert _run(decoded, outputs, geom, mask_threshold=0.7).tumor_area_px == 0
+    outputs["mask_prob"][0, 0, 4:8, 4:8] = MASK_THRESHOLD
+    outputs["mask_prob"][0, 0, 20:24, 20:24] = np.nextafter(np.float32(MASK_THRESHOLD), np.float32(0))
+    assert _run(decoded, outputs, geom).tumor_area_px == 16  # at the threshold is tumour, just under is not
 
 
 @pytest.mark.parametrize(
@@ -201,22 +201,27 @@ def test_heatmap_follows_the_crop_of_crop_pad():
 
 
 @pytest.mark.parametrize(
-    "label_index, block, area, disagree",
+    "label_index, block, area, min_area, disagree",
     [
-        (NO_TUMOR_INDEX, (slice(4, 8), slice(4, 8)), 64, True),  # mask kept as predicted, flagged
-        (NO_TUMOR_INDEX, None, 0, False),
-        (0, (slice(4, 8), slice(4, 8)), 64, False),
-        (0, None, 0, True),  # a tumour label without a mask disagrees too
+        (NO_TUMOR_INDEX, (slice(4, 8), slice(4, 8)), 64, 10.0, True),  # 16 model-input px > 10: kept, flagged
+        (NO_TUMOR_INDEX, (slice(4, 8), slice(4, 8)), 64, 16.0, False),  # at the fitted area: allowed
+        # A model without a fitted area never flags no_tumor for its mask (train/refer.py's rule, as the card)
+        (NO_TUMOR_INDEX, (slice(4, 8), slice(4, 8)), 64, None, False),
+        (NO_TUMOR_INDEX, None, 0, None, False),
+        (0, (slice(4, 8), slice(4, 8)), 64, None, False),
+        (0, None, 0, None, True),  # a tumour label without a mask disagrees too
+        (0, None, 0, 10.0, True),
     ],
 )
-def test_mask_label_disagreement(label_index, block, area, disagree):
+def test_mask_label_disagreement(label_index, block, area, min_area, disagree):
     decoded = _slice(64, 64)
     _, geom = preprocess(decoded.pixels, PreprocessConfig(image_size=32, geometry="resize"))
     probs = np.full(len(CLASSES), 0.02)
     probs[label_index] = 0.94
-    result = _run(decoded, _outputs(32, probs=probs, block=block), geom)
+    result = _run(decoded, _outputs(32, probs=probs, block=block), geom, disagree_min_area=min_area)
     assert result.label == CLASSES[label_index]
     assert result.tumor_area_px == area and result.mask_label_disagree is disagree
+    assert result.refer is (disagree and min_area is not None)  # disagreement refers only with a fitted area
     assert int(np.asarray(_png(result.mask_png)).astype(bool).sum()) == area
 
 

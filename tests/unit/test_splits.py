@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from braintumor.train.hashing import file_sha256
 from braintumor.train.samples import build_index
 from braintumor.train.splits import (
     SPLIT_COLUMNS,
     duplicate_groups,
-    file_sha256,
     make_validation_split,
     read_split_csv,
     stratum,
