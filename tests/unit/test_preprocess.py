@@ -157,7 +157,7 @@ def test_config_round_trip_and_validation():
 
 
 def test_decompression_bomb_is_refused(monkeypatch):
-    import braintumor.train.decode as decode_module
+    import braintumor.train.decode_common as decode_module  # check_size reads the budget there
 
     monkeypatch.setattr(decode_module, "MAX_PIXELS", 1000)
     with pytest.raises(ImageDecodeError, match="too large"):
