@@ -1,20 +1,25 @@
 """The one `braintumor` command. Each layer registers its own subcommands; heavy imports happen only when one runs.
 
-It lives in `serving` because serving is the one layer allowed to import every other (see ARCHITECTURE.md).
+It lives in `serving` because serving is the one layer allowed to import every layer it serves (see ARCHITECTURE.md).
+A layer above serving (``loadtest``, which imports serving) is not named here: it adds its commands as a plugin, an
+entry point in the group ``braintumor.commands`` (pyproject.toml), so serving imports nothing of it.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 # Layer modules that expose ``register(subparsers)``; import order is the help order.
 COMMAND_MODULES = ("braintumor.train.commands", "braintumor.export.commands", "braintumor.serving.triton_commands",
                    "braintumor.serving.grpc_commands", "braintumor.serving.serve_command",
-                   "braintumor.clients.score_commands", "braintumor.loadtest.commands")
-# Layers an install may lack: the gateway image ships no load-test runner (Dockerfile), so it offers no `loadtest`.
-OPTIONAL_MODULES = ("braintumor.loadtest.commands",)
+                   "braintumor.clients.score_commands")
+# Entry points whose value is a module with ``register(subparsers)``, after the modules above (by name). An install
+# may lack the module an entry point names: the gateway image ships no load-test runner (Dockerfile), so it offers no
+# `loadtest`.
+PLUGIN_GROUP = "braintumor.commands"
 
 # Errors that mean "the input or the request is wrong": shown as one clear line, exit code 2, no traceback.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
@@ -27,11 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    for entry in sorted(importlib.metadata.entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
         try:
-            module = importlib.import_module(name)
+            module = entry.load()
         except ModuleNotFoundError as exc:
-            if name in OPTIONAL_MODULES and exc.name is not None and (name + ".").startswith(exc.name + "."):
-                continue  # the layer itself is not installed (not: it is, and one of its imports failed)
+            if exc.name is not None and (entry.module + ".").startswith(exc.name + "."):
+                continue  # the plugin's layer is not installed (not: it is, and one of its imports failed)
             raise
         module.register(sub)
     return parser

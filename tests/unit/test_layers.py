@@ -1,5 +1,6 @@
-"""The package's import graph, read from the source (function-level imports included): no module imports itself
-back through others, and each layer imports only the layers ARCHITECTURE.md allows."""
+"""The package's import graph, read from the source (function-level imports included, and a module named in a string,
+as ``importlib.import_module("braintumor.x.y")`` or an entry-point-style ``"braintumor.x.y:attr"`` would load it): no
+module imports itself back through others, and each layer imports only the layers ARCHITECTURE.md allows."""
 
 import ast
 from pathlib import Path
@@ -37,9 +38,19 @@ def _modules() -> dict[str, Path]:
 def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    # `[python, "-m", "braintumor.x"]` starts another process: a command line, not an import
+    run_as_main = {id(b) for n in ast.walk(tree) if isinstance(n, (ast.List, ast.Tuple))
+                   for a, b in zip(n.elts, n.elts[1:]) if isinstance(a, ast.Constant) and a.value == "-m"}
+    for node in ast.walk(tree):
         targets: list[str] = []
-        if isinstance(node, ast.Import):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("braintumor.")
+                and id(node) not in run_as_main):
+            # a string naming one of our modules is an import by name (import_module, entry points, mock targets)
+            candidate = node.value.split(":", 1)[0].strip()
+            if candidate in known:
+                targets = [candidate]
+        elif isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -117,12 +128,38 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
+def _wrong(graph: dict[str, set[str]], layer: str) -> list[str]:
+    return sorted(f"{m} -> {t}" for m, targets in graph.items() if _layer(m) == layer
+                  for t in targets if _layer(t) != layer and _layer(t) not in ALLOWED[layer])
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_layer_imports_only_what_it_may(layer):
+    assert _wrong(_graph(), layer) == []
+
+
+@pytest.mark.parametrize("source", [
+    'import importlib\nimportlib.import_module("braintumor.loadtest.commands")\n',
+    'COMMANDS = ("braintumor.train.commands", "braintumor.loadtest.commands")\n',
+    'TARGET = "braintumor.loadtest.commands:register"\n',
+])
+def test_a_planted_string_import_is_seen(tmp_path, source):
+    """A serving module that loads loadtest by name breaks the layering as an import statement would."""
+    planted = tmp_path / "planted.py"
+    planted.write_text(source)
     graph = _graph()
-    wrong = sorted(f"{m} -> {t}" for m, targets in graph.items() if _layer(m) == layer
-                   for t in targets if _layer(t) != layer and _layer(t) not in ALLOWED[layer])
-    assert wrong == []
+    graph["braintumor.serving.planted"] = _imports("braintumor.serving.planted", planted, set(graph))
+    assert "braintumor.loadtest.commands" in graph["braintumor.serving.planted"]
+    assert _wrong(graph, "serving") == ["braintumor.serving.planted -> braintumor.loadtest.commands"]
+    graph["braintumor.loadtest.commands"].add("braintumor.serving.planted")  # loadtest imports serving: a cycle
+    assert _cycles(graph)
+
+
+def test_nothing_imports_loadtest():
+    """loadtest is the top layer: it reaches `braintumor` as a plugin entry point (serving/cli.py), never by name."""
+    graph = _graph()
+    assert sorted(m for m, targets in graph.items() if _layer(m) != "loadtest"
+                  for t in targets if _layer(t) == "loadtest") == []
 
 
 DECODING = {"braintumor.train.decode", "braintumor.train.decode_dicom", "braintumor.train.decode_common"}
