@@ -84,7 +84,7 @@ class Pipeline:
                                timeout_s=settings.triton_timeout_s, layout=settings.layout)
         else:
             model = TritonModel(settings.triton_url, settings.model_name, settings.model_version,
-                                timeout_s=settings.triton_timeout_s)
+                                timeout_s=settings.triton_timeout_s, key=settings.triton_client_key())
         return cls(model, settings, metrics)
 
     async def close(self) -> None:

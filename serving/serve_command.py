@@ -91,9 +91,12 @@ def _serve(args: argparse.Namespace) -> int:
             triton = EmbeddedTriton(args.model_repository, args.triton_http_port, args.triton_grpc_port,
                                     args.triton_metrics_port, address=TRITON_ADDRESS,
                                     startup_timeout=args.startup_timeout, layout=args.layout,
-                                    echo=sys.stderr if args.verbose else None)
+                                    echo=sys.stderr if args.verbose else None,
+                                    client_key=settings.triton_client_key() or None)
             triton.start()
-            settings = replace(settings, triton_url=triton.grpc_url)
+            # the front doors get the key Triton's inference and model config need through their environment
+            settings = replace(settings, triton_url=triton.grpc_url, triton_key=triton.client_key or "",
+                               triton_key_file="")
         env = {**os.environ, **settings.to_env(), "BRAINTUMOR_HTTP_WORKERS": str(args.workers),
                "BENTOML_RESULT_STORE": os.path.join(result_store, "task_result.db")}
 

@@ -16,6 +16,12 @@ from .api_key import ApiKeys
 
 PREFIX = "BRAINTUMOR_"
 BACKENDS: tuple[str, ...] = ("triton", "onnxruntime")  # who runs the model (ServeSettings.backend)
+# The header Triton's inference, model-config and metadata APIs need (its restricted-API groups). `braintumor serve`
+# makes a random value per run and gives it only to its front doors; a separately run Triton takes it from the same
+# variables as the front doors (BRAINTUMOR_TRITON_KEY or BRAINTUMOR_TRITON_KEY_FILE). Health stays open for probes.
+TRITON_KEY_HEADER = "braintumor-triton-key"
+# Triton's gRPC endpoint expects the same header under this prefix (its restricted-protocol convention).
+TRITON_GRPC_KEY_HEADER = "triton-grpc-protocol-" + TRITON_KEY_HEADER
 BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -37,6 +43,9 @@ class ServeSettings:
     backend: str = "triton"
     model_repository: str = ""  # the repository the onnxruntime backend loads
     layout: str = "latency"  # which of the repository's model configs the onnxruntime backend reads
+    # The value of TRITON_KEY_HEADER sent on every Triton call but health ("" = none: a Triton that does not restrict)
+    triton_key: str = ""
+    triton_key_file: str = ""  # or a file holding it (the one `braintumor triton` writes, a mounted secret)
     model_name: str = DEFAULT_NAME
     model_version: str = ""  # "" = the newest ready version
     api_key: str = ""  # "" = no authentication; else callers send it as `x-api-key` / `authorization: Bearer`
@@ -91,6 +100,7 @@ class ServeSettings:
                              "the directory written by `braintumor export`")
         if self.layout not in LAYOUTS:
             raise ValueError(f"{PREFIX}LAYOUT={self.layout!r}: use one of {', '.join(LAYOUTS)}")
+        self.triton_client_key()  # a Triton key file that cannot be read fails at start, not on the first request
         self.api_keys()  # a keys file that cannot be used fails here, naming the file and line
         if self.max_buffered_bytes < self.max_body_bytes:
             raise ValueError(f"{PREFIX}MAX_BUFFERED_BYTES ({self.max_buffered_bytes}) must be at least "
@@ -99,6 +109,20 @@ class ServeSettings:
     def api_keys(self) -> ApiKeys:
         """The keys callers may present (read from the keys file each call: load once per process)."""
         return ApiKeys.load(self.api_key, self.api_keys_file)
+
+    def triton_client_key(self) -> str:
+        """The key for Triton's restricted APIs, "" when none is set (read from the key file each call: call once
+        per process)."""
+        key = self.triton_key
+        if not key and self.triton_key_file:
+            try:
+                key = open(self.triton_key_file, encoding="utf-8").read().strip()
+            except OSError as exc:
+                raise ValueError(f"{PREFIX}TRITON_KEY_FILE={self.triton_key_file!r} cannot be read "
+                                 f"({exc.strerror or exc}); point it at the key file `braintumor triton` wrote") from exc
+            if not key:
+                raise ValueError(f"{PREFIX}TRITON_KEY_FILE={self.triton_key_file!r} is empty")
+        return key
 
     @property
     def authenticates(self) -> bool:

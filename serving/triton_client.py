@@ -30,6 +30,7 @@ from ..export.contract import (
 )
 from ..train.preprocess import PreprocessConfig
 from .errors import BadInput, DeadlineExceeded, ServingError, Unavailable, UpstreamError
+from .settings import TRITON_GRPC_KEY_HEADER
 
 # Triton's gRPC status (tritonclient's ``exc.status()`` is "StatusCode.<name>") -> the serving error it becomes.
 # Any other status, or none (a client-side failure), is an UpstreamError: 500 / INTERNAL, not retried.
@@ -105,8 +106,12 @@ def _full_outputs(config: dict) -> tuple[str, ...]:
 class TritonModel:
     """Async access to the full model and its classifier-only twin on one Triton server."""
 
-    def __init__(self, url: str, model_name: str, model_version: str = "", timeout_s: float = 30.0) -> None:
+    def __init__(self, url: str, model_name: str, model_version: str = "", timeout_s: float = 30.0,
+                 key: str = "") -> None:
+        """``key``: sent on every call but health, as the header Triton's restricted APIs need
+        (:meth:`ServeSettings.triton_client_key`)."""
         self.url = url
+        self.headers = {TRITON_GRPC_KEY_HEADER: key} if key else {}
         self.model_name = model_name
         self.classifier_name = classifier_name(model_name)
         self.model_version = model_version
@@ -156,9 +161,9 @@ class TritonModel:
                 client = self._connection()
                 try:
                     response = await client.get_model_config(self.model_name, self.model_version, as_json=True,
-                                                              client_timeout=self.timeout_s)
+                                                              headers=self.headers, client_timeout=self.timeout_s)
                     metadata = await client.get_model_metadata(self.model_name, self.model_version, as_json=True,
-                                                               client_timeout=self.timeout_s)
+                                                               headers=self.headers, client_timeout=self.timeout_s)
                 except InferenceServerException as exc:
                     raise _translate(exc, f"model {self.model_name!r}") from exc
                 versions = metadata.get("versions") or [""]
@@ -199,7 +204,8 @@ class TritonModel:
         try:
             result = await self._connection().infer(
                 model, [tensor], model_version=self.model_version,
-                outputs=[InferRequestedOutput(name) for name in outputs], client_timeout=self.timeout_s)
+                outputs=[InferRequestedOutput(name) for name in outputs], headers=self.headers,
+                client_timeout=self.timeout_s)
         except InferenceServerException as exc:
             raise _translate(exc, f"inference on {model!r}") from exc
         except asyncio.TimeoutError as exc:
@@ -210,6 +216,11 @@ class TritonModel:
 def _translate(exc, what: str) -> ServingError:
     """The serving error for a tritonclient ``InferenceServerException`` (see :data:`TRITON_ERRORS`)."""
     status = str(exc.status() or "").removeprefix("StatusCode.")
+    if "is restricted" in (exc.message() or ""):
+        # Triton answers a missing or wrong restricted-API key with UNAVAILABLE; retrying would not help: it is
+        # this server's configuration, not Triton's state
+        return UpstreamError(f"{what}: Triton refused this server's key for its inference API; start the front "
+                             "doors with the BRAINTUMOR_TRITON_KEY (or _FILE) that Triton was started with")
     kind = TRITON_ERRORS.get(status, UpstreamError)
     if kind is Unavailable:
         return Unavailable(f"{what}: Triton is not reachable or the model is not loaded ({exc.message()}); "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -25,10 +26,11 @@ def _triton(args: argparse.Namespace) -> int:
     if args.model_repository is None:
         raise ValueError("no model repository: pass --model-repository DIR (create one with `braintumor export`)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    key = _client_key(args)
     triton = EmbeddedTriton(args.model_repository, args.http_port, args.grpc_port, args.metrics_port,
                             address=args.address, log_verbose=args.log_verbose,
                             startup_timeout=args.startup_timeout, layout=args.layout,
-                            echo=None if args.quiet else sys.stderr)
+                            echo=None if args.quiet else sys.stderr, client_key=key)
     try:
         return triton.serve_forever()
     except TritonServerError as exc:
@@ -36,7 +38,32 @@ def _triton(args: argparse.Namespace) -> int:
         return 1
 
 
+def _client_key(args: argparse.Namespace) -> str:
+    """The key Triton's inference, model config and metadata will need: BRAINTUMOR_TRITON_KEY or the file
+    BRAINTUMOR_TRITON_KEY_FILE names (what the front doors read too); else a new random one written to --key-file
+    (mode 0600) for the front doors to read."""
+    import secrets
+
+    from .settings import ServeSettings
+
+    given = ServeSettings.from_env().triton_client_key()
+    if given:
+        return given
+    key = secrets.token_urlsafe(32)
+    path = args.key_file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as out:
+        out.write(key + "\n")
+    os.chmod(path, 0o600)  # an existing file keeps its mode through O_CREAT
+    logging.getLogger(__name__).info("Triton's inference API needs a key; start the front doors with "
+                                     "BRAINTUMOR_TRITON_KEY_FILE=%s", path)
+    return key
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from .triton_embedded import default_cache_dir
+
     default_repo = default_model_repository()
     p = sub.add_parser("triton", help="serve a model repository with the embedded Triton server (HTTP, gRPC, metrics)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -54,5 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--layout", choices=LAYOUTS, default="latency",
                    help="latency (config.pbtxt) or throughput (each model's configs/throughput.pbtxt)")
     p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (0: off)")
+    p.add_argument("--key-file", type=Path, default=default_cache_dir() / "triton.key",
+                   help="where to write the random key that inference, model config and metadata need, when neither "
+                        "BRAINTUMOR_TRITON_KEY nor BRAINTUMOR_TRITON_KEY_FILE gives one; the front doors read it "
+                        "through BRAINTUMOR_TRITON_KEY_FILE")
     p.add_argument("--quiet", action="store_true", help="do not echo the server's log (errors still show its tail)")
     p.set_defaults(func=_triton)

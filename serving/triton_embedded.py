@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, Mapping, Sequence
 
 from ..export.contract import CONFIG_FILE, CONFIGS_DIR, LAYOUTS
+from .settings import TRITON_KEY_HEADER
 from .supervisor import die_with_parent, http_ready, stop_group
 
 logger = logging.getLogger(__name__)
@@ -37,10 +38,13 @@ BACKEND_LIB = "libtriton_python.so"
 BACKEND_UTILS = "triton_python_backend_utils.py"
 CACHE_ENV = "BRAINTUMOR_CACHE"  # where the assembled backend directory is kept (default ~/.cache/braintumor)
 # Triton's admin APIs (change the log level, register shared memory, load models, trace, per-model statistics) need a
-# header whose value is a random secret made per start and given to no client, so nobody can use them; health,
-# metadata, model config and inference stay open to the front doors (on loopback by default).
+# header whose value is a random secret made per start and given to no client, so nobody can use them.
 ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
 ADMIN_HEADER = "braintumor-admin-key"
+# Inference, model config (it discloses temperature, thresholds, preprocessing) and metadata need TRITON_KEY_HEADER
+# with the instance's client key, which only our front doors get (through their environment, never argv); health
+# stays open for readiness probes. Another local process without the key is refused.
+CLIENT_APIS = ("inference", "model-config", "metadata")
 
 
 class TritonServerError(RuntimeError):
@@ -254,13 +258,18 @@ class EmbeddedTriton:
                  metrics_port: int = 8002, *, address: str = "127.0.0.1", load_models: Sequence[str] | None = None,
                  log_verbose: int = 0, startup_timeout: float = 120.0, exit_timeout: int = 5,
                  echo: IO[str] | None = None, cache_dir: Path | None = None,
-                 extra_args: Sequence[str] = (), restrict_admin: bool = True, layout: str = "latency") -> None:
+                 extra_args: Sequence[str] = (), restrict_admin: bool = True, layout: str = "latency",
+                 client_key: str | None = None, restrict_clients: bool = True) -> None:
         """``address``: Triton authenticates nobody, so the default is loopback. ``restrict_admin``: lock
         :data:`ADMIN_APIS` behind a per-start random key nobody is given.
         ``load_models``: only these (``--model-control-mode explicit``); default all in the repository.
         ``echo``: a stream that receives the server's log lines as they come (the CLI passes stderr).
         ``exit_timeout``: on stop, seconds Triton waits for in-flight requests and open client connections (idle
         keep-alive ones included: close clients first for a fast stop) before it exits anyway with code 1.
+        ``client_key``: the value of TRITON_KEY_HEADER that inference, model config and metadata need
+        (:data:`CLIENT_APIS`); default a random one made once per instance (a restart keeps it, so the front doors'
+        copy stays valid), read back as :attr:`client_key`. ``restrict_clients=False`` leaves them open (tests of an
+        open Triton only).
         ``layout``: ``latency`` (config.pbtxt) or ``throughput`` (each model's configs/throughput.pbtxt, Triton's
         ``--model-config-name``; see export/triton_config.layout_options)."""
         self.model_repository = Path(model_repository)
@@ -274,6 +283,7 @@ class EmbeddedTriton:
         self.cache_dir = cache_dir
         self.extra_args = list(extra_args)
         self.restrict_admin = bool(restrict_admin)
+        self.client_key = (client_key or secrets.token_urlsafe(32)) if restrict_clients else None
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
         self.layout = layout
@@ -323,6 +333,10 @@ class EmbeddedTriton:
             # In argv, so a local user who can list processes could read it; the APIs are on loopback as well.
             restricted = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={secrets.token_urlsafe(32)}"
             cmd += ["--http-restricted-api", restricted, "--grpc-restricted-protocol", restricted]
+        if self.client_key:
+            # argv is readable by local users through /proc unless it is mounted hidepid=2 (README, Security)
+            clients = f"{','.join(CLIENT_APIS)}:{TRITON_KEY_HEADER}={self.client_key}"
+            cmd += ["--http-restricted-api", clients, "--grpc-restricted-protocol", clients]
         if self.layout != "latency":
             cmd.append(f"--model-config-name={self.layout}")
         if self.load_models:

@@ -113,8 +113,9 @@ class Gateway:
 
 
 @contextmanager
-def _running_gateway(home: Path, triton_url: str, ready: bool = True, **env: str):
-    """`bentoml serve` on a free port in its own process group; waits for /readyz (or /healthz), kills the group."""
+def _running_gateway(home: Path, triton, ready: bool = True, **env: str):
+    """`bentoml serve` on a free port in its own process group; waits for /readyz (or /healthz), kills the group.
+    ``triton``: a running EmbeddedTriton (its gRPC URL and the key its inference API needs) or a bare HOST:PORT."""
     import httpx
 
     from braintumor.serving.triton_embedded import free_port
@@ -123,7 +124,9 @@ def _running_gateway(home: Path, triton_url: str, ready: bool = True, **env: str
     port = free_port()
     log = home / "gateway.log"
     # Own BENTOML_HOME: `bentoml serve` recreates the task database there, which another gateway may be using.
-    env = {**os.environ, "BENTOML_HOME": str(home), "BRAINTUMOR_TRITON_URL": triton_url, **env}
+    triton_url, key = (triton, "") if isinstance(triton, str) else (triton.grpc_url, triton.client_key or "")
+    env = {**os.environ, "BENTOML_HOME": str(home), "BRAINTUMOR_TRITON_URL": triton_url, "BRAINTUMOR_TRITON_KEY": key,
+           **env}
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "bentoml", "serve", GATEWAY_TARGET, "--host", "127.0.0.1",
                                  "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env,
@@ -155,7 +158,7 @@ def _running_gateway(home: Path, triton_url: str, ready: bool = True, **env: str
 
 @pytest.fixture(scope="session")
 def running_gateway():
-    """``running_gateway(home, triton_url, ready=True, **env)``: a context manager yielding a :class:`Gateway`."""
+    """``running_gateway(home, triton, ready=True, **env)``: a context manager yielding a :class:`Gateway`."""
     return _running_gateway
 
 

@@ -18,6 +18,7 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 ort = pytest.importorskip("onnxruntime")
 
 from braintumor.export import contract  # noqa: E402
+from braintumor.serving.settings import TRITON_GRPC_KEY_HEADER, TRITON_KEY_HEADER  # noqa: E402
 from braintumor.serving.triton_embedded import EmbeddedTriton, TritonServerError, free_port  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -96,7 +97,10 @@ def test_http_and_grpc_equal_onnxruntime(repository):
         assert triton.is_running()
 
         http = httpclient.InferenceServerClient(triton.http_url)
-        meta = http.get_model_metadata(name)
+        _client_apis_refused_without_the_key(triton, images)
+        keyed = {TRITON_KEY_HEADER: triton.client_key}  # what only our front doors are given
+        grpc_keyed = {TRITON_GRPC_KEY_HEADER: triton.client_key}
+        meta = http.get_model_metadata(name, headers=keyed)
         assert [i["name"] for i in meta["inputs"]] == [contract.INPUT_NAME]
         assert meta["inputs"][0]["datatype"] == "UINT8" and meta["inputs"][0]["shape"] == [-1, 1, SIZE, SIZE]
         assert [o["name"] for o in meta["outputs"]] == list(contract.FULL_OUTPUTS)
@@ -105,14 +109,16 @@ def test_http_and_grpc_equal_onnxruntime(repository):
 
         inp = httpclient.InferInput(contract.INPUT_NAME, list(images.shape), "UINT8")
         inp.set_data_from_numpy(images, binary_data=True)
-        result = http.infer(name, [inp], outputs=[httpclient.InferRequestedOutput(o) for o in contract.FULL_OUTPUTS])
+        result = http.infer(name, [inp], outputs=[httpclient.InferRequestedOutput(o) for o in contract.FULL_OUTPUTS],
+                            headers=keyed)
         for out in contract.FULL_OUTPUTS:
             np.testing.assert_allclose(result.as_numpy(out), expected[out], atol=ATOL, rtol=RTOL, err_msg=f"HTTP {out}")
 
         grpc = grpcclient.InferenceServerClient(triton.grpc_url)
         ginp = grpcclient.InferInput(contract.INPUT_NAME, list(images.shape), "UINT8")
         ginp.set_data_from_numpy(images)
-        result = grpc.infer(name, [ginp], outputs=[grpcclient.InferRequestedOutput(o) for o in contract.FULL_OUTPUTS])
+        result = grpc.infer(name, [ginp], outputs=[grpcclient.InferRequestedOutput(o) for o in contract.FULL_OUTPUTS],
+                            headers=grpc_keyed)
         for out in contract.FULL_OUTPUTS:
             np.testing.assert_allclose(result.as_numpy(out), expected[out], atol=ATOL, rtol=RTOL, err_msg=f"gRPC {out}")
         probs = result.as_numpy(contract.CLASS_PROBS)
@@ -140,12 +146,14 @@ def test_throughput_layout_runs_more_instances_with_the_same_answers(repository)
     try:
         triton.start()
         grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+        keyed = {TRITON_GRPC_KEY_HEADER: triton.client_key}
         for model in (name, contract.classifier_name(name)):
-            config = grpc.get_model_config(model, as_json=True)["config"]
+            config = grpc.get_model_config(model, as_json=True, headers=keyed)["config"]
             assert int(config["instance_group"][0]["count"]) == contract.THROUGHPUT_INSTANCES, model
         ginp = grpcclient.InferInput(contract.INPUT_NAME, list(images.shape), "UINT8")
         ginp.set_data_from_numpy(images)
-        result = grpc.infer(name, [ginp], outputs=[grpcclient.InferRequestedOutput(contract.CLASS_PROBS)])
+        result = grpc.infer(name, [ginp], outputs=[grpcclient.InferRequestedOutput(contract.CLASS_PROBS)],
+                            headers=keyed)
         np.testing.assert_allclose(result.as_numpy(contract.CLASS_PROBS), expected, atol=ATOL, rtol=RTOL)
         grpc.close()
     finally:
@@ -153,9 +161,41 @@ def test_throughput_layout_runs_more_instances_with_the_same_answers(repository)
     assert code == 0, triton.log_tail()
 
 
+def _client_apis_refused_without_the_key(triton: EmbeddedTriton, images: np.ndarray) -> None:
+    """Another process on this host (no key, or a wrong one) gets no diagnosis, no model config (temperature,
+    thresholds, preprocessing) and no metadata from Triton over HTTP or gRPC (issue 25); health still answers."""
+    from tritonclient.utils import InferenceServerException
+
+    name = contract.DEFAULT_NAME
+    for headers in ({}, {TRITON_KEY_HEADER: "wrong"}, {TRITON_GRPC_KEY_HEADER: "wrong"}):
+        http = httpclient.InferenceServerClient(triton.http_url)
+        grpc = grpcclient.InferenceServerClient(triton.grpc_url)
+        inp = httpclient.InferInput(contract.INPUT_NAME, list(images.shape), "UINT8")
+        inp.set_data_from_numpy(images, binary_data=True)
+        ginp = grpcclient.InferInput(contract.INPUT_NAME, list(images.shape), "UINT8")
+        ginp.set_data_from_numpy(images)
+        # each call gets its own copy: tritonclient's HTTP infer adds a header to the dict it is given
+        calls = {
+            "HTTP infer": lambda: http.infer(name, [inp], headers=dict(headers)),
+            "HTTP model config": lambda: http.get_model_config(name, headers=dict(headers)),
+            "HTTP model metadata": lambda: http.get_model_metadata(name, headers=dict(headers)),
+            "HTTP server metadata": lambda: http.get_server_metadata(headers=dict(headers)),
+            "gRPC infer": lambda: grpc.infer(name, [ginp], headers=dict(headers)),
+            "gRPC model config": lambda: grpc.get_model_config(name, headers=dict(headers)),
+            "gRPC model metadata": lambda: grpc.get_model_metadata(name, headers=dict(headers)),
+        }
+        for what, call in calls.items():
+            with pytest.raises(InferenceServerException) as refused:
+                call()
+            assert "restricted" in str(refused.value).lower(), (what, headers, refused.value)
+        assert http.is_server_ready() and grpc.is_server_ready() and grpc.is_model_ready(name)
+        http.close()
+        grpc.close()
+
+
 def _admin_apis_refused(http, grpc) -> None:
     """Nobody can change the log level, read the repository index, register shared memory or read statistics
-    (issue 13: all of these answered anyone before); health, metadata and inference above still worked."""
+    (issue 13: all of these answered anyone before); the client key is no admin key either."""
     from tritonclient.utils import InferenceServerException
 
     calls = {
@@ -172,7 +212,7 @@ def _admin_apis_refused(http, grpc) -> None:
     for what, call in calls.items():
         with pytest.raises(InferenceServerException) as refused:
             call()
-        assert "restricted" in str(refused.value).lower() or "403" in str(refused.value), (what, refused.value)
+        assert "restricted" in str(refused.value).lower(), (what, refused.value)
 
 
 def test_corrupted_model_refuses_to_load(repository, tmp_path):
@@ -194,12 +234,15 @@ def test_corrupted_model_refuses_to_load(repository, tmp_path):
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_cli_stops_cleanly_on_signal(repository, sig):
+def test_cli_stops_cleanly_on_signal(repository, sig, tmp_path):
     ports = _ports()
+    key_file = tmp_path / "triton.key"
     cmd = [sys.executable, "-m", "braintumor.serving.cli", "triton", "--model-repository", str(repository),
            "--address", "127.0.0.1", "--quiet", "--http-port", str(ports["http_port"]),
-           "--grpc-port", str(ports["grpc_port"]), "--metrics-port", str(ports["metrics_port"])]
-    cli = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           "--grpc-port", str(ports["grpc_port"]), "--metrics-port", str(ports["metrics_port"]),
+           "--key-file", str(key_file)]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BRAINTUMOR_TRITON_KEY")}
+    cli = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
         ready = f"http://127.0.0.1:{ports['http_port']}/v2/health/ready"
@@ -213,6 +256,12 @@ def test_cli_stops_cleanly_on_signal(repository, sig):
                 pass
             assert time.monotonic() < deadline, "not ready in 60 s"
             time.sleep(0.2)
+        # no key given: a new one was written for the front doors, readable by this user only, and it works
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        grpc = grpcclient.InferenceServerClient(f"127.0.0.1:{ports['grpc_port']}")
+        key = key_file.read_text().strip()
+        assert grpc.get_model_config(contract.DEFAULT_NAME, headers={TRITON_GRPC_KEY_HEADER: key})
+        grpc.close()
         cli.send_signal(sig)
         assert cli.wait(timeout=30) == 0
         output = cli.stdout.read()

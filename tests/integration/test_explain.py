@@ -24,8 +24,8 @@ pytestmark = pytest.mark.integration
 BUDGET = 60
 
 
-def _pipeline(url: str) -> Pipeline:
-    return Pipeline.from_settings(ServeSettings(triton_url=url, lime_num_samples=BUDGET, shap_max_evals=BUDGET,
+def _pipeline(triton) -> Pipeline:
+    return Pipeline.from_settings(ServeSettings(triton_url=triton.grpc_url, triton_key=triton.client_key, lime_num_samples=BUDGET, shap_max_evals=BUDGET,
                                                 explain_batch_size=16))
 
 
@@ -37,7 +37,7 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 def test_each_method_on_the_original_image_then_cached(tiny_triton, slice_jpeg):
     async def go():
-        pipe = _pipeline(tiny_triton.grpc_url)
+        pipe = _pipeline(tiny_triton)
         try:
             info = await pipe.info()
             results = {m: await pipe.explain(slice_jpeg, ExplainOptions(m)) for m in ("gradcam", "lime", "shap")}
@@ -76,7 +76,7 @@ def test_each_method_on_the_original_image_then_cached(tiny_triton, slice_jpeg):
 ])
 def test_bad_options_are_refused(tiny_triton, slice_jpeg, options, message):
     async def go():
-        pipe = _pipeline(tiny_triton.grpc_url)
+        pipe = _pipeline(tiny_triton)
         try:
             await pipe.explain(slice_jpeg, options)
         finally:
@@ -89,7 +89,7 @@ def test_bad_options_are_refused(tiny_triton, slice_jpeg, options, message):
 def test_options_are_checked_once(tiny_triton, slice_jpeg, monkeypatch):
     """The HTTP door checks the options before it reads the image; the pipeline does not check them again."""
     async def go():
-        pipe = _pipeline(tiny_triton.grpc_url)
+        pipe = _pipeline(tiny_triton)
         try:
             checked = pipe.check_explain(ExplainOptions("gradcam"), await pipe.info())
             calls = []

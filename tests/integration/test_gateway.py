@@ -35,7 +35,7 @@ PATIENT_FILE = "Doe^Jane_PID-98765.jpg"  # a file name that must never reach the
 
 @pytest.fixture(scope="module")
 def gateway(tiny_triton, tmp_path_factory, running_gateway):
-    with running_gateway(tmp_path_factory.mktemp("gateway"), tiny_triton.grpc_url, **LIMITS) as gw:
+    with running_gateway(tmp_path_factory.mktemp("gateway"), tiny_triton, **LIMITS) as gw:
         yield gw
 
 
@@ -190,7 +190,8 @@ def test_multipart_json_and_pipeline_agree(gateway, tiny_triton, slice_jpeg):
     assert as_json.status_code == 200, as_json.text
 
     async def direct():
-        pipe = Pipeline.from_settings(ServeSettings(triton_url=tiny_triton.grpc_url))
+        pipe = Pipeline.from_settings(ServeSettings(triton_url=tiny_triton.grpc_url,
+                                                    triton_key=tiny_triton.client_key))
         try:
             return await pipe.analyze(slice_jpeg, heatmap=True)
         finally:
@@ -342,7 +343,7 @@ def test_no_patient_data_in_logs(gateway, slice_jpeg):
 
 
 def test_api_key_guards_the_api_not_the_probes(tiny_triton, tmp_path, slice_jpeg, running_gateway):
-    with running_gateway(tmp_path, tiny_triton.grpc_url, BRAINTUMOR_API_KEY="s3cret", **LIMITS) as gw:
+    with running_gateway(tmp_path, tiny_triton, BRAINTUMOR_API_KEY="s3cret", **LIMITS) as gw:
         refused = gw.post("/analyze", files=_files(slice_jpeg))
         assert refused.status_code == 401 and refused.json()["error"] == "unauthenticated"
         assert "x-api-key" in refused.json()["detail"]

@@ -86,13 +86,15 @@ class ServerThread:
         return status
 
 
-def _settings(url: str, **kw) -> ServeSettings:
-    return ServeSettings(triton_url=url, max_body_bytes=BODY_LIMIT, **kw)
+def _settings(triton, **kw) -> ServeSettings:
+    """Settings for ``triton``: a running EmbeddedTriton (with the key its inference API needs) or a bare URL."""
+    url, key = (triton, "") if isinstance(triton, str) else (triton.grpc_url, triton.client_key)
+    return ServeSettings(triton_url=url, triton_key=key, max_body_bytes=BODY_LIMIT, **kw)
 
 
 @pytest.fixture(scope="module")
 def server(tiny_triton):
-    with ServerThread(_settings(tiny_triton.grpc_url)) as running:
+    with ServerThread(_settings(tiny_triton)) as running:
         yield running
 
 
@@ -106,9 +108,9 @@ def _png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def _pipeline_analyze(url: str, data: bytes):
+def _pipeline_analyze(triton, data: bytes):
     async def go():
-        pipe = Pipeline.from_settings(_settings(url))
+        pipe = Pipeline.from_settings(_settings(triton))
         try:
             return await pipe.analyze(data, overlay=True, heatmap=True), await pipe.info()
         finally:
@@ -120,7 +122,7 @@ def _pipeline_analyze(url: str, data: bytes):
 def test_analyze_equals_the_pipeline(server, tiny_triton, slice_jpeg):
     reply = server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg, overlay=True, heatmap=True, id="case-1"),
                                 timeout=30)
-    expected, info = _pipeline_analyze(tiny_triton.grpc_url, slice_jpeg)
+    expected, info = _pipeline_analyze(tiny_triton, slice_jpeg)
     assert reply.id == "case-1" and not reply.HasField("error")
     assert reply.label == expected.label
     assert dict(reply.probabilities) == pytest.approx(expected.probabilities, abs=1e-6)
@@ -195,7 +197,7 @@ def test_tiny_deadline_is_deadline_exceeded_and_the_server_carries_on(server, sl
 
 
 def test_model_info(server, tiny_triton, slice_jpeg):
-    _, info = _pipeline_analyze(tiny_triton.grpc_url, slice_jpeg)
+    _, info = _pipeline_analyze(tiny_triton, slice_jpeg)
     reply = server.stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
     assert (reply.name, reply.version, tuple(reply.classes)) == (info.name, info.version, info.classes)
     assert (reply.image_size, reply.geometry) == (info.preprocess.image_size, info.preprocess.geometry)
@@ -252,7 +254,7 @@ def test_metrics_endpoint(server, slice_jpeg):
 
 
 def test_api_key(tiny_triton, slice_jpeg):
-    with ServerThread(_settings(tiny_triton.grpc_url, api_key="s3cret")) as server:
+    with ServerThread(_settings(tiny_triton, api_key="s3cret")) as server:
         error = _code(lambda: server.stub.Analyze(pb.AnalyzeRequest(image=slice_jpeg), timeout=30))
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED and "x-api-key" in error.details()
         wrong = _code(lambda: server.stub.GetModelInfo(pb.ModelInfoRequest(), metadata=[("x-api-key", "guess")],

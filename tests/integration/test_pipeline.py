@@ -24,13 +24,15 @@ def _run(coro):
     return asyncio.run(coro)
 
 
-def _pipeline(url: str, **kw) -> Pipeline:
-    return Pipeline.from_settings(ServeSettings(triton_url=url, **kw))
+def _pipeline(triton, **kw) -> Pipeline:
+    """A pipeline on ``triton``: a running EmbeddedTriton (with the key its inference API needs) or a bare URL."""
+    url, key = (triton, "") if isinstance(triton, str) else (triton.grpc_url, triton.client_key)
+    return Pipeline.from_settings(ServeSettings(triton_url=url, triton_key=key, **kw))
 
 
 def test_analyze_equals_onnxruntime(tiny_triton, tiny_repository, slice_jpeg):
     async def go():
-        pipe = _pipeline(tiny_triton.grpc_url)
+        pipe = _pipeline(tiny_triton)
         try:
             assert await pipe.ready()
             info = await pipe.info()
@@ -57,7 +59,7 @@ def test_analyze_equals_onnxruntime(tiny_triton, tiny_repository, slice_jpeg):
 
 def test_batch_fails_only_the_bad_image(tiny_triton, slice_jpeg):
     async def go():
-        pipe = _pipeline(tiny_triton.grpc_url)
+        pipe = _pipeline(tiny_triton)
         try:
             unreadable = BadInput("images_base64[3] is not valid base64")  # failed at the front door
             return await pipe.analyze_many([slice_jpeg, b"not an image", slice_jpeg, unreadable])
@@ -72,7 +74,7 @@ def test_batch_fails_only_the_bad_image(tiny_triton, slice_jpeg):
 
 def test_bad_single_image_and_limits(tiny_triton, slice_jpeg):
     async def go():
-        pipe = _pipeline(tiny_triton.grpc_url, max_in_flight=1)
+        pipe = _pipeline(tiny_triton, max_in_flight=1)
         try:
             with pytest.raises(BadInput, match="empty image"):
                 await pipe.analyze(b"")

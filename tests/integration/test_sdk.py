@@ -35,7 +35,8 @@ def grpc_target(tiny_triton):
     def run():
         async def main():
             state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
-            await serve_grpc(ServeSettings(triton_url=tiny_triton.grpc_url, api_key=KEY), port, host="127.0.0.1",
+            await serve_grpc(ServeSettings(triton_url=tiny_triton.grpc_url, triton_key=tiny_triton.client_key,
+                                           api_key=KEY), port, host="127.0.0.1",
                              metrics_port=None, ready_event=ready, stop_event=state["stop"], grace=1.0)
 
         try:
@@ -57,7 +58,7 @@ def grpc_target(tiny_triton):
 @pytest.fixture(scope="module")
 def http_url(tiny_triton, tmp_path_factory, running_gateway):
     """`bentoml serve` of the gateway with an API key in its own process group; waits for /readyz."""
-    with running_gateway(tmp_path_factory.mktemp("sdk_gateway"), tiny_triton.grpc_url, BRAINTUMOR_API_KEY=KEY) as gw:
+    with running_gateway(tmp_path_factory.mktemp("sdk_gateway"), tiny_triton, BRAINTUMOR_API_KEY=KEY) as gw:
         yield gw.url
 
 

@@ -169,20 +169,37 @@ def test_command_line(tmp_path):
     assert te.EmbeddedTriton(tmp_path, 1, 2, 3, address="0.0.0.0").grpc_url == "127.0.0.1:2"  # connect over loopback
     assert te.EmbeddedTriton(tmp_path).address == "127.0.0.1"  # Triton authenticates nobody: loopback by default
 
-    # The admin APIs need a header value nobody is given: random per start, never the same twice.
-    keys = set()
-    for _ in range(2):
-        cmd = te.EmbeddedTriton(tmp_path).command(Path("t"), Path("b"), Path("r"))
-        http, grpc = cmd[cmd.index("--http-restricted-api") + 1], cmd[cmd.index("--grpc-restricted-protocol") + 1]
+    # The admin APIs need a header value nobody is given: random per start, never the same twice. Inference, model
+    # config and metadata need the instance's client key (random unless given), which only the front doors get.
+    def restrictions(triton) -> dict[str, tuple[str, str]]:
+        cmd = triton.command(Path("t"), Path("b"), Path("r"))
+        http = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--http-restricted-api"]
+        grpc = [cmd[i + 1] for i, a in enumerate(cmd) if a == "--grpc-restricted-protocol"]
         assert http == grpc
-        apis, setting = http.split(":")
-        assert set(apis.split(",")) == {"model-repository", "shared-memory", "statistics", "trace", "logging"}
-        header, key = setting.split("=")
-        assert header == te.ADMIN_HEADER and len(key) >= 32
-        keys.add(key)
-    assert len(keys) == 2
-    assert "--http-restricted-api" not in te.EmbeddedTriton(tmp_path, restrict_admin=False).command(
-        Path("t"), Path("b"), Path("r"))
+        found = {}
+        for value in http:
+            apis, setting = value.split(":")
+            header, key = setting.split("=")
+            found[header] = (apis, key)
+        return found
+
+    admin_keys, client_keys = set(), set()
+    for _ in range(2):
+        triton = te.EmbeddedTriton(tmp_path)
+        found = restrictions(triton)
+        assert set(found) == {te.ADMIN_HEADER, te.TRITON_KEY_HEADER}
+        admin_apis, admin_key = found[te.ADMIN_HEADER]
+        client_apis, client_key = found[te.TRITON_KEY_HEADER]
+        assert set(admin_apis.split(",")) == {"model-repository", "shared-memory", "statistics", "trace", "logging"}
+        assert set(client_apis.split(",")) == {"inference", "model-config", "metadata"}  # health stays open
+        assert len(admin_key) >= 32 and len(client_key) >= 32 and admin_key != client_key
+        assert client_key == triton.client_key == restrictions(triton)[te.TRITON_KEY_HEADER][1]  # kept per instance
+        admin_keys.add(admin_key)
+        client_keys.add(client_key)
+    assert len(admin_keys) == len(client_keys) == 2
+    assert restrictions(te.EmbeddedTriton(tmp_path, client_key="given"))[te.TRITON_KEY_HEADER][1] == "given"
+    assert set(restrictions(te.EmbeddedTriton(tmp_path, restrict_admin=False))) == {te.TRITON_KEY_HEADER}
+    assert not restrictions(te.EmbeddedTriton(tmp_path, restrict_admin=False, restrict_clients=False))
 
     explicit = te.EmbeddedTriton(tmp_path, load_models=["a", "b"]).command(Path("t"), Path("b"), Path("r"))
     assert explicit[explicit.index("--model-control-mode") + 1] == "explicit"
