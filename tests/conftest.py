@@ -186,3 +186,20 @@ def phi_dicom() -> bytes:
     pixels = np.where((((yy - 32) / 28.0) ** 2 + ((xx - 28) / 24.0) ** 2) <= 1.0, 900, 0).astype(np.uint16)
     pixels[20:30, 25:35] = 1800
     return synthetic_dicom(pixels, 12, **PHI_FIELDS, PixelSpacing=[0.5, 0.5])
+
+
+# -- dicom3tools' dciodvfy, the reference DICOM object validator (Debian's dicom3tools; .ci/run installs it) -----------
+@pytest.fixture(scope="session")
+def dciodvfy():
+    """``dciodvfy(path) -> list[str]``: the validator's "Error" lines for one file (warnings are not errors)."""
+    import shutil
+
+    binary = shutil.which("dciodvfy")
+    if binary is None:
+        pytest.skip("dciodvfy not found: install Debian's dicom3tools (.ci/run does where apt-get and root are)")
+
+    def errors(path) -> list[str]:
+        out = subprocess.run([binary, str(path)], capture_output=True, text=True, timeout=60)
+        return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+    return errors
