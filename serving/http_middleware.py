@@ -115,11 +115,13 @@ class GatewayMiddleware:
                 if route is not None and scope["method"] == "POST":
                     body, parts = await self._read_body(scope, receive, route, held)
                     if path == explain_tasks.SUBMIT:
-                        body, scope = await self._pixels_only(scope, body, caller)
+                        body, scope = await self._pixels_only(scope, body, parts, caller)
                     elif parts is not None:
                         scope = {**scope, SCOPE_KEY: parts}  # parsed once: the endpoint reads these, not the body
             except ServingError as exc:
-                await _answer(exc, counted)
+                # refused before the whole body was read (a key, a size, the buffer budget, a stall): close the
+                # connection, or the server keeps reading a body nobody will use from a client that may stall forever
+                await _answer(exc, counted, close=body is None and _has_body(scope))
                 return
             usage = self.routes[path].usage if path in self.routes else None
             await self.app(scope, _replay(body) if body is not None else receive, _uniform_errors(counted, usage))
@@ -140,12 +142,10 @@ class GatewayMiddleware:
             self._tasks = explain_tasks.TaskStore.of_bentoml(self.settings.explain_task_ttl_s)
         return self._tasks
 
-    async def _pixels_only(self, scope, body: bytes, caller: str | None):
+    async def _pixels_only(self, scope, body: bytes, parts: list | None, caller: str | None):
         """The submission as BentoML will store it: decoded pixels as PNG + options, content headers and the
-        caller's name only."""
-        content_type = _headers(scope).get("content-type", "")
-        media = content_type.split(";")[0].strip().lower()
-        body = await asyncio.to_thread(explain_tasks.pixels_only, body, media, content_type)
+        caller's name only. ``parts``: the multipart body's parts, parsed once by :meth:`_read_body` (None: JSON)."""
+        body = await asyncio.to_thread(explain_tasks.pixels_only, body, parts)
         headers = [(k, v) for k, v in scope.get("headers", ()) if k.lower() == b"host"]
         headers += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if caller is not None:
@@ -309,14 +309,21 @@ def _replay(body: bytes):
     return receive
 
 
-async def _answer(error: ServingError, send) -> None:
+def _has_body(scope) -> bool:
+    """The request announced a body (a length over 0, or chunked)."""
+    headers = _headers(scope)
+    length = headers.get("content-length", "0").strip()
+    return "transfer-encoding" in headers or not length.isdigit() or int(length) > 0
+
+
+async def _answer(error: ServingError, send, close: bool = False) -> None:
     body = error_body(error.kind, error.message)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if error.http_status == 401:
         headers.append((b"www-authenticate", b'Bearer realm="braintumor"'))
     if error.retry_after_s:
         headers.append((b"retry-after", str(error.retry_after_s).encode()))
-    if error.http_status in (408, 413):  # the rest of the body may still be coming: do not keep the connection
+    if close or error.http_status in (408, 413):  # the rest of the body may still be coming: do not keep it open
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.http_status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
