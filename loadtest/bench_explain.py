@@ -29,7 +29,8 @@ import numpy as np
 
 from braintumor.export import contract
 from braintumor.serving import explain
-from braintumor.serving.pipeline import ExplainOptions, Pipeline
+from braintumor.serving.pipeline import Pipeline
+from braintumor.serving.request import ExplainOptions
 from braintumor.serving.settings import ServeSettings
 
 GOAL_SPEEDUP = 10.0

@@ -60,10 +60,12 @@ def baseline_app(checkpoint: str):
     from braintumor.export.contract import FULL_OUTPUTS
     from braintumor.export.wrappers import build_graphs
     from braintumor.serving.postprocess import postprocess
+    from braintumor.serving.request import AnalyzeOptions
     from braintumor.serving.wire import analysis_to_dict
     from braintumor.train.decode import decode_any
     from braintumor.train.naming import CLASSES
     from braintumor.train.preprocess import PreprocessConfig, preprocess
+    from braintumor.train.refer import ReferRules
     from braintumor.train.trainer.checkpoint import load_model
 
     model, state = load_model(checkpoint)
@@ -78,7 +80,7 @@ def baseline_app(checkpoint: str):
             outs = graph(torch.from_numpy(image[None, None]))
         outputs = {name: out.numpy() for name, out in zip(FULL_OUTPUTS, outs)}
         result = postprocess(outputs, geometry, decoded, classes=classes,
-                             refer_threshold=state.get("refer_threshold"), want_heatmap=heatmap)
+                             rules=ReferRules(state.get("refer_threshold")), options=AnalyzeOptions(heatmap=heatmap))
         return analysis_to_dict(result, model=False)
 
     async def analyze(request: Request) -> JSONResponse:

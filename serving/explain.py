@@ -3,7 +3,7 @@ and SHAP by perturbing the model input and calling the classifier-only Triton mo
 
 Each perturbation method is one function with the same signature, ``(image, classify, target_index, budget,
 batch_size) -> (S, S) float32 weights``, where ``classify`` is a synchronous ``(n, 1, S, S) uint8 -> (n, C)``
-function; :class:`Explainer` gives it one that forwards to the async :class:`~.triton_client.TritonModel`.
+function; :class:`Explainer` gives it one that forwards to the async :class:`~.backend.ModelBackend`.
 """
 
 from __future__ import annotations
@@ -173,7 +173,7 @@ class Explainer:
     each calling Triton through the event loop in batches of ``explain_batch_size``; results in an LRU cache."""
 
     def __init__(self, model, settings, *, warm: bool = True) -> None:
-        self.model = model  # a TritonModel: async classify(images, batch_size) -> probabilities
+        self.model = model  # a ModelBackend: async classify(images, batch_size) -> probabilities
         self.settings = settings
         self._pool = concurrent.futures.ThreadPoolExecutor(settings.explain_workers, thread_name_prefix="explain")
         self._cache: OrderedDict[tuple, Explanation] = OrderedDict()
@@ -204,9 +204,10 @@ class Explainer:
             self._cache.move_to_end(key)
         return replace(hit, cached=True)
 
-    async def explain(self, prepared, outputs: dict[str, np.ndarray], info, options) -> Explanation:
-        """Explain ``options.target`` (None: the predicted class) for one prepared image and its full-model outputs."""
-        hit = self.lookup(prepared.sha256, info, options)
+    async def explain(self, prepared, sha256: str, outputs: dict[str, np.ndarray], info, options) -> Explanation:
+        """Explain ``options.target`` (None: the predicted class) for one prepared image (``sha256``: of its bytes, the
+        cache key) and its full-model outputs."""
+        hit = self.lookup(sha256, info, options)  # another request may have computed it while this one waited
         if hit is not None:
             return hit
         probs = np.asarray(outputs[CLASS_PROBS], np.float64).reshape(-1)
@@ -230,7 +231,7 @@ class Explainer:
             num_samples=used, seconds=time.perf_counter() - start, original_shape=prepared.geometry.original_shape,
             heatmap=heat, heatmap_png=heatmap_png, overlay_png=overlay_png,
             model_name=info.name, model_version=info.version)
-        key = self._key(prepared.sha256, info, options)
+        key = self._key(sha256, info, options)
         with self._lock:
             self._cache[key] = explanation
             self._cache.move_to_end(key)

@@ -41,13 +41,14 @@ REFUSED = {
 _OPTION_FIELDS = ("method", "target", "num_samples", "max_evals")
 
 
-def pixels_only(body: bytes, media: str, content_type: str) -> bytes:
+def pixels_only(body: bytes, parts: list | None) -> bytes:
     """The JSON body of a submission that carries only the decoded pixels (as PNG) and the explanation options.
+    ``parts``: a multipart body's parts as the gateway's guard parsed them (:mod:`.multipart`), else None (JSON).
 
     Raises BadInput / UnsupportedMediaType for what cannot be decoded, before anything is stored."""
     from ..train.decode import ImageDecodeError, UnsupportedFormatError, decode_any
 
-    fields, image = _fields_and_image(body, media, content_type)
+    fields, image = _fields_and_image(body, parts)
     try:
         decoded, _ = decode_any(image)
     except UnsupportedFormatError as exc:
@@ -61,9 +62,9 @@ def pixels_only(body: bytes, media: str, content_type: str) -> bytes:
     return json.dumps({**fields, "image_base64": base64.b64encode(buf.getvalue()).decode()}).encode()
 
 
-def _fields_and_image(body: bytes, media: str, content_type: str) -> tuple[dict, bytes]:
-    if media == "multipart/form-data":
-        parts = _multipart_parts(content_type, body)
+def _fields_and_image(body: bytes, parts: list | None) -> tuple[dict, bytes]:
+    if parts is not None:
+        parts = {part.name: bytes(part.data) for part in parts}
         fields = {k: v.decode("utf-8", "replace") for k, v in parts.items() if k in _OPTION_FIELDS}
         image = parts.get("image")
     else:
@@ -87,12 +88,6 @@ def _fields_and_image(body: bytes, media: str, content_type: str) -> tuple[dict,
         raise BadInput('no image in the request: send the file in multipart field "image" or base64 in JSON '
                        '"image_base64"')
     return fields, image
-
-
-def _multipart_parts(content_type: str, body: bytes) -> dict[str, bytes]:
-    from .multipart import boundary_of, read_parts
-
-    return {part.name: bytes(part.data) for part in read_parts(boundary_of(content_type) or b"", body)}
 
 
 class TaskStore:

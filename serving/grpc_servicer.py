@@ -15,7 +15,8 @@ from ..clients.v1 import braintumor_pb2 as pb
 from ..clients.v1 import braintumor_pb2_grpc as pb_grpc
 from .errors import DeadlineExceeded, ServingError
 from .metrics import Metrics
-from .pipeline import ExplainOptions, Pipeline, check_mask_format
+from .pipeline import Pipeline
+from .request import AnalyzeOptions, ExplainOptions
 from .wire import analysis_message, error_message, explanation_message, model_info_message
 
 log = logging.getLogger("braintumor.serving.grpc")
@@ -32,7 +33,7 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
 
     async def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
         async def work():
-            result = await self.pipeline.analyze(request.image, **_images_wanted(request))
+            result = await self.pipeline.analyze(request.image, analyze_options(request))
             return analysis_message(result, request)
 
         return await self._unary("Analyze", context, work)
@@ -132,7 +133,7 @@ class BrainTumorServicer(pb_grpc.BrainTumorServicer):
         try:
             try:
                 result = await _within_deadline(
-                    context, self.pipeline.analyze(request.image, **_images_wanted(request)))
+                    context, self.pipeline.analyze(request.image, analyze_options(request)))
                 answer = analysis_message(result, request)
             except ServingError as exc:
                 if exc.http_status == 500:
@@ -170,10 +171,10 @@ def _gone(context) -> str:
     return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
 
 
-def _images_wanted(request: pb.AnalyzeRequest) -> dict:
-    """The optional PNGs to make: none with ``skip_images``, which the answer would leave out anyway; the mask in the
-    asked format (BadInput for an unknown one), and with ``skip_images`` as RLE, the cheaper of the two to make."""
-    mask_format = check_mask_format(request.mask_format)
-    return {"overlay": request.overlay and not request.skip_images,
-            "heatmap": request.heatmap and not request.skip_images,
-            "mask_format": "rle" if request.skip_images else mask_format}
+def analyze_options(request: pb.AnalyzeRequest) -> AnalyzeOptions:
+    """The request's options, checked once (BadInput for an unknown mask format): no PNG with ``skip_images``, which
+    the answer would leave out anyway, and the mask then as RLE, the cheaper of the two to make."""
+    options = AnalyzeOptions(request.heatmap, request.overlay, request.mask_format)
+    if request.skip_images:
+        return AnalyzeOptions(heatmap=False, overlay=False, mask_format="rle")
+    return options

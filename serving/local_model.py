@@ -1,4 +1,4 @@
-"""The model in the front door's own process: ONNX Runtime behind :class:`~.triton_client.TritonModel`'s interface.
+"""The model in the front door's own process: ONNX Runtime behind the :class:`~.backend.ModelBackend` interface.
 
 For single-host installs (`braintumor serve --backend onnxruntime`): the gateway and the gRPC server each load the
 repository's ONNX graphs and run them themselves, so a request skips the gRPC hop to Triton, Triton's scheduler and
@@ -29,7 +29,7 @@ from ..export.contract import classifier_name as classifier_of
 from ..export.manifest import ManifestError, verify_manifest
 from ..export.triton_config import latest_version, layout_file
 from .errors import BadInput, DeadlineExceeded, UpstreamError
-from .triton_client import ModelInfo, _chunks
+from .backend import ModelInfo, chunks
 
 log = logging.getLogger("braintumor.serving")
 
@@ -127,7 +127,7 @@ class _Batcher:
     """One ONNX Runtime session; whatever is queued while it runs goes in the next batch (up to ``max_batch``).
 
     ``instances`` batches may run at once, each in its own thread (ONNX Runtime releases the GIL); requests are
-    never split, and callers send at most ``max_batch`` images per request (:func:`_chunks`).
+    never split, and callers send at most ``max_batch`` images per request (:func:`~.backend.chunks`).
     """
 
     def __init__(self, name: str, session, input_name: str, outputs: tuple[str, ...], max_batch: int,
@@ -192,7 +192,7 @@ class _Batcher:
 
 
 class LocalModel:
-    """:class:`~.triton_client.TritonModel`'s interface over ONNX Runtime in this process.
+    """A :class:`~.backend.ModelBackend` over ONNX Runtime in this process (TritonModel's twin).
 
     Loads ``<repository>/<model_name>`` and its classifier twin at construction (a missing file, a failed manifest
     or a TensorRT-only repository raise :class:`ModelLoadError` naming the file), so a front door that cannot serve
@@ -262,7 +262,7 @@ class LocalModel:
 
     async def infer(self, images: np.ndarray, info: ModelInfo | None = None) -> dict[str, np.ndarray]:
         """Full model on a (N, 1, S, S) uint8 batch -> {class_probs, mask_prob, cam[, ood_score]}."""
-        parts = [await self._run(self._full, chunk) for chunk in _chunks(images, self._full.max_batch)]
+        parts = [await self._run(self._full, chunk) for chunk in chunks(images, self._full.max_batch)]
         if len(parts) == 1:
             return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name in self._full.outputs}
@@ -270,7 +270,7 @@ class LocalModel:
     async def classify(self, images: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Classifier-only model on a (N, 1, S, S) uint8 batch -> (N, num_classes) calibrated probabilities."""
         size = min(batch_size or self._classifier.max_batch, self._classifier.max_batch)
-        parts = await asyncio.gather(*(self._run(self._classifier, chunk) for chunk in _chunks(images, size)))
+        parts = await asyncio.gather(*(self._run(self._classifier, chunk) for chunk in chunks(images, size)))
         return np.concatenate([p[CLASS_PROBS] for p in parts])
 
     async def _run(self, batcher: _Batcher, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,8 +1,10 @@
-"""The one serving pipeline both front doors call: decode -> preprocess -> Triton -> postprocess (-> explanation).
+"""The stages of an analysis or explanation, one after another, for both front doors: (model info, once) -> decode ->
+preprocess -> infer -> postprocess, each stage one call here; parsing the request (:mod:`.request`) and encoding the
+answer (:mod:`.wire`) are the front doors' (ARCHITECTURE.md, "The request path").
 
-Decoding, preprocessing and postprocessing are CPU work and run in a thread so the event loop keeps serving;
-Triton calls go through the one reused :class:`TritonModel`. Admission is bounded: beyond ``max_in_flight``
-calls a request gets :class:`Busy` at once instead of queueing without limit.
+Decoding, preprocessing and postprocessing are CPU work and run in a thread so the event loop keeps serving; the
+model is called through the one :class:`~.backend.ModelBackend` (Triton, or ONNX Runtime in this process). Admission
+is bounded: beyond ``max_in_flight`` calls a request gets :class:`Busy` at once instead of queueing without limit.
 """
 
 from __future__ import annotations
@@ -17,18 +19,18 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..clients import masks
 from ..train.decode import DecodedImage, DicomInfo, ImageDecodeError, UnsupportedFormatError, decode_any
 from ..train.preprocess import Geometry, preprocess
+from .backend import ModelBackend, ModelInfo
 from .errors import BadInput, Busy, ServingError, UnsupportedMediaType
 from .explain import Explainer
 from .postprocess import AnalysisResult, postprocess
+from .request import AnalyzeOptions, ExplainOptions
 from .settings import ServeSettings
-from .triton_client import ModelInfo, TritonModel
 
 log = logging.getLogger("braintumor.serving")
 
-EXPLAIN_METHODS = ("gradcam", "lime", "shap")
+DEFAULT_OPTIONS = AnalyzeOptions()
 
 
 @dataclass(frozen=True, eq=False)
@@ -39,34 +41,19 @@ class Prepared:
     dicom: DicomInfo | None
     image: np.ndarray  # (S, S) uint8 model input
     geometry: Geometry
-    sha256: str  # of the request bytes: the explanation cache key; never logged with patient data
 
 
-@dataclass(frozen=True)
-class ExplainOptions:
-    method: str
-    target: str | None = None  # class name; None = the predicted class
-    num_samples: int | None = None  # LIME perturbations
-    max_evals: int | None = None  # SHAP model evaluations
+@dataclass(frozen=True, eq=False)
+class Analysed:
+    """A batch's answers, in request order (an AnalysisResult, or the ServingError of that image), and the model
+    that gave them (a batch answer names it once, also when no image could be used)."""
 
-
-@dataclass(frozen=True)
-class CheckedExplainOptions(ExplainOptions):
-    """Options that passed :meth:`Pipeline.check_explain` (defaults filled in): validated once per request, so
-    :meth:`Pipeline.explain` takes them as they are (the HTTP door checks before it reads the image)."""
-
-
-def check_mask_format(value: str | None) -> str:
-    """The requested mask format ("" or None: the default, png); BadInput naming the accepted ones."""
-    try:
-        return masks.check_mask_format(value)
-    except ValueError as exc:
-        raise BadInput(f"{exc} (png: a greyscale PNG in mask_png, the default; rle: COCO run-length encoding in "
-                       "mask_rle)") from exc
+    model: ModelInfo
+    results: list[AnalysisResult | ServingError]
 
 
 class Pipeline:
-    def __init__(self, model: TritonModel, settings: ServeSettings | None = None, metrics=None, *,
+    def __init__(self, model: ModelBackend, settings: ServeSettings | None = None, metrics=None, *,
                  warm_explainers: bool = True) -> None:
         self.model = model
         self.settings = settings or ServeSettings()
@@ -83,6 +70,8 @@ class Pipeline:
             model = LocalModel(settings.model_repository, settings.model_name, settings.model_version,
                                timeout_s=settings.triton_timeout_s, layout=settings.layout)
         else:
+            from .triton_client import TritonModel
+
             model = TritonModel(settings.triton_url, settings.model_name, settings.model_version,
                                 timeout_s=settings.triton_timeout_s, key=settings.triton_client_key())
         return cls(model, settings, metrics)
@@ -119,71 +108,71 @@ class Pipeline:
 
     # -- analysis ----------------------------------------------------------------------------------------
 
-    def prepare(self, data: bytes, info: ModelInfo) -> Prepared:
-        """Decode and preprocess one image; BadInput with the reason when it cannot be used."""
+    async def analyze(self, data: bytes, options: AnalyzeOptions = DEFAULT_OPTIONS) -> AnalysisResult:
+        """One image; its BadInput is raised."""
+        analysed = await self.analyze_many([data], options, raise_single=True)
+        return analysed.results[0]
+
+    async def analyze_many(self, items: Sequence[bytes | ServingError], options: AnalyzeOptions = DEFAULT_OPTIONS,
+                           *, raise_single: bool = False) -> Analysed:
+        """Analyze several images with ONE model call for all that decode; a bad image fails alone.
+
+        Each result is an AnalysisResult or the BadInput that image raised; an item that is already a ServingError
+        (a part the front door could not read) keeps its place. The batch limit is checked here, the one place, on
+        every item. Model failures (Unavailable, DeadlineExceeded) fail the whole call. ``options`` were checked when
+        the front door built them.
+        """
+        if len(items) > self.settings.max_batch_images:
+            raise BadInput(f"{len(items)} images in one batch; at most {self.settings.max_batch_images} are accepted")
+        async with self._admitted():
+            info = await self.model.info()  # once per request, handed down the stages
+            prepared = await asyncio.to_thread(self._decode_and_preprocess, items, info)
+            good = [p for p in prepared if isinstance(p, Prepared)]
+            if raise_single and not good:
+                raise prepared[0]
+            outputs = await self.model.infer(np.stack([p.image[None] for p in good]), info) if good else {}
+            results = await asyncio.to_thread(self._postprocess_all, prepared, outputs, info, options)
+            if self.metrics is not None:
+                self.metrics.observe_results(results)
+            return Analysed(info, results)
+
+    # -- the stages of one image ---------------------------------------------------------------------------
+
+    def decode(self, data: bytes) -> tuple[DecodedImage, DicomInfo | None]:
+        """Bytes -> greyscale pixels (+ DICOM spacing and modality); BadInput / UnsupportedMediaType with the reason."""
         if not data:
             raise BadInput("empty image: send the bytes of one JPEG, PNG or DICOM file")
         if len(data) > self.settings.max_body_bytes:
             raise BadInput(f"image of {len(data)} bytes is over the {self.settings.max_body_bytes}-byte limit")
         try:
-            decoded, dicom = decode_any(data)
-            image, geometry = preprocess(decoded.pixels, info.preprocess)
+            return decode_any(data)
         except UnsupportedFormatError as exc:
             raise UnsupportedMediaType(str(exc)) from exc
         except ImageDecodeError as exc:
             raise BadInput(str(exc)) from exc
-        return Prepared(decoded, dicom, image, geometry, hashlib.sha256(data).hexdigest())
 
-    def _finish(self, prepared: Prepared, outputs: dict[str, np.ndarray], info: ModelInfo,
-                overlay: bool, heatmap: bool = False, mask_format: str = "png") -> AnalysisResult:
+    def prepare(self, data: bytes, info: ModelInfo) -> Prepared:
+        """Decode, then preprocess (the model's square uint8 input + the geometry to map answers back)."""
+        decoded, dicom = self.decode(data)
+        image, geometry = preprocess(decoded.pixels, info.preprocess)
+        return Prepared(decoded, dicom, image, geometry)
+
+    @staticmethod
+    def finish(prepared: Prepared, outputs: dict[str, np.ndarray], info: ModelInfo,
+               options: AnalyzeOptions) -> AnalysisResult:
+        """Postprocess one image's outputs and stamp the answering model on the result."""
         dicom = prepared.dicom
         result = postprocess(
-            outputs, prepared.geometry, prepared.decoded, classes=info.classes,
-            refer_threshold=info.refer_threshold,
-            disagree_min_area=info.disagree_min_area,
-            ood_threshold=info.ood_threshold,
+            outputs, prepared.geometry, prepared.decoded, classes=info.classes, rules=info.refer_rules,
             pixel_spacing_mm=dicom.pixel_spacing_mm if dicom else None,
             modality=dicom.modality if dicom else None,
-            want_overlay=overlay,
-            want_heatmap=heatmap,
-            mask_format=mask_format,
             foreground_threshold=info.preprocess.foreground_threshold,
+            options=options,
         )
         return replace(result, model_name=info.name, model_version=info.version)
 
-    async def analyze(self, data: bytes, *, overlay: bool = False, heatmap: bool = False,
-                      mask_format: str = "png") -> AnalysisResult:
-        return (await self.analyze_many([data], overlay=overlay, heatmap=heatmap, mask_format=mask_format,
-                                        raise_single=True))[0]
-
-    async def analyze_many(self, items: Sequence[bytes | ServingError], *, overlay: bool = False,
-                           heatmap: bool = False, mask_format: str = "png",
-                           raise_single: bool = False) -> list[AnalysisResult | ServingError]:
-        """Analyze several images with ONE Triton request for all that decode; a bad image fails alone.
-
-        Each entry of the result is an AnalysisResult or the BadInput that image raised; an item that is already a
-        ServingError (a part the front door could not read) keeps its place. The batch limit is checked here, the
-        one place, on every item. Triton failures (Unavailable, DeadlineExceeded) fail the whole call. The Grad-CAM
-        heatmap PNG is made only with ``heatmap`` (explanations on demand). ``mask_format``: "png" (default) or "rle"
-        (COCO run-length encoding, made instead of the PNG); checked here, before any image work, for both doors.
-        """
-        mask_format = check_mask_format(mask_format)
-        if len(items) > self.settings.max_batch_images:
-            raise BadInput(f"{len(items)} images in one batch; at most {self.settings.max_batch_images} are accepted")
-        async with self._admitted():
-            info = await self.info()
-            prepared: list[Prepared | ServingError] = await asyncio.to_thread(self._prepare_all, items, info)
-            good = [p for p in prepared if isinstance(p, Prepared)]
-            if raise_single and not good:
-                raise prepared[0]
-            outputs = await self.model.infer(np.stack([p.image[None] for p in good]), info) if good else {}
-            results: list[AnalysisResult | ServingError] = await asyncio.to_thread(
-                self._finish_all, prepared, outputs, info, overlay, heatmap, mask_format)
-            if self.metrics is not None:
-                self.metrics.observe_results(results)
-            return results
-
-    def _prepare_all(self, items: Sequence[bytes | ServingError], info: ModelInfo) -> list[Prepared | ServingError]:
+    def _decode_and_preprocess(self, items: Sequence[bytes | ServingError],
+                               info: ModelInfo) -> list[Prepared | ServingError]:
         out: list[Prepared | ServingError] = []
         for data in items:
             if isinstance(data, ServingError):
@@ -195,52 +184,36 @@ class Pipeline:
                 out.append(exc)
         return out
 
-    def _finish_all(self, prepared, outputs, info, overlay, heatmap=False,
-                    mask_format="png") -> list[AnalysisResult | ServingError]:
+    def _postprocess_all(self, prepared, outputs, info, options) -> list[AnalysisResult | ServingError]:
         results, row = [], 0
         for item in prepared:
             if isinstance(item, ServingError):
                 results.append(item)
                 continue
             one = {name: value[row:row + 1] for name, value in outputs.items()}
-            results.append(self._finish(item, one, info, overlay, heatmap, mask_format))
+            results.append(self.finish(item, one, info, options))
             row += 1
         return results
 
     # -- explanations --------------------------------------------------------------------------------------
 
-    def check_explain(self, options: ExplainOptions, info: ModelInfo) -> CheckedExplainOptions:
-        """Validate explanation options against the documented bounds; fill the defaults."""
-        s = self.settings
-        if options.method not in EXPLAIN_METHODS:
-            raise BadInput(f"unknown explanation method {options.method!r}; use one of {', '.join(EXPLAIN_METHODS)}")
-        if options.target is not None and options.target not in info.classes:
-            raise BadInput(f"unknown target class {options.target!r}; use one of {', '.join(info.classes)} "
-                           "or leave it empty for the predicted class")
-        num_samples = s.lime_num_samples if options.num_samples is None else int(options.num_samples)
-        if not 10 <= num_samples <= s.lime_max_samples:
-            raise BadInput(f"num_samples={num_samples} is outside 10..{s.lime_max_samples}")
-        max_evals = s.shap_max_evals if options.max_evals is None else int(options.max_evals)
-        if not 10 <= max_evals <= s.shap_max_max_evals:
-            raise BadInput(f"max_evals={max_evals} is outside 10..{s.shap_max_max_evals}")
-        return CheckedExplainOptions(options.method, options.target, num_samples, max_evals)
-
     async def explain(self, data: bytes, options: ExplainOptions):
-        """Explain one image's prediction (or ``options.target``): an :class:`~.explain.Explanation`."""
-        info = await self.info()
-        if not isinstance(options, CheckedExplainOptions):
-            options = self.check_explain(options, info)
+        """Explain one image's prediction (or ``options.target``): an :class:`~.explain.Explanation`. The options are
+        checked first (a bad method or bound is a 400 before any image work); the image's sha256, the cache key, is
+        computed once, here: a repeated request is answered from the cache before any decoding or inference."""
+        info = await self.model.info()
+        checked = options.checked(self.settings, info.classes)
         start = time.perf_counter()
-        # A repeated request is answered from the cache before any decoding or inference.
-        hit = self._explainer.lookup(hashlib.sha256(data).hexdigest(), info, options)
+        digest = hashlib.sha256(data).hexdigest()
+        hit = self._explainer.lookup(digest, info, checked)
         if hit is not None:
             if self.metrics is not None:
-                self.metrics.observe_explanation(options.method, time.perf_counter() - start, True)
+                self.metrics.observe_explanation(checked.method, time.perf_counter() - start, True)
             return hit
         async with self._admitted():
             prepared = await asyncio.to_thread(self.prepare, data, info)
             outputs = await self.model.infer(prepared.image[None, None], info)
-            result = await self._explainer.explain(prepared, outputs, info, options)
+            result = await self._explainer.explain(prepared, digest, outputs, info, checked)
             if self.metrics is not None:
-                self.metrics.observe_explanation(options.method, time.perf_counter() - start, result.cached)
+                self.metrics.observe_explanation(checked.method, time.perf_counter() - start, result.cached)
             return result

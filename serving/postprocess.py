@@ -16,13 +16,14 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from ..clients.masks import check_mask_format, encode_rle, mask_png
+from ..clients.masks import encode_rle, mask_png
 from ..export.contract import CAM, CLASS_PROBS, MASK_PROB, OOD_SCORE
 from ..train.decode import DecodedImage
 from ..train.heatmap import cam_heatmap, heatmap_levels
 from ..train.preprocess import Geometry, PreprocessConfig, invert_geometry, mask_to_original
 from ..train.refer import ReferRules, decide
 from ..train.refer import reasons as refer_reasons
+from .request import AnalyzeOptions
 
 MIN_STD = 2.0  # grey levels; below this the image is blank or near-constant
 MIN_FOREGROUND = 0.01  # fraction of pixels above the foreground threshold; below this the image is mostly blank
@@ -72,29 +73,24 @@ def postprocess(
     decoded: DecodedImage,
     *,
     classes: Sequence[str],
-    refer_threshold: float | None,
-    disagree_min_area: float | None = None,
-    ood_threshold: float | None = None,
+    rules: ReferRules = ReferRules(),
     pixel_spacing_mm: tuple[float, float] | None = None,
-    want_overlay: bool = False,
     modality: str | None = None,
     foreground_threshold: int = FOREGROUND_THRESHOLD,
-    want_heatmap: bool = False,
-    mask_format: str = "png",
+    options: AnalyzeOptions = AnalyzeOptions(),
 ) -> AnalysisResult:
     """Turn the model outputs of ONE image (batch dimension 1 or none) into an :class:`AnalysisResult`.
 
-    The Grad-CAM heatmap is mapped back and PNG-encoded only with ``want_heatmap`` (the overlay also maps it, as it
-    blends it in, but returns no heatmap PNG unless asked): explanations on demand, the mask always, in one form:
-    ``mask_format`` "png" (default) or "rle" (COCO run-length encoding; the PNG is then not encoded at all).
+    The Grad-CAM heatmap is mapped back and PNG-encoded only with ``options.heatmap`` (the overlay also maps it, as
+    it blends it in, but returns no heatmap PNG unless asked): explanations on demand, the mask always, in one form:
+    ``options.mask_format`` "png" (default) or "rle" (COCO run-length encoding; the PNG is then not encoded at all).
 
-    ``refer`` is True when one of the model's refer rules refers the outputs (:func:`braintumor.train.refer.decide`,
+    ``refer`` is True when one of the model's refer ``rules`` refers the outputs (:func:`braintumor.train.refer.decide`,
     the very rules the model card and evaluation apply: the refer threshold, mask/label disagreement beyond the
-    fitted ``disagree_min_area``, the learned ``ood_score`` above ``ood_threshold``), or when
+    fitted area, the learned ``ood_score`` above its threshold), or when
     :func:`out_of_distribution` finds a reason in the pixels; each reason is one sentence in ``refer_reason``.
     ``mask_label_disagree`` is the disagreement rule's flag, reported also for a model without a fitted area.
     """
-    mask_format = check_mask_format(mask_format)
     probs = _one(outputs, CLASS_PROBS, 1).astype(np.float64)
     if probs.shape != (len(classes),):
         raise ValueError(f"{CLASS_PROBS} has {probs.shape[0]} classes but the model metadata lists {len(classes)}")
@@ -106,19 +102,18 @@ def postprocess(
     mask_prob = _one(outputs, MASK_PROB, 2)
     mask = mask_to_original(mask_prob, geometry)  # at MASK_THRESHOLD, as the refer rules' area
     cam = _one(outputs, CAM, 3)  # checked on every answer: the contract holds whether or not the heatmap is asked
-    heat = gradcam_heatmap(cam, index, geometry) if want_heatmap or want_overlay else None
+    heat = gradcam_heatmap(cam, index, geometry) if options.heatmap or options.overlay else None
     area = int(mask.sum())
     area_mm2 = None
     if pixel_spacing_mm is not None:
         area_mm2 = float(area * pixel_spacing_mm[0] * pixel_spacing_mm[1])
 
-    rules = ReferRules(refer_threshold, disagree_min_area, ood_threshold)
-    ood_scores = _one(outputs, OOD_SCORE, 0).reshape(1) if ood_threshold is not None else None
+    ood_scores = _one(outputs, OOD_SCORE, 0).reshape(1) if rules.ood_threshold is not None else None
     decision = decide(probs[None], mask_prob[None], ood_scores, rules, classes)
     reasons = refer_reasons(decision, 0, rules, classes)
     reasons += out_of_distribution(decoded, modality=modality, foreground_threshold=foreground_threshold)
 
-    overlay_png = encode_png(overlay(decoded.pixels, mask, heat)) if want_overlay else None
+    overlay_png = encode_png(overlay(decoded.pixels, mask, heat)) if options.overlay else None
     return AnalysisResult(
         label=label,
         probabilities={c: round(float(p), 6) for c, p in zip(classes, probs)},  # float32 noise off the JSON
@@ -128,12 +123,12 @@ def postprocess(
         tumor_area_mm2=area_mm2,
         mask_label_disagree=bool(decision.disagree[0]),
         original_shape=geometry.original_shape,
-        mask_png=mask_png(mask) if mask_format == "png" else None,
-        heatmap_png=encode_png(colourise(heat)) if want_heatmap else None,
+        mask_png=mask_png(mask) if options.mask_format == "png" else None,
+        heatmap_png=encode_png(colourise(heat)) if options.heatmap else None,
         overlay_png=overlay_png,
         mask=mask,
         heatmap=heat,
-        mask_rle=encode_rle(mask) if mask_format == "rle" else None,
+        mask_rle=encode_rle(mask) if options.mask_format == "rle" else None,
     )
 
 

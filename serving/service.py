@@ -32,7 +32,8 @@ from braintumor.serving.errors import BadInput, ServingError
 from braintumor.serving.http_middleware import BodyRoute, GatewayMiddleware
 from braintumor.serving.metrics import Metrics
 from braintumor.serving.multipart import SCOPE_KEY
-from braintumor.serving.pipeline import EXPLAIN_METHODS, ExplainOptions, Pipeline
+from braintumor.serving.pipeline import Pipeline
+from braintumor.serving.request import EXPLAIN_METHODS, AnalyzeOptions, ExplainOptions
 from braintumor.serving.wire import analysis_to_dict, error_to_dict, explanation_to_dict
 from braintumor.serving.settings import ServeSettings
 
@@ -255,8 +256,9 @@ class BrainTumorGateway:
         """
 
         async def work():
+            options = AnalyzeOptions(heatmap, overlay, mask_format)  # checked once, here
             data = await _one_image(image, image_base64, ANALYZE_USAGE)
-            result = await self.pipeline.analyze(data, overlay=overlay, heatmap=heatmap, mask_format=mask_format)
+            result = await self.pipeline.analyze(data, options)
             return JSONResponse(analysis_to_dict(result))  # BentoML's output serde, skipped: the dict is plain JSON
 
         return await self._answer("analyze", work())
@@ -268,6 +270,7 @@ class BrainTumorGateway:
         /analyze answer, or `{"error": kind, "detail": message}` for an image that cannot be used."""
 
         async def work():
+            options = AnalyzeOptions(heatmap, overlay, mask_format)  # checked once, here
             if images is not None and images_base64 is not None:
                 raise BadInput('send the images once: either multipart files "images" or JSON "images_base64"')
             if not images and not images_base64:
@@ -279,12 +282,11 @@ class BrainTumorGateway:
                                  else await _file_bytes(item))
                 except BadInput as exc:
                     items.append(exc)  # keeps its place; the pipeline checks the batch limit and counts errors
-            analysed = await self.pipeline.analyze_many(items, overlay=overlay, heatmap=heatmap,
-                                                        mask_format=mask_format)
-            info = (await self.pipeline.info()).to_dict()
+            analysed = await self.pipeline.analyze_many(items, options)
             results = [error_to_dict(r) if isinstance(r, ServingError) else analysis_to_dict(r, model=False)
-                       for r in analysed]
-            return JSONResponse({"model": {"name": info["name"], "version": info["version"]}, "results": results})
+                       for r in analysed.results]
+            model = analysed.model  # the model that answered: no second look
+            return JSONResponse({"model": {"name": model.name, "version": model.version}, "results": results})
 
         return await self._answer("analyze_batch", work())
 
@@ -300,10 +302,8 @@ class BrainTumorGateway:
         """
 
         async def work():
-            info = await self.pipeline.info()
-            # Options first: a bad method or bound is a 400 before any image work (and a task fails at once).
-            options = self.pipeline.check_explain(ExplainOptions(method, target or None, num_samples, max_evals),
-                                                  info)
+            # Checked by the pipeline against the model's classes before any image work (a task fails at once).
+            options = ExplainOptions(method, target or None, num_samples, max_evals)
             data = await _one_image(image, image_base64, EXPLAIN_USAGE)
             explanation = await self.pipeline.explain(data, options)
             return explanation_to_dict(explanation)

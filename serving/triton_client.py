@@ -9,26 +9,11 @@ turns Triton's failures into the precise serving error (:data:`TRITON_ERRORS`): 
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..export.contract import (
-    BASE_OUTPUTS,
-    CLASS_PROBS,
-    FULL_OUTPUTS,
-    INPUT_NAME,
-    PARAM_CAM_SIZE,
-    PARAM_DISAGREE_MIN_AREA,
-    PARAM_CLASSES,
-    PARAM_OOD_THRESHOLD,
-    PARAM_PREPROCESS,
-    PARAM_REFER_THRESHOLD,
-    PARAM_TEMPERATURE,
-    classifier_name,
-)
-from ..train.preprocess import PreprocessConfig
+from ..export.contract import CLASS_PROBS, INPUT_NAME, classifier_name
+from .backend import ModelInfo, chunks
 from .errors import BadInput, DeadlineExceeded, ServingError, Unavailable, UpstreamError
 from .settings import TRITON_GRPC_KEY_HEADER
 
@@ -44,67 +29,9 @@ TRITON_ERRORS: dict[str, type[ServingError]] = {
 }
 
 
-@dataclass(frozen=True)
-class ModelInfo:
-    """What serving needs to know about the deployed model; read from Triton, not from local files."""
-
-    name: str
-    version: str
-    classes: tuple[str, ...]
-    preprocess: PreprocessConfig
-    temperature: float
-    refer_threshold: float | None
-    cam_size: int
-    max_batch_size: int
-    disagree_min_area: float | None = None  # model-input pixels (train/refer.py); None: a model fitted before the rule
-    ood_threshold: float | None = None  # train/ood.py; None: a model exported without the learned OOD score
-    outputs: tuple[str, ...] = BASE_OUTPUTS  # what the full model computes (ood_score only in newer exports)
-
-    @classmethod
-    def from_config(cls, config: dict, version: str = "") -> ModelInfo:
-        """From Triton's model config (JSON form); a clear error if the model was not exported by braintumor.
-
-        A model without braintumor's parameters is a deployment error that no retry fixes: UpstreamError (500).
-        """
-        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        missing = [k for k in (PARAM_CLASSES, PARAM_PREPROCESS) if not params.get(k)]
-        if missing:
-            raise UpstreamError(f"model {config.get('name')!r} has no {missing} parameters in its config.pbtxt; "
-                                "serve a repository written by `braintumor export`")
-        refer = params.get(PARAM_REFER_THRESHOLD)
-        try:
-            return cls(
-                name=config["name"],
-                version=version,
-                classes=tuple(json.loads(params[PARAM_CLASSES])),
-                preprocess=PreprocessConfig.from_dict(json.loads(params[PARAM_PREPROCESS])),
-                temperature=float(json.loads(params.get(PARAM_TEMPERATURE) or "1.0")),
-                refer_threshold=float(json.loads(refer)) if refer else None,
-                cam_size=int(json.loads(params.get(PARAM_CAM_SIZE) or "0")),
-                max_batch_size=int(config.get("max_batch_size", 1)) or 1,
-                disagree_min_area=float(json.loads(area)) if (area := params.get(PARAM_DISAGREE_MIN_AREA)) else None,
-                ood_threshold=float(json.loads(ood)) if (ood := params.get(PARAM_OOD_THRESHOLD)) else None,
-                outputs=_full_outputs(config),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise UpstreamError(f"model {config.get('name')!r} has unreadable braintumor parameters in its "
-                                f"config.pbtxt ({exc}); re-export it with `braintumor export`") from exc
-
-    def to_dict(self) -> dict:
-        return {"name": self.name, "version": self.version, "classes": list(self.classes),
-                "refer_threshold": self.refer_threshold, "disagree_min_area": self.disagree_min_area,
-                "ood_threshold": self.ood_threshold, "temperature": self.temperature,
-                "image_size": self.preprocess.image_size, "geometry": self.preprocess.geometry}
-
-
-def _full_outputs(config: dict) -> tuple[str, ...]:
-    """The contract's full-graph outputs this model declares (older models have no ood_score)."""
-    declared = {o.get("name") for o in config.get("output", [])}
-    return tuple(n for n in FULL_OUTPUTS if n in declared) if declared else BASE_OUTPUTS
-
-
 class TritonModel:
-    """Async access to the full model and its classifier-only twin on one Triton server."""
+    """Async access to the full model and its classifier-only twin on one Triton server (a
+    :class:`~.backend.ModelBackend`)."""
 
     def __init__(self, url: str, model_name: str, model_version: str = "", timeout_s: float = 30.0,
                  key: str = "") -> None:
@@ -178,7 +105,7 @@ class TritonModel:
         max_batch_size. ``info``: the model info the caller already holds (else it is read here)."""
         info = info or await self.info()
         parts = [await self._infer(self.model_name, chunk, info.outputs)
-                 for chunk in _chunks(images, info.max_batch_size)]
+                 for chunk in chunks(images, info.max_batch_size)]
         if len(parts) == 1:  # the usual case: no copy
             return parts[0]
         return {name: np.concatenate([p[name] for p in parts]) for name in info.outputs}
@@ -191,7 +118,7 @@ class TritonModel:
         info = await self.info()
         size = min(batch_size or info.max_batch_size, info.max_batch_size)
         parts = await asyncio.gather(*(self._infer(self.classifier_name, chunk, (CLASS_PROBS,))
-                                       for chunk in _chunks(images, size)))
+                                       for chunk in chunks(images, size)))
         return np.concatenate([p[CLASS_PROBS] for p in parts])
 
     async def _infer(self, model: str, images: np.ndarray, outputs: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -231,11 +158,6 @@ def _translate(exc, what: str) -> ServingError:
         return BadInput(f"{what}: Triton refused the request ({exc.message()}); check that the image is one "
                         "JPEG, PNG or DICOM slice and the model is the one this server was exported for")
     return UpstreamError(f"{what} failed in Triton ({status or 'no status'}): {exc.message()}")
-
-
-def _chunks(images: np.ndarray, size: int):
-    for start in range(0, len(images), size):
-        yield images[start:start + size]
 
 
 def _version_key(version: str):

@@ -82,7 +82,8 @@ def heads_disagree(labels: np.ndarray, areas: np.ndarray, min_area: float | None
     no_tumor with a mask above ``min_area``. ``min_area`` None (a model fitted before this rule) disables the second
     half only where it is unknown: then no_tumor never disagrees."""
     labels, areas = np.asarray(labels), np.asarray(areas)
-    no_tumor = labels == list(classes).index(NO_TUMOR)
+    # a model without a no_tumor class: every label is a tumour class
+    no_tumor = labels == list(classes).index(NO_TUMOR) if NO_TUMOR in classes else np.zeros(labels.shape, bool)
     tumour_without_mask = ~no_tumor & (areas == 0)
     mask_without_tumour = no_tumor & (areas > min_area) if min_area is not None else np.zeros_like(no_tumor)
     return tumour_without_mask | mask_without_tumour

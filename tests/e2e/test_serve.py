@@ -14,6 +14,7 @@ pytest.importorskip("bentoml")
 
 from braintumor.export import contract  # noqa: E402
 from braintumor.serving.postprocess import postprocess  # noqa: E402
+from braintumor.train.refer import ReferRules  # noqa: E402
 from braintumor.serving.triton_embedded import EmbeddedTriton, free_port  # noqa: E402
 from braintumor.train.decode import decode_image  # noqa: E402
 from braintumor.train.preprocess import PreprocessConfig, preprocess  # noqa: E402
@@ -63,7 +64,7 @@ def test_serve_http_and_grpc_agree_with_onnxruntime(backend, tiny_repository, sl
         outputs = dict(zip(contract.BASE_OUTPUTS, session.run(list(contract.BASE_OUTPUTS),
                                                               {contract.INPUT_NAME: image[None, None]})))
         expected = postprocess(outputs, geometry, decoded, classes=meta["classes"],
-                               refer_threshold=meta.get("refer_threshold"))
+                               rules=ReferRules(meta.get("refer_threshold"), meta.get("disagree_min_area")))
 
         assert body["label"] == reply.label == expected.label
         for name, p in expected.probabilities.items():

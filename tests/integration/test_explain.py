@@ -15,7 +15,8 @@ pytest.importorskip("lime")
 pytest.importorskip("shap")
 
 from braintumor.serving.errors import BadInput  # noqa: E402
-from braintumor.serving.pipeline import ExplainOptions, Pipeline  # noqa: E402
+from braintumor.serving.pipeline import Pipeline  # noqa: E402
+from braintumor.serving.request import ExplainOptions  # noqa: E402
 from braintumor.serving.postprocess import gradcam_heatmap  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
 
@@ -86,20 +87,24 @@ def test_bad_options_are_refused(tiny_triton, slice_jpeg, options, message):
         asyncio.run(go())
 
 
-def test_options_are_checked_once(tiny_triton, slice_jpeg, monkeypatch):
-    """The HTTP door checks the options before it reads the image; the pipeline does not check them again."""
+def test_options_and_model_info_are_read_once_per_request(tiny_triton, slice_jpeg, monkeypatch):
+    """An explanation checks its options once and asks the model for its info once (the door asks neither), and
+    the second, cached answer costs the same: one check, one info."""
+    checks, infos = [], []
+    real_checked = ExplainOptions.checked
+    monkeypatch.setattr(ExplainOptions, "checked", lambda self, *a: checks.append(self) or real_checked(self, *a))
+
     async def go():
         pipe = _pipeline(tiny_triton)
+        real_info = pipe.model.info
+        monkeypatch.setattr(pipe.model, "info", lambda: infos.append(1) or real_info())
         try:
-            checked = pipe.check_explain(ExplainOptions("gradcam"), await pipe.info())
-            calls = []
-            monkeypatch.setattr(pipe, "check_explain", lambda *a: calls.append(a) or checked)
-            first = await pipe.explain(slice_jpeg, checked)
-            second = await pipe.explain(slice_jpeg, ExplainOptions("gradcam"))  # unchecked: checked here, once
-            return checked, first, second, calls
+            first = await pipe.explain(slice_jpeg, ExplainOptions("gradcam"))
+            second = await pipe.explain(slice_jpeg, ExplainOptions("gradcam"))
+            return first, second
         finally:
             await pipe.close()
 
-    checked, first, second, calls = asyncio.run(go())
-    assert (checked.num_samples, checked.max_evals) != (None, None)  # the defaults were filled in
-    assert first.method == second.method == "gradcam" and len(calls) == 1
+    first, second = asyncio.run(go())
+    assert first.method == second.method == "gradcam" and second.cached and not first.cached
+    assert len(checks) == 2 and len(infos) == 2

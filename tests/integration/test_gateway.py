@@ -21,6 +21,7 @@ pytest.importorskip("tritonclient.grpc.aio")
 from PIL import Image  # noqa: E402
 
 from braintumor.serving.pipeline import Pipeline  # noqa: E402
+from braintumor.serving.request import AnalyzeOptions  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
 from braintumor.serving.triton_embedded import free_port  # noqa: E402
 from braintumor.train.synthetic import synthetic_dicom  # noqa: E402
@@ -193,7 +194,7 @@ def test_multipart_json_and_pipeline_agree(gateway, tiny_triton, slice_jpeg):
         pipe = Pipeline.from_settings(ServeSettings(triton_url=tiny_triton.grpc_url,
                                                     triton_key=tiny_triton.client_key))
         try:
-            return await pipe.analyze(slice_jpeg, heatmap=True)
+            return await pipe.analyze(slice_jpeg, AnalyzeOptions(heatmap=True))
         finally:
             await pipe.close()
 

@@ -23,6 +23,7 @@ from braintumor.clients.v1 import braintumor_pb2 as pb  # noqa: E402
 from braintumor.clients.v1 import braintumor_pb2_grpc as pb_grpc  # noqa: E402
 from braintumor.serving.grpc_server import MESSAGE_MARGIN, message_limits, serve_grpc  # noqa: E402
 from braintumor.serving.pipeline import Pipeline  # noqa: E402
+from braintumor.serving.request import AnalyzeOptions  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
 from braintumor.serving.triton_embedded import free_port  # noqa: E402
 
@@ -112,7 +113,7 @@ def _pipeline_analyze(triton, data: bytes):
     async def go():
         pipe = Pipeline.from_settings(_settings(triton))
         try:
-            return await pipe.analyze(data, overlay=True, heatmap=True), await pipe.info()
+            return await pipe.analyze(data, AnalyzeOptions(heatmap=True, overlay=True)), await pipe.info()
         finally:
             await pipe.close()
 

@@ -13,6 +13,7 @@ from braintumor.export import contract  # noqa: E402
 from braintumor.serving.errors import BadInput, Busy, Unavailable  # noqa: E402
 from braintumor.serving.pipeline import Pipeline  # noqa: E402
 from braintumor.serving.postprocess import postprocess  # noqa: E402
+from braintumor.serving.request import AnalyzeOptions  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
 from braintumor.train.decode import decode_image  # noqa: E402
 from braintumor.train.preprocess import preprocess  # noqa: E402
@@ -36,7 +37,7 @@ def test_analyze_equals_onnxruntime(tiny_triton, tiny_repository, slice_jpeg):
         try:
             assert await pipe.ready()
             info = await pipe.info()
-            return info, await pipe.analyze(slice_jpeg, overlay=True)
+            return info, await pipe.analyze(slice_jpeg, AnalyzeOptions(overlay=True))
         finally:
             await pipe.close()
 
@@ -48,7 +49,7 @@ def test_analyze_equals_onnxruntime(tiny_triton, tiny_repository, slice_jpeg):
                                    providers=["CPUExecutionProvider"])
     # the tiny model has no fitted OOD score: served with the three base outputs, no learned check
     outputs = dict(zip(contract.BASE_OUTPUTS, session.run(list(contract.BASE_OUTPUTS), {contract.INPUT_NAME: image[None, None]})))
-    expected = postprocess(outputs, geometry, decoded, classes=info.classes, refer_threshold=info.refer_threshold)
+    expected = postprocess(outputs, geometry, decoded, classes=info.classes, rules=info.refer_rules)
     assert result.label == expected.label
     assert result.probabilities == pytest.approx(expected.probabilities, abs=1e-5)
     assert result.tumor_area_px == expected.tumor_area_px
@@ -66,7 +67,9 @@ def test_batch_fails_only_the_bad_image(tiny_triton, slice_jpeg):
         finally:
             await pipe.close()
 
-    good, bad, again, unreadable = _run(go())
+    analysed = _run(go())
+    assert analysed.model.version == "1" and all(r.model_version == "1" for r in analysed.results[::2])
+    good, bad, again, unreadable = analysed.results
     assert isinstance(bad, BadInput) and "JPEG, PNG or DICOM" in bad.message
     assert good.probabilities == again.probabilities
     assert isinstance(unreadable, BadInput) and unreadable.message == "images_base64[3] is not valid base64"

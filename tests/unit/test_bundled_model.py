@@ -98,6 +98,7 @@ def test_probe_set_is_referred_out_of_distribution_through_onnxruntime():
     import numpy as np
 
     from braintumor.serving.postprocess import postprocess
+    from braintumor.train.refer import ReferRules
     from braintumor.train.decode import DecodedImage
     from braintumor.train.ood_probe import probe_images, probe_kind
     from braintumor.train.preprocess import PreprocessConfig, preprocess
@@ -112,8 +113,8 @@ def test_probe_set_is_referred_out_of_distribution_through_onnxruntime():
         outputs = dict(zip(FULL_OUTPUTS, session.run(list(FULL_OUTPUTS), {INPUT_NAME: image[None, None]})))
         detected[name] = float(outputs[OOD_SCORE][0, 0]) > meta["ood_threshold"]
         result = postprocess(outputs, geometry, DecodedImage(pixels, "L", False), classes=meta["classes"],
-                             refer_threshold=meta["refer_threshold"], disagree_min_area=meta["disagree_min_area"],
-                             ood_threshold=meta["ood_threshold"])
+                             rules=ReferRules(meta["refer_threshold"], meta["disagree_min_area"],
+                                              meta["ood_threshold"]))
         reasons[name] = [r for r in result.refer_reason if r.startswith("out_of_distribution:")]
         assert bool(reasons[name]) == detected[name] and (result.refer or not detected[name]), name
     card = CARD["metrics"]["ood"]

@@ -3,6 +3,7 @@ square: LIME and SHAP must find that square, call the model in batches within th
 exactly, and the Explainer must map heatmaps back to the original image and cache them in a bounded LRU."""
 
 import asyncio
+import hashlib
 import io
 import math
 
@@ -21,10 +22,11 @@ from braintumor.serving.explain import (
     model_batch,
     weights_to_heatmap,
 )
-from braintumor.serving.pipeline import ExplainOptions, Prepared
+from braintumor.serving.pipeline import Prepared
+from braintumor.serving.request import ExplainOptions
 from braintumor.serving.postprocess import gradcam_heatmap
 from braintumor.serving.settings import ServeSettings
-from braintumor.serving.triton_client import ModelInfo
+from braintumor.serving.backend import ModelInfo
 from braintumor.train.naming import CLASSES
 from braintumor.train.decode import DecodedImage
 from braintumor.train.preprocess import PreprocessConfig, preprocess
@@ -174,7 +176,12 @@ class ToyModel:
 def prepared(seed: int = 0) -> Prepared:
     pixels = toy_slice(seed)
     image, geometry = preprocess(pixels, CFG)
-    return Prepared(DecodedImage(pixels, "L", False), None, image, geometry, sha256=f"sha-{seed}")
+    return Prepared(DecodedImage(pixels, "L", False), None, image, geometry)
+
+
+def digest(item: Prepared) -> str:
+    """The cache key the pipeline computes from the request bytes (here: from the pixels)."""
+    return hashlib.sha256(item.image.tobytes()).hexdigest()
 
 
 def outputs_for(item: Prepared) -> dict[str, np.ndarray]:
@@ -203,9 +210,9 @@ def test_explanation_on_the_original_image_then_cached(method):
 
     async def go():
         try:
-            before = ex.lookup(item.sha256, INFO, options)
-            first = await ex.explain(item, outputs_for(item), INFO, options)
-            return before, first, await ex.explain(item, outputs_for(item), INFO, options)
+            before = ex.lookup(digest(item), INFO, options)
+            first = await ex.explain(item, digest(item), outputs_for(item), INFO, options)
+            return before, first, await ex.explain(item, digest(item), outputs_for(item), INFO, options)
         finally:
             ex.close()
 
@@ -217,7 +224,7 @@ def test_explanation_on_the_original_image_then_cached(method):
     assert first.heatmap[0:16, 32:48].mean() > 4 * first.heatmap[16:].mean() + 1
     assert before is None and not first.cached and again.cached
     assert again.heatmap is first.heatmap and again.num_samples == first.num_samples
-    assert ex.lookup(item.sha256, INFO, options).cached  # the pipeline can skip decoding and inference on a hit
+    assert ex.lookup(digest(item), INFO, options).cached  # the pipeline can skip decoding and inference on a hit
     if method == "gradcam":
         assert first.num_samples is None and model.sizes == []
         np.testing.assert_array_equal(first.heatmap, gradcam_heatmap(outputs_for(item)["cam"][0], 0, item.geometry))
@@ -235,7 +242,7 @@ def test_cache_is_a_bounded_lru():
             hits = []
             for seed in (0, 1, 0, 2, 1, 0):  # 0 is used again before 2 arrives, so 1 is the one evicted
                 item = prepared(seed)
-                hits.append((await ex.explain(item, outputs_for(item), INFO, options)).cached)
+                hits.append((await ex.explain(item, digest(item), outputs_for(item), INFO, options)).cached)
                 assert len(ex) <= 2
             return hits
         finally:
@@ -253,7 +260,7 @@ def test_other_target_or_budget_is_another_entry():
 
     async def go():
         try:
-            return [(await ex.explain(item, outputs_for(item), INFO, ExplainOptions(m, target, n, n))).cached
+            return [(await ex.explain(item, digest(item), outputs_for(item), INFO, ExplainOptions(m, target, n, n))).cached
                     for m, target, n in requests]
         finally:
             ex.close()
@@ -267,7 +274,7 @@ def test_triton_failure_reaches_the_caller():
 
     async def go():
         try:
-            await ex.explain(item, outputs_for(item), INFO, ExplainOptions("lime", None, 30, 30))
+            await ex.explain(item, digest(item), outputs_for(item), INFO, ExplainOptions("lime", None, 30, 30))
         finally:
             ex.close()
 

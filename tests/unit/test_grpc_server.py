@@ -17,7 +17,8 @@ from braintumor.serving.errors import BadInput, Busy, Unavailable  # noqa: E402
 from braintumor.serving.grpc_server import GrpcServer, message_limits  # noqa: E402
 from braintumor.serving.postprocess import AnalysisResult  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
-from braintumor.serving.triton_client import ModelInfo  # noqa: E402
+from braintumor.serving.backend import ModelInfo  # noqa: E402
+from braintumor.serving.request import AnalyzeOptions  # noqa: E402
 from braintumor.train.preprocess import PreprocessConfig  # noqa: E402
 
 INFO = ModelInfo("toy", "3", ("glioma", "meningioma", "pituitary", "no_tumor"), PreprocessConfig(image_size=32), 1.0,
@@ -42,8 +43,8 @@ class ScriptedPipeline:
     async def info(self) -> ModelInfo:
         return INFO
 
-    async def analyze(self, data: bytes, *, overlay: bool = False, heatmap: bool = False,
-                      mask_format: str = "png") -> AnalysisResult:
+    async def analyze(self, data: bytes, options: AnalyzeOptions = AnalyzeOptions()) -> AnalysisResult:
+        overlay, heatmap, mask_format = options.overlay, options.heatmap, options.mask_format
         self.mask_formats.append(mask_format)
         self.running += 1
         self.most_running = max(self.most_running, self.running)

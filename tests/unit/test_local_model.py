@@ -24,7 +24,7 @@ from braintumor.serving.errors import BadInput, DeadlineExceeded, UpstreamError 
 from braintumor.serving.local_model import LocalModel, ModelLoadError, read_config  # noqa: E402
 from braintumor.serving.pipeline import Pipeline  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
-from braintumor.serving.triton_client import ModelInfo  # noqa: E402
+from braintumor.serving.backend import ModelInfo  # noqa: E402
 
 REPOSITORY = Path(__file__).resolve().parents[2] / "model_repository"
 VERSION = latest_version(REPOSITORY / DEFAULT_NAME)

@@ -15,7 +15,8 @@ from braintumor.clients.results import Analysis
 from braintumor.clients.v1 import braintumor_pb2 as pb
 from braintumor.serving import postprocess as postprocess_module
 from braintumor.serving.errors import BadInput
-from braintumor.serving.pipeline import Pipeline, check_mask_format as serving_check
+from braintumor.serving.request import AnalyzeOptions
+from braintumor.train.refer import ReferRules
 from braintumor.serving.postprocess import encode_png, postprocess
 from braintumor.serving.wire import analysis_message, analysis_to_dict
 from braintumor.train.decode import DecodedImage
@@ -101,20 +102,16 @@ def test_mask_format_check():
     with pytest.raises(ValueError, match="unknown mask_format 'jpeg'; use one of png, rle"):
         check_mask_format("jpeg")
     with pytest.raises(BadInput, match="unknown mask_format 'RLE'; use one of png, rle") as info:
-        serving_check("RLE")
+        AnalyzeOptions(mask_format="RLE")
     assert (info.value.http_status, info.value.grpc_code) == (400, "INVALID_ARGUMENT")
 
 
-def test_pipeline_refuses_an_unknown_mask_format_before_any_work():
-    class NoModel:
-        async def info(self):
-            raise AssertionError("the model was asked although the request was refused")
-
-    pipeline = Pipeline(NoModel(), warm_explainers=False)
+def test_the_request_object_is_checked_when_built_and_normalised():
+    """Both front doors build AnalyzeOptions before any image work; no later stage checks the format again."""
+    assert AnalyzeOptions(mask_format="").mask_format == AnalyzeOptions(mask_format=None).mask_format == "png"
+    assert AnalyzeOptions(1, 0, "rle") == AnalyzeOptions(heatmap=True, overlay=False, mask_format="rle")
     with pytest.raises(BadInput, match="use one of png, rle"):
-        asyncio.run(pipeline.analyze(b"\xff\xd8 not read", mask_format="zip"))
-    with pytest.raises(BadInput, match="use one of png, rle"):
-        asyncio.run(pipeline.analyze_many([b"a", b"b"], mask_format="coco"))
+        AnalyzeOptions(mask_format="zip")
 
 
 # -- postprocess -----------------------------------------------------------------------------------------------
@@ -136,8 +133,8 @@ def _case(block=(slice(14, 18), slice(10, 20))):
 
 def _run(mask_format, block=(slice(14, 18), slice(10, 20)), **kw):
     decoded, geometry, outputs = _case(block)
-    return postprocess(outputs, geometry, decoded, classes=CLASSES, refer_threshold=0.8, mask_format=mask_format,
-                       **kw)
+    options = AnalyzeOptions(overlay=kw.pop("want_overlay", False), mask_format=mask_format)
+    return postprocess(outputs, geometry, decoded, classes=CLASSES, rules=ReferRules(0.8), options=options, **kw)
 
 
 @pytest.mark.parametrize("block", [(slice(14, 18), slice(10, 20)), None], ids=["tumour", "empty"])
@@ -165,11 +162,6 @@ def test_overlay_outlines_the_mask_with_rle_too():
     assert with_rle.overlay_png == with_png.overlay_png
     red = np.all(np.asarray(Image.open(io.BytesIO(with_rle.overlay_png))) == (255, 0, 0), axis=-1)
     assert red.any() and not red[~with_png.mask.astype(bool)].any()
-
-
-def test_postprocess_refuses_an_unknown_mask_format():
-    with pytest.raises(ValueError, match="use one of png, rle"):
-        _run("gif")
 
 
 # -- the wire and the SDK ----------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 
 from braintumor.export import contract
 from braintumor.export.triton_config import model_config, model_parameters
-from braintumor.serving.triton_client import ModelInfo
+from braintumor.serving.backend import ModelInfo
 from braintumor.serving.wire import model_info_message
 
 tritonclient = pytest.importorskip("tritonclient.grpc")

@@ -7,7 +7,9 @@ from PIL import Image
 from braintumor.serving.postprocess import (
     JET, colourise, gradcam_heatmap, mask_outline, out_of_distribution, overlay, postprocess,
 )
+from braintumor.serving.request import AnalyzeOptions
 from braintumor.train.naming import CLASSES
+from braintumor.train.refer import ReferRules
 from braintumor.train.decode import DecodedImage
 from braintumor.train.preprocess import MASK_THRESHOLD, PreprocessConfig, preprocess
 
@@ -36,9 +38,11 @@ def _outputs(size, probs=(0.9, 0.05, 0.03, 0.02), block=None, cam_peak=None, bat
     return out
 
 
-def _run(decoded, outputs, geometry, **kw):
-    kw.setdefault("refer_threshold", 0.8)
-    return postprocess(outputs, geometry, decoded, classes=CLASSES, **kw)
+def _run(decoded, outputs, geometry, *, refer_threshold=0.8, disagree_min_area=None, ood_threshold=None,
+         want_heatmap=False, want_overlay=False, mask_format="png", **kw):
+    rules = ReferRules(refer_threshold, disagree_min_area, ood_threshold)
+    options = AnalyzeOptions(heatmap=want_heatmap, overlay=want_overlay, mask_format=mask_format)
+    return postprocess(outputs, geometry, decoded, classes=CLASSES, rules=rules, options=options, **kw)
 
 
 def _png(data: bytes) -> Image.Image:

@@ -91,8 +91,7 @@ def test_serving_refers_exactly_the_slices_the_model_card_refers():
     _, geometry = preprocess(pixels, PreprocessConfig(image_size=size, geometry="resize"))
     served = [postprocess({"class_probs": probs[i][None], "mask_prob": mask_probs[i][None, None],
                            "cam": np.zeros((1, len(CLASSES), 4, 4), np.float32), "ood_score": scores[i].reshape(1, 1)},
-                          geometry, decoded, classes=CLASSES, refer_threshold=rules.threshold,
-                          disagree_min_area=rules.disagree_min_area, ood_threshold=rules.ood_threshold)
+                          geometry, decoded, classes=CLASSES, rules=rules)
               for i in range(n)]
 
     flags = decide(probs, mask_probs, scores, rules)

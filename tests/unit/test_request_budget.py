@@ -12,7 +12,8 @@ from PIL import Image
 
 from braintumor.serving.errors import BadInput, UnsupportedMediaType
 from braintumor.serving.pipeline import Pipeline
-from braintumor.serving.triton_client import ModelInfo, TritonModel
+from braintumor.serving.backend import ModelInfo
+from braintumor.serving.triton_client import TritonModel
 from braintumor.train.decode import MAX_SIDE, ImageDecodeError, UnsupportedFormatError, decode_image
 from braintumor.train.preprocess import Geometry, PreprocessConfig, compute_geometry, invert_geometry
 from braintumor.train.synthetic import synthetic_dicom
@@ -107,6 +108,8 @@ from PIL import Image
 from braintumor.train.decode import decode_any
 from braintumor.train.preprocess import PreprocessConfig, preprocess
 from braintumor.serving.postprocess import postprocess
+from braintumor.serving.request import AnalyzeOptions
+from braintumor.train.refer import ReferRules
 
 def status(key):
     for line in open("/proc/self/status"):
@@ -122,8 +125,8 @@ outputs = {"class_probs": np.full((1, 4), 0.25, np.float32),
 def run(data):
     decoded, _ = decode_any(data)
     _, geom = preprocess(decoded.pixels, cfg)
-    postprocess(outputs, geom, decoded, classes=list("abcd"), refer_threshold=0.5, want_overlay=True,
-                want_heatmap=True)  # the worst case: every PNG asked for
+    postprocess(outputs, geom, decoded, classes=list("abcd"), rules=ReferRules(0.5),
+                options=AnalyzeOptions(heatmap=True, overlay=True))  # the worst case: every PNG asked for
 
 warm = io.BytesIO()
 Image.fromarray(np.full((64, 64), 100, np.uint8)).save(warm, format="PNG")
