@@ -198,8 +198,32 @@ def _source_reference(source):
     return Sequence([item])
 
 
-def build_results(source, analysis, *, overlay: bool = True) -> DicomResults:
-    """SEG, SR (referencing the SEG) and, with ``overlay``, the explanation image of one analysis of ``source``."""
-    seg = build_seg(source, analysis)
-    ov = build_overlay(source, analysis) if overlay else None
-    return DicomResults(seg=seg, sr=build_report(source, analysis, seg), overlay=ov)
+def result_uids(source, model_tag: str) -> dict[str, str]:
+    """Series and instance UIDs of our three objects for ``source`` and one model version, the same on every run (a
+    hash of the source's UIDs and the model tag, under pydicom's UID root): the same results stored twice are the
+    same instances, and a PACS that has them can be asked (`braintumor pacs` skips what is already stored)."""
+    return uids_for(str(source.SeriesInstanceUID), str(source.SOPInstanceUID), model_tag)
+
+
+def uids_for(series: str, instance: str, model_tag: str) -> dict[str, str]:
+    """:func:`result_uids` from the source's series and instance UIDs."""
+    from pydicom.uid import generate_uid
+
+    out = {}
+    for kind in SERIES_NUMBERS:
+        out[f"{kind}_series"] = generate_uid(entropy_srcs=["braintumor", model_tag, kind, series])
+        out[f"{kind}_instance"] = generate_uid(entropy_srcs=["braintumor", model_tag, kind, series, instance])
+    return out
+
+
+def build_results(source, analysis, *, overlay: bool = True, uids: dict[str, str] | None = None) -> DicomResults:
+    """SEG, SR (referencing the SEG) and, with ``overlay``, the explanation image of one analysis of ``source``.
+    ``uids`` (:func:`result_uids`) fixes the objects' series and instance UIDs; by default they are new."""
+    uids = uids or {}
+    seg = build_seg(source, analysis, series_instance_uid=uids.get("seg_series"),
+                    sop_instance_uid=uids.get("seg_instance"))
+    ov = (build_overlay(source, analysis, series_instance_uid=uids.get("overlay_series"),
+                        sop_instance_uid=uids.get("overlay_instance")) if overlay else None)
+    sr = build_report(source, analysis, seg, series_instance_uid=uids.get("sr_series"),
+                      sop_instance_uid=uids.get("sr_instance"))
+    return DicomResults(seg=seg, sr=sr, overlay=ov)

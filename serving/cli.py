@@ -15,7 +15,7 @@ import sys
 # Layer modules that expose ``register(subparsers)``; import order is the help order.
 COMMAND_MODULES = ("braintumor.train.commands", "braintumor.export.commands", "braintumor.serving.triton_commands",
                    "braintumor.serving.grpc_commands", "braintumor.serving.serve_command",
-                   "braintumor.clients.score_commands")
+                   "braintumor.clients.score_commands", "braintumor.clients.pacs_commands")
 # Entry points whose value is a module with ``register(subparsers)``, after the modules above (by name). An install
 # may lack the module an entry point names: the gateway image ships no load-test runner (Dockerfile), so it offers no
 # `loadtest`.

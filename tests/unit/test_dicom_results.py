@@ -165,3 +165,34 @@ def test_the_validator_does_find_errors(tmp_path, dciodvfy):
     del seg.SegmentSequence
     seg.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
     assert any("SegmentSequence" in line for line in dciodvfy(tmp_path / "broken.dcm"))
+
+
+def test_result_uids_are_the_same_for_the_same_source_and_model():
+    from braintumor.clients.dicom_results import result_uids
+
+    first, second = mr_slices([PIXELS, PIXELS])
+    uids = result_uids(first, "brain_tumor 7")
+    assert uids == result_uids(first, "brain_tumor 7")
+    assert uids != result_uids(first, "brain_tumor 8")
+    other = result_uids(second, "brain_tumor 7")
+    assert other["seg_series"] == uids["seg_series"] and other["seg_instance"] != uids["seg_instance"]
+    assert len(set(uids.values())) == 6
+    results = build_results(first, analysis(), uids=uids)
+    assert (results.seg.SOPInstanceUID, results.sr.SOPInstanceUID, results.overlay.SeriesInstanceUID) == (
+        uids["seg_instance"], uids["sr_instance"], uids["overlay_series"])
+
+
+def test_preview_is_rendered_from_the_objects():
+    import cv2
+
+    from braintumor.clients.dicom_preview import render, seg_mask
+
+    source = mr_slices([PIXELS])[0]
+    results = build_results(source, analysis())
+    np.testing.assert_array_equal(seg_mask(results.seg, source), BLOB)
+    picture = np.asarray(Image.open(io.BytesIO(render(source, results.seg, results.overlay, height=96))))
+    assert picture.shape == (96, 80 + 4 + 80, 3)
+    left = picture[:, :80]
+    red = (left[..., 0] > 200) & (left[..., 1] < 60)
+    near = cv2.dilate(BLOB.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+    assert red.any() and not red[~near].any()  # the outline is drawn on the SEG's boundary, nowhere else
