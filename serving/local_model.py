@@ -88,6 +88,24 @@ def session_options(intra_op_threads: int, inter_op_threads: int = 1):
     return options
 
 
+# ONNX Runtime's CPU arena keeps the memory of the largest batch it ran, for good; after a batch larger than this it
+# gives back what it does not use. The python backend's rule (export/python_backend/model.py, which cannot import
+# this; tests/unit/test_memory_bounds.py checks the two agree).
+ARENA_KEEP_BATCH = 8
+SHRINK_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+def run_options(batch: int):
+    """RunOptions for a batch of ``batch`` images: the arena shrinks after one larger than :data:`ARENA_KEEP_BATCH`."""
+    if batch <= ARENA_KEEP_BATCH:
+        return None
+    import onnxruntime as ort
+
+    options = ort.RunOptions()
+    options.add_run_config_entry(*SHRINK_ARENA)
+    return options
+
+
 def _instances(config: dict) -> tuple[int, bool]:
     """(instance count, wants a GPU) from the config's ``instance_group``."""
     groups = config.get("instance_group") or [{}]
@@ -169,7 +187,8 @@ class _Batcher:
             images = batch[0][0] if len(batch) == 1 else np.concatenate([b for b, _ in batch])
             try:
                 outs = await asyncio.get_running_loop().run_in_executor(
-                    self._executor, self.session.run, list(self.outputs), {self.input_name: images})
+                    self._executor, self.session.run, list(self.outputs), {self.input_name: images},
+                    run_options(len(images)))
             except Exception as exc:  # ORT raises its own types; these requests fail, the model stays up
                 log.exception("in-process inference on %r failed", self.name)
                 error = UpstreamError(f"inference on {self.name!r} failed in ONNX Runtime: {exc}")

@@ -46,7 +46,7 @@ def _spy_batches(batcher, monkeypatch) -> list[int]:
     real = batcher.session
 
     class Recording:
-        def run(self, names, feeds):
+        def run(self, names, feeds, run_options=None):
             sizes.append(len(feeds[INPUT_NAME]))
             time.sleep(0.02)  # long enough for the other callers to queue behind this batch
             return real.run(names, feeds)
@@ -118,7 +118,7 @@ def test_a_failing_run_fails_its_requests_and_the_model_keeps_serving(model, mon
     real = model._full.session
 
     class Broken:
-        def run(self, names, feeds):
+        def run(self, names, feeds, run_options=None):
             raise RuntimeError("out of memory")
 
     monkeypatch.setattr(model._full, "session", Broken())
@@ -132,7 +132,7 @@ def test_a_model_slower_than_the_timeout_is_a_deadline_and_frees_its_place(model
     real = model._full.session.run
 
     class Slow:
-        def run(self, names, feeds):
+        def run(self, names, feeds, run_options=None):
             time.sleep(0.5)
             return real(names, feeds)
 

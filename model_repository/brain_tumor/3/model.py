@@ -16,6 +16,12 @@ import triton_python_backend_utils as pb_utils
 
 ONNX_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
+# ONNX Runtime's CPU arena keeps the memory of the largest batch it ever ran, for good: a flood of batch-32 requests
+# took one stub from 145 to 840 MB, where it stayed. After a batch larger than this, the arena gives back what it does
+# not use (memory.enable_memory_arena_shrinkage); smaller batches, the usual load, keep it warm. The same rule runs
+# in serving/local_model.py (tests/unit/test_memory_bounds.py checks the two agree).
+ARENA_KEEP_BATCH = 8
+SHRINK_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
 def verify_manifest(folder):
@@ -83,6 +89,8 @@ class TritonPythonModel:
                 self.logger.log_warn(f"{self.name}: KIND_GPU requested but this onnxruntime has no CUDA provider; "
                                      "running on CPU")
         self.session = ort.InferenceSession(str(version_dir / ONNX_FILE), options, providers=providers)
+        self.shrink = ort.RunOptions()
+        self.shrink.add_run_config_entry(*SHRINK_ARENA)
         self.input_name = config["input"][0]["name"]
         self.output_names = [o["name"] for o in config["output"]]
         graph_outputs = {o.name for o in self.session.get_outputs()}
@@ -98,7 +106,8 @@ class TritonPythonModel:
         arrays = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         try:
             batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-            outputs = self.session.run(self.output_names, {self.input_name: batch})
+            outputs = self.session.run(self.output_names, {self.input_name: batch},
+                                       self.shrink if len(batch) > ARENA_KEEP_BATCH else None)
         except Exception as exc:  # ORT raises its own exception types; fail these requests, keep the model up
             message = f"{self.name}: inference failed: {exc}"
             self.logger.log_error(message)
