@@ -46,6 +46,7 @@ from .onnx_export import (
     run_session,
     run_torch,
 )
+from .model_contract import ModelContract
 from .triton_config import TritonOptions, layout_file, metadata_configs
 
 PYTHON_BACKEND_MODEL = Path(__file__).parent / "python_backend" / "model.py"
@@ -127,9 +128,8 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
     model, state = load_model(checkpoint)
     image_size = int(state["preprocess"]["image_size"])
     grid = cam_size(model, image_size)
-    classes = list(state.get("classes") or [])
-    ood = state.get("ood")
-    ood_threshold = float(ood["threshold"]) if ood else None
+    deployed = ModelContract.from_checkpoint(state, cam_size=grid)  # written to metadata.json and config.pbtxt
+    classes = list(deployed.classes)
     step("preprocess parity images")
     images = parity_images(state["preprocess"], options.parity_data, options.parity_count)
     graphs = build_graphs(model, state)
@@ -171,13 +171,11 @@ def export_repository(checkpoint: str | Path, out: str | Path, options: ExportOp
             if variant == "python":
                 shutil.copyfile(PYTHON_BACKEND_MODEL, tmp / PYTHON_FILE)
             metadata = {
-                "name": model_name, "version": version, "variant": variant, "classes": classes,
-                "preprocess": state["preprocess"], "temperature": float(state.get("temperature") or 1.0),
-                "refer_threshold": state.get("refer_threshold"), "disagree_min_area": state.get("disagree_min_area"),
-                "ood_threshold": ood_threshold, "image_size": image_size, "cam_size": grid, "init_weights": state.get("init_weights"),
+                "name": model_name, "version": version, "variant": variant, **deployed.to_metadata(),
+                "init_weights": state.get("init_weights"),
                 "inputs": [asdict(input_spec(image_size))],
                 "outputs": [asdict(s) for s in output_specs(image_size, len(classes), grid, classifier=classifier,
-                                                            ood=bool(ood))],
+                                                            ood=deployed.ood_threshold is not None)],
                 "weights_storage": "float16" if options.weights_fp16 else "float32",
                 "parity": {"onnxruntime_vs_pytorch": [asdict(p) for p in parity],
                            "tensorrt_vs_onnxruntime": [asdict(p) for p in trt_parity],

@@ -18,15 +18,8 @@ from .contract import (
     METADATA_FILE,
     OOD_SCORE,
     ONNX_FILE,
-    PARAM_CAM_SIZE,
-    PARAM_DISAGREE_MIN_AREA,
-    PARAM_CLASSES,
     PARAM_INTER_OP_THREADS,
     PARAM_INTRA_OP_THREADS,
-    PARAM_OOD_THRESHOLD,
-    PARAM_PREPROCESS,
-    PARAM_REFER_THRESHOLD,
-    PARAM_TEMPERATURE,
     PLAN_FILE,
     THROUGHPUT_INSTANCES,
     VARIANTS,
@@ -35,6 +28,7 @@ from .contract import (
     input_spec,
     output_specs,
 )
+from .model_contract import ModelContract
 
 _TRITON_DTYPE = {"uint8": "TYPE_UINT8", "float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64"}
 # How Triton runs each variant: ("backend", name) or ("platform", name), and the file it loads.
@@ -105,25 +99,6 @@ def layout_file(layout: str) -> str:
     return CONFIG_FILE if layout == "latency" else f"{CONFIGS_DIR}/{layout}.pbtxt"
 
 
-def model_parameters(classes, preprocess: dict, temperature: float | None, cam_size: int,
-                     refer_threshold: float | None = None, disagree_min_area: float | None = None,
-                     ood_threshold: float | None = None) -> dict[str, str]:
-    """Model metadata carried as config parameters (JSON strings), readable over Triton's model-config API."""
-    params = {
-        PARAM_CLASSES: json.dumps(list(classes)),
-        PARAM_PREPROCESS: json.dumps(preprocess, sort_keys=True),
-        PARAM_TEMPERATURE: json.dumps(1.0 if temperature is None else float(temperature)),
-        PARAM_CAM_SIZE: json.dumps(int(cam_size)),
-    }
-    if refer_threshold is not None:
-        params[PARAM_REFER_THRESHOLD] = json.dumps(float(refer_threshold))
-    if disagree_min_area is not None:
-        params[PARAM_DISAGREE_MIN_AREA] = json.dumps(float(disagree_min_area))
-    if ood_threshold is not None:
-        params[PARAM_OOD_THRESHOLD] = json.dumps(float(ood_threshold))
-    return params
-
-
 def model_config(name: str, variant: str, image_size: int, num_classes: int, cam_size: int, *,
                  classifier: bool = False, options: TritonOptions | None = None,
                  parameters: dict[str, str] | None = None, ood: bool = False) -> str:
@@ -187,13 +162,12 @@ def metadata_configs(meta: dict, options: TritonOptions | None = None) -> dict[s
     """Every layout's config text of one exported model, from its metadata.json content (the export writes its configs
     through this, so a repository's files can be regenerated and checked from the metadata alone). The classifier
     graph is told by its outputs, not its name."""
-    params = model_parameters(meta["classes"], meta["preprocess"], meta.get("temperature"), meta["cam_size"],
-                              meta.get("refer_threshold"), meta.get("disagree_min_area"), meta.get("ood_threshold"))
+    model = ModelContract.from_metadata(meta)
     outputs = [o["name"] for o in meta["outputs"]]
-    return {layout: model_config(meta["name"], meta["variant"], meta["image_size"], len(meta["classes"]),
-                                 meta["cam_size"], classifier=outputs == list(CLASSIFIER_OUTPUTS),
-                                 options=layout_options(options or TritonOptions(), layout), parameters=params,
-                                 ood=OOD_SCORE in outputs)
+    return {layout: model_config(meta["name"], meta["variant"], model.image_size, len(model.classes),
+                                 model.cam_size, classifier=outputs == list(CLASSIFIER_OUTPUTS),
+                                 options=layout_options(options or TritonOptions(), layout),
+                                 parameters=model.to_parameters(), ood=OOD_SCORE in outputs)
             for layout in LAYOUTS}
 
 

@@ -1,49 +1,33 @@
 """The model a front door serves, whichever runs it: :class:`ModelBackend`, the one interface of
 :class:`~.triton_client.TritonModel` (Triton over gRPC, the default) and :class:`~.local_model.LocalModel` (ONNX
-Runtime in this process), and :class:`ModelInfo`, what serving reads about the deployed model from its config.pbtxt.
+Runtime in this process), and :class:`ModelInfo`, what serving reads about the deployed model (its typed contract)
+from its config.pbtxt.
 The pipeline and the explainer depend on this module only, never on a backend's own module.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from ..export.contract import (
-    BASE_OUTPUTS,
-    FULL_OUTPUTS,
-    PARAM_CAM_SIZE,
-    PARAM_CLASSES,
-    PARAM_DISAGREE_MIN_AREA,
-    PARAM_OOD_THRESHOLD,
-    PARAM_PREPROCESS,
-    PARAM_REFER_THRESHOLD,
-    PARAM_TEMPERATURE,
-)
-from ..train.preprocess import PreprocessConfig
-from ..train.refer import ReferRules
+from ..export.contract import BASE_OUTPUTS, FULL_OUTPUTS
+from ..export.model_contract import ModelContract
 from .errors import UpstreamError
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What serving needs to know about the deployed model, from its config.pbtxt (Triton's model-config API, or the
-    file itself for the in-process backend): no other local file."""
+    """What serving knows about the deployed model: its name and version as Triton (or the repository) names them,
+    its batch limit and outputs, and its typed deployment contract (export/model_contract.py), read from its
+    config.pbtxt parameters (Triton's model-config API, or the file itself for the in-process backend)."""
 
     name: str
     version: str
-    classes: tuple[str, ...]
-    preprocess: PreprocessConfig
-    temperature: float
-    refer_threshold: float | None
-    cam_size: int
-    max_batch_size: int
-    disagree_min_area: float | None = None  # model-input pixels (train/refer.py); None: a model fitted before the rule
-    ood_threshold: float | None = None  # train/ood.py; None: a model exported without the learned OOD score
+    contract: ModelContract
+    max_batch_size: int = 1
     outputs: tuple[str, ...] = BASE_OUTPUTS  # what the full model computes (ood_score only in newer exports)
 
     @classmethod
@@ -53,32 +37,25 @@ class ModelInfo:
         A model without braintumor's parameters is a deployment error that no retry fixes: UpstreamError (500).
         """
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-        missing = [k for k in (PARAM_CLASSES, PARAM_PREPROCESS) if not params.get(k)]
-        if missing:
-            raise UpstreamError(f"model {config.get('name')!r} has no {missing} parameters in its config.pbtxt; "
-                                "serve a repository written by `braintumor export`")
-        refer = params.get(PARAM_REFER_THRESHOLD)
         try:
-            return cls(
-                name=config["name"],
-                version=version,
-                classes=tuple(json.loads(params[PARAM_CLASSES])),
-                preprocess=PreprocessConfig.from_dict(json.loads(params[PARAM_PREPROCESS])),
-                temperature=float(json.loads(params.get(PARAM_TEMPERATURE) or "1.0")),
-                refer_threshold=float(json.loads(refer)) if refer else None,
-                cam_size=int(json.loads(params.get(PARAM_CAM_SIZE) or "0")),
-                max_batch_size=int(config.get("max_batch_size", 1)) or 1,
-                disagree_min_area=float(json.loads(area)) if (area := params.get(PARAM_DISAGREE_MIN_AREA)) else None,
-                ood_threshold=float(json.loads(ood)) if (ood := params.get(PARAM_OOD_THRESHOLD)) else None,
-                outputs=_full_outputs(config),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
+            contract = ModelContract.from_parameters(params)
+        except KeyError as exc:
+            raise UpstreamError(f"model {config.get('name')!r} has {exc.args[0]} in its config.pbtxt; serve a "
+                                "repository written by `braintumor export`") from exc
+        except (TypeError, ValueError) as exc:
             raise UpstreamError(f"model {config.get('name')!r} has unreadable braintumor parameters in its "
                                 f"config.pbtxt ({exc}); re-export it with `braintumor export`") from exc
+        return cls(config["name"], version, contract, int(config.get("max_batch_size", 1)) or 1, _full_outputs(config))
 
-    @property
-    def refer_rules(self) -> ReferRules:
-        return ReferRules(self.refer_threshold, self.disagree_min_area, self.ood_threshold)
+    # the contract's fields, as every stage reads them
+    classes = property(lambda self: self.contract.classes)
+    preprocess = property(lambda self: self.contract.preprocess)
+    temperature = property(lambda self: self.contract.temperature)
+    refer_threshold = property(lambda self: self.contract.refer_threshold)
+    disagree_min_area = property(lambda self: self.contract.disagree_min_area)
+    ood_threshold = property(lambda self: self.contract.ood_threshold)
+    cam_size = property(lambda self: self.contract.cam_size)
+    refer_rules = property(lambda self: self.contract.refer_rules)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "version": self.version, "classes": list(self.classes),

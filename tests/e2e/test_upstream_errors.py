@@ -31,7 +31,8 @@ from braintumor.clients.errors import (  # noqa: E402
     UnavailableError,
 )
 from braintumor.export.contract import CONFIG_FILE, DEFAULT_NAME, PYTHON_FILE  # noqa: E402
-from braintumor.export.triton_config import TritonOptions, model_config, model_parameters  # noqa: E402
+from braintumor.export.model_contract import ModelContract  # noqa: E402
+from braintumor.export.triton_config import TritonOptions, model_config  # noqa: E402
 from braintumor.serving.grpc_server import GrpcServer  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
 from braintumor.serving.triton_embedded import EmbeddedTriton, free_port  # noqa: E402
@@ -100,7 +101,7 @@ def scripted_triton(tmp_path_factory, monkeypatch_module):
     model = root / "repo" / DEFAULT_NAME
     (model / "1").mkdir(parents=True)
     (model / "1" / PYTHON_FILE).write_text(MODEL)
-    params = model_parameters(CLASSES, PreprocessConfig(image_size=SIZE).to_dict(), 1.0, SIZE // 4)
+    params = ModelContract(CLASSES, PreprocessConfig(image_size=SIZE), cam_size=SIZE // 4).to_parameters()
     (model / CONFIG_FILE).write_text(model_config(DEFAULT_NAME, "python", SIZE, len(CLASSES), SIZE // 4,
                                                   options=TritonOptions(warmup="none"), parameters=params))
     triton = EmbeddedTriton(root / "repo", http_port=free_port(), grpc_port=free_port(), metrics_port=free_port(),

@@ -26,6 +26,7 @@ from braintumor.serving.pipeline import Prepared
 from braintumor.serving.request import ExplainOptions
 from braintumor.serving.postprocess import gradcam_heatmap
 from braintumor.serving.settings import ServeSettings
+from braintumor.export.model_contract import ModelContract
 from braintumor.serving.backend import ModelInfo
 from braintumor.train.naming import CLASSES
 from braintumor.train.decode import DecodedImage
@@ -41,7 +42,7 @@ INSIDE = np.zeros((S, S), bool)
 INSIDE[REGION] = True
 # Pad geometry: a 32x64 slice becomes the 64x64 input with 16 black rows above and below, without resizing.
 CFG = PreprocessConfig(image_size=S, geometry="pad")
-INFO = ModelInfo("toy", "1", CLASSES, CFG, temperature=1.0, refer_threshold=None, cam_size=4, max_batch_size=32)
+INFO = ModelInfo("toy", "1", ModelContract(CLASSES, CFG, cam_size=4), max_batch_size=32)
 
 
 def toy_probs(batch: np.ndarray) -> np.ndarray:

@@ -28,9 +28,10 @@ from braintumor.export.triton_config import (
     layout_file,
     layout_options,
     model_config,
-    model_parameters,
 )
+from braintumor.export.model_contract import ModelContract
 from braintumor.export.wrappers import build_graphs
+from braintumor.train.preprocess import PreprocessConfig
 from braintumor.train.ood import mahalanobis
 
 SIZE = 32
@@ -186,8 +187,8 @@ def _parse(text):
     ],
 )
 def test_config_parses_with_tritons_protobuf(variant, classifier, runtime, kind):
-    params = model_parameters(["glioma", "meningioma", "pituitary", "no_tumor"], {"image_size": 128, "mean": 48.0},
-                              1.5, 4, refer_threshold=0.3, ood_threshold=123.5)
+    params = ModelContract(("glioma", "meningioma", "pituitary", "no_tumor"), PreprocessConfig(image_size=128), 1.5,
+                           refer_threshold=0.3, ood_threshold=123.5, cam_size=4).to_parameters()
     name = contract.classifier_name() if classifier else contract.DEFAULT_NAME
     cfg, pb = _parse(model_config(name, variant, 128, 4, 4, classifier=classifier, parameters=params,
                                   options=TritonOptions(warmup="random"), ood=True))
@@ -203,7 +204,7 @@ def test_config_parses_with_tritons_protobuf(variant, classifier, runtime, kind)
     warm = cfg.model_warmup[0].inputs["image"]
     assert warm.random_data and list(warm.dims) == [1, 128, 128] and warm.data_type == pb.TYPE_UINT8
     assert json.loads(cfg.parameters["classes"].string_value)[3] == "no_tumor"
-    assert json.loads(cfg.parameters["preprocess"].string_value) == {"image_size": 128, "mean": 48.0}
+    assert json.loads(cfg.parameters["preprocess"].string_value) == PreprocessConfig(image_size=128).to_dict()
     assert json.loads(cfg.parameters["temperature"].string_value) == 1.5
     assert json.loads(cfg.parameters["refer_threshold"].string_value) == 0.3
     assert json.loads(cfg.parameters["ood_threshold"].string_value) == 123.5

@@ -19,10 +19,11 @@ from braintumor.serving.postprocess import AnalysisResult  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
 from braintumor.serving.backend import ModelInfo  # noqa: E402
 from braintumor.serving.request import AnalyzeOptions  # noqa: E402
+from braintumor.export.model_contract import ModelContract  # noqa: E402
 from braintumor.train.preprocess import PreprocessConfig  # noqa: E402
 
-INFO = ModelInfo("toy", "3", ("glioma", "meningioma", "pituitary", "no_tumor"), PreprocessConfig(image_size=32), 1.0,
-                 None, 4, 8)
+INFO = ModelInfo("toy", "3", ModelContract(("glioma", "meningioma", "pituitary", "no_tumor"),
+                                           PreprocessConfig(image_size=32), cam_size=4), max_batch_size=8)
 
 
 class ScriptedPipeline:

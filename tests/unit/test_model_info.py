@@ -6,7 +6,9 @@ import json
 import pytest
 
 from braintumor.export import contract
-from braintumor.export.triton_config import model_config, model_parameters
+from braintumor.export.model_contract import ModelContract
+from braintumor.export.triton_config import model_config
+from braintumor.train.preprocess import PreprocessConfig
 from braintumor.serving.backend import ModelInfo
 from braintumor.serving.wire import model_info_message
 
@@ -18,8 +20,9 @@ def _config_json(ood: bool) -> dict:
     from google.protobuf import json_format, text_format
     from tritonclient.grpc import model_config_pb2
 
-    params = model_parameters(["glioma", "meningioma", "pituitary", "no_tumor"], {"image_size": 32}, 0.5, 2,
-                              refer_threshold=0.6, disagree_min_area=80.0, ood_threshold=987.5 if ood else None)
+    params = ModelContract(("glioma", "meningioma", "pituitary", "no_tumor"), PreprocessConfig(image_size=32), 0.5,
+                           refer_threshold=0.6, disagree_min_area=80.0, ood_threshold=987.5 if ood else None,
+                           cam_size=2).to_parameters()
     text = model_config("brain_tumor", "python", 32, 4, 2, parameters=params, ood=ood)
     message = text_format.Parse(text, model_config_pb2.ModelConfig())
     return json.loads(json_format.MessageToJson(message, preserving_proto_field_name=True))

@@ -12,6 +12,7 @@ from PIL import Image
 
 from braintumor.serving.errors import BadInput, UnsupportedMediaType
 from braintumor.serving.pipeline import Pipeline
+from braintumor.export.model_contract import ModelContract
 from braintumor.serving.backend import ModelInfo
 from braintumor.serving.triton_client import TritonModel
 from braintumor.train.decode import MAX_SIDE, ImageDecodeError, UnsupportedFormatError, decode_image
@@ -52,7 +53,7 @@ def _pipeline() -> Pipeline:
 
 
 def _info() -> ModelInfo:
-    return ModelInfo("brain_tumor", "1", ("a", "b"), PreprocessConfig(image_size=32), 1.0, None, 1, 8)
+    return ModelInfo("brain_tumor", "1", ModelContract(("a", "b"), PreprocessConfig(image_size=32), cam_size=1), 8)
 
 
 def test_pipeline_answers_415_for_another_format_and_400_for_garbage():
