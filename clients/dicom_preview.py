@@ -2,7 +2,7 @@
 source slice with the SEG's tumour outline, beside the Grad-CAM Secondary Capture. The README's "Hospital integration"
 picture is made by this from the objects Orthanc stored:
 
-    python -m braintumor.clients.dicom_preview SOURCE.dcm SEG.dcm OVERLAY.dcm OUT.png
+    python -m braintumor.clients.dicom_preview SOURCE.dcm SEG.dcm OVERLAY.dcm OUT.png [COLOURS]
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def seg_mask(seg, source) -> np.ndarray:
     return frames[frames.shape[0] // 2] > 0
 
 
-def render(source, seg, overlay, height: int = 256) -> bytes:
-    """PNG bytes: [source + SEG outline in red | overlay], each scaled to ``height`` pixels."""
+def render(source, seg, overlay, height: int = 256, colours: int | None = None) -> bytes:
+    """PNG bytes: [source + SEG outline in red | overlay], each scaled to ``height`` pixels; ``colours``: a palette of
+    at most that many colours (a smaller file, for documentation)."""
     import cv2
     from PIL import Image
 
@@ -55,6 +56,8 @@ def render(source, seg, overlay, height: int = 256) -> bytes:
     for panel in scaled:
         canvas.paste(panel, (x, 0))
         x += panel.width + 4
+    if colours:
+        canvas = canvas.quantize(colors=colours, method=Image.Quantize.MEDIANCUT)
     buf = io.BytesIO()
     canvas.save(buf, format="PNG", optimize=True)
     return buf.getvalue()
@@ -64,11 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     import pydicom
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 4:
-        print("usage: python -m braintumor.clients.dicom_preview SOURCE.dcm SEG.dcm OVERLAY.dcm OUT.png", file=sys.stderr)
+    if len(args) not in (4, 5):
+        print("usage: python -m braintumor.clients.dicom_preview SOURCE.dcm SEG.dcm OVERLAY.dcm OUT.png [COLOURS]",
+              file=sys.stderr)
         return 2
     source, seg, overlay = (pydicom.dcmread(p) for p in args[:3])
-    Path(args[3]).write_bytes(render(source, seg, overlay))
+    Path(args[3]).write_bytes(render(source, seg, overlay, colours=int(args[4]) if len(args) == 5 else None))
     return 0
 
 

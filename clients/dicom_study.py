@@ -69,8 +69,10 @@ def mr_slices(pixels: list[np.ndarray], options: StudyOptions = StudyOptions()) 
         ds.PatientPosition = "HFS"
         if options.spacing_mm is not None:
             ds.PixelSpacing = [options.spacing_mm, options.spacing_mm]
-        stored = 255 - array if options.monochrome1 else array
-        ds.set_pixel_data(stored, "MONOCHROME1" if options.monochrome1 else "MONOCHROME2", 8)
+        # MR Image Storage has 16 bits allocated; the 8-bit grey levels are stored as they are, windowed 0..255
+        stored = (255 - array if options.monochrome1 else array).astype(np.uint16)
+        ds.set_pixel_data(stored, "MONOCHROME1" if options.monochrome1 else "MONOCHROME2", 12)
+        ds.WindowCenter, ds.WindowWidth = 128, 256
         out.append(ds)
     return out
 
