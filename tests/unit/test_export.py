@@ -635,3 +635,21 @@ def test_ood_fit_saw_only_the_training_portion(checkpoint):
     summary = state["calibration"]["ood"]
     assert summary["n_fit"] == len(train_keys) and summary["n_val"] == len(val_keys)
     assert state["ood_threshold"] == state["ood"]["threshold"] == summary["threshold"]
+
+
+def test_the_bench_baseline_serves_a_checkpoint_through_its_contract(checkpoint):
+    """loadtest/bench_baseline.py (bench_gateway's eager-PyTorch line) answers /analyze with the checkpoint's classes
+    and refer rules, read through the one ModelContract."""
+    pytest.importorskip("starlette.testclient")
+    from starlette.testclient import TestClient
+
+    from braintumor.loadtest.bench_baseline import baseline_app
+
+    ckpt, data = checkpoint
+    image = next(iter(sorted(data.rglob("*.jpg")))).read_bytes()
+    with TestClient(baseline_app(str(ckpt))) as client:
+        answer = client.post("/analyze", files={"image": ("slice.jpg", image, "image/jpeg")}, data={"heatmap": "true"})
+    body = answer.json()
+    assert answer.status_code == 200, body
+    assert set(body["probabilities"]) == set(torch.load(ckpt, weights_only=False)["classes"])
+    assert body["heatmap_png"] and isinstance(body["refer_reason"], list)

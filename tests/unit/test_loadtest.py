@@ -379,7 +379,7 @@ def test_an_unknown_mask_format_is_refused_by_loadtest():
 def test_bench_gateway_cpu_per_image_by_role():
     """CPU ms per image: each role's CPU seconds between two reads over the images answered; a process that appeared
     in between counts from zero; roles outside the serving ones (supervisor, other) are left out."""
-    from braintumor.loadtest.bench_gateway import CpuMeter
+    from braintumor.loadtest.bench_cpu import CpuMeter
 
     before = {1: ("gateway", 10.0), 2: ("triton", 4.0), 3: ("supervisor", 1.0)}
     after = {1: ("gateway", 10.5), 2: ("triton", 5.0), 3: ("supervisor", 9.0), 4: ("triton", 0.25)}
@@ -388,7 +388,7 @@ def test_bench_gateway_cpu_per_image_by_role():
 
 def test_bench_gateway_counts_the_load_generators_own_cpu():
     """The load generator shares the host with the servers: its CPU per image is measured with the cell."""
-    from braintumor.loadtest.bench_gateway import CpuMeter, measured
+    from braintumor.loadtest.bench_cpu import CpuMeter, measured
 
     def run():
         t = time.process_time()
@@ -405,7 +405,7 @@ def test_bench_gateway_cpu_meter_reads_a_real_process_tree():
     pytest.importorskip("psutil")
     import subprocess
 
-    from braintumor.loadtest.bench_gateway import CpuMeter
+    from braintumor.loadtest.bench_cpu import CpuMeter
 
     child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
                               "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
@@ -435,7 +435,7 @@ def test_bench_gateway_report_prints_the_stacks_cpu_over_the_model(backend, http
     in the same run; the backend is named in the header."""
     import argparse
 
-    from braintumor.loadtest.bench_gateway import report
+    from braintumor.loadtest.bench_report import report
 
     args = argparse.Namespace(seconds=15.0, rounds=1, heatmap=False, layout="latency", gateway=None, backend=backend,
                               mask_format="png")
@@ -452,7 +452,7 @@ def test_bench_gateway_pools_the_rounds_of_a_cell():
     """A cell made of alternating rounds: latencies pooled (the median of all, not of the rounds' medians), images over
     the summed load time, failures added, the model line's CPU per image weighted by images; a round that answered
     nothing weighs nothing in the CPU columns."""
-    from braintumor.loadtest.bench_gateway import _summary, combine, combine_cpu
+    from braintumor.loadtest.bench_load import _summary, combine, combine_cpu
 
     one = _summary([0.010, 0.020, 0.030], 3, 1.0, 1) | {"batch": 1, "cpu_ms": 40.0}
     two = _summary([0.040, 0.050, 0.060, 0.070, 0.080, 0.090], 6, 2.0, 0) | {"batch": 1, "cpu_ms": 46.0}
@@ -470,7 +470,7 @@ def test_bench_gateway_report_prints_the_p50_gap_to_the_model():
     """The p50 goal's measure, printed: each door's median minus the model alone's, and the rounds in the header."""
     import argparse
 
-    from braintumor.loadtest.bench_gateway import report
+    from braintumor.loadtest.bench_report import report
 
     args = argparse.Namespace(seconds=15.0, rounds=3, heatmap=False, layout="latency", gateway=None,
                               backend="triton", mask_format="png")
@@ -490,7 +490,7 @@ def test_bench_gateway_http_load_sends_what_the_gateway_parses():
     aiohttp_web = pytest.importorskip("aiohttp.web")
     import asyncio
 
-    from braintumor.loadtest.bench_gateway import load_http
+    from braintumor.loadtest.bench_load import load_http
     from braintumor.serving.multipart import boundary_of, read_parts
 
     seen: list[dict[str, bytes]] = []
