@@ -284,6 +284,9 @@ class EmbeddedTriton:
         self.extra_args = list(extra_args)
         self.restrict_admin = bool(restrict_admin)
         self.client_key = (client_key or secrets.token_urlsafe(32)) if restrict_clients else None
+        # The python backend's shared-memory regions (/dev/shm) carry this instance's own prefix, so whatever a
+        # killed server left there can be told from other servers' and removed before a restart (cleanup_shm).
+        self.shm_prefix = f"braintumor_{os.getpid()}_{secrets.token_hex(4)}_"
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
         self.layout = layout
@@ -328,7 +331,8 @@ class EmbeddedTriton:
                # a model that fails to load stops the server instead of leaving it "up" without the model
                "--exit-on-error", "true", "--strict-readiness", "true",
                "--exit-timeout-secs", str(self.exit_timeout), "--log-verbose", str(self.log_verbose),
-               "--allow-cpu-metrics", "true"]
+               "--allow-cpu-metrics", "true",
+               "--backend-config", f"python,shm-region-prefix-name={self.shm_prefix}"]
         if self.restrict_admin:
             # In argv, so a local user who can list processes could read it; the APIs are on loopback as well.
             restricted = f"{','.join(ADMIN_APIS)}:{ADMIN_HEADER}={secrets.token_urlsafe(32)}"
@@ -358,6 +362,7 @@ class EmbeddedTriton:
         install = find_triton()
         backend_dir = assemble_backend_dir(install, self.cache_dir)
         cmd = self.command(install.binary, backend_dir, repository)
+        self.cleanup_shm()  # a previous run of this instance that was killed
         logger.debug("starting %s", " ".join(cmd))
         self._log.clear()
         self._process = subprocess.Popen(
@@ -417,8 +422,23 @@ class EmbeddedTriton:
             self._pump.join(timeout=2)
         if process.stdout:
             process.stdout.close()
+        self.cleanup_shm()  # a server killed with SIGKILL (or OOM) never removed its python-backend regions
         logger.info("Triton stopped (exit code %s)", code)
         return code
+
+    def cleanup_shm(self, root: Path = Path("/dev/shm")) -> list[str]:
+        """Remove the shared-memory regions this instance's servers made (:attr:`shm_prefix`); call only while no
+        server of this instance runs. Returns the names removed."""
+        removed = []
+        for region in root.glob(f"{self.shm_prefix}*") if root.is_dir() else ():
+            try:
+                region.unlink()
+                removed.append(region.name)
+            except FileNotFoundError:
+                continue
+        if removed:
+            logger.info("removed %d shared-memory region(s) a stopped tritonserver left in %s", len(removed), root)
+        return removed
 
     def abort_start(self) -> None:
         """Stop waiting for readiness: a :meth:`start` in progress raises KeyboardInterrupt and leaves the process to

@@ -283,3 +283,26 @@ def test_port_in_use_fails_before_starting(repository):
         with pytest.raises(ValueError, match="http port .* already in use"):
             EmbeddedTriton(repository, address="127.0.0.1", **ports).start()
     assert os.path.isdir(repository)
+
+
+def test_a_killed_server_leaves_no_shared_memory_behind(tiny_repository):
+    """Issue 25: after `kill -9` of tritonserver its python-backend regions stayed in /dev/shm for good. The instance
+    names its regions with its own prefix and removes them once the server is gone, before a restart too."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.skip("no /dev/shm on this host")
+    triton = EmbeddedTriton(tiny_repository, address="127.0.0.1", startup_timeout=60, **_ports())
+    regions = lambda: sorted(p.name for p in shm.glob(f"{triton.shm_prefix}*"))  # noqa: E731
+    try:
+        triton.start()
+        assert regions(), "the python backend made no region under this instance's prefix"
+        os.kill(triton.pid, signal.SIGKILL)
+        triton._process.wait(timeout=30)
+        assert regions(), "a SIGKILLed server cannot remove its own regions"
+        triton.stop()  # what `braintumor serve`'s supervisor does with a dead Triton before it restarts it
+        assert not regions()
+        triton.start()  # and the restart works
+        assert triton.is_running() and regions()
+    finally:
+        triton.stop()
+    assert not regions()

@@ -201,6 +201,21 @@ def test_command_line(tmp_path):
     assert set(restrictions(te.EmbeddedTriton(tmp_path, restrict_admin=False))) == {te.TRITON_KEY_HEADER}
     assert not restrictions(te.EmbeddedTriton(tmp_path, restrict_admin=False, restrict_clients=False))
 
+    # The python backend's shared-memory regions carry the instance's own prefix (removed after a crash).
+    one, two = te.EmbeddedTriton(tmp_path), te.EmbeddedTriton(tmp_path)
+    cmd = one.command(Path("t"), Path("b"), Path("r"))
+    assert cmd[cmd.index("--backend-config") + 1] == f"python,shm-region-prefix-name={one.shm_prefix}"
+    assert one.shm_prefix != two.shm_prefix and one.shm_prefix.startswith("braintumor_")
+
+
+def test_cleanup_shm_removes_only_this_instances_regions(tmp_path):
+    one, two = te.EmbeddedTriton(tmp_path), te.EmbeddedTriton(tmp_path)
+    for name in (one.shm_prefix + "a", one.shm_prefix + "b", two.shm_prefix + "a", "triton_python_backend_x"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(one.cleanup_shm(tmp_path)) == [one.shm_prefix + "a", one.shm_prefix + "b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([two.shm_prefix + "a", "triton_python_backend_x"])
+    assert one.cleanup_shm(tmp_path / "absent") == []
+
     explicit = te.EmbeddedTriton(tmp_path, load_models=["a", "b"]).command(Path("t"), Path("b"), Path("r"))
     assert explicit[explicit.index("--model-control-mode") + 1] == "explicit"
     assert [explicit[i + 1] for i, a in enumerate(explicit) if a == "--load-model"] == ["a", "b"]
