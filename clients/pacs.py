@@ -82,7 +82,8 @@ async def _run(opts: PacsOptions) -> int:
     from .errors import BrainTumorError
     from .pacs_dicomweb import DicomWeb, PacsError
 
-    pacs = DicomWeb(opts.dicomweb, user=opts.user, password=opts.password, token=opts.token, timeout=opts.timeout)
+    pacs = DicomWeb(opts.dicomweb, user=opts.user, password=opts.password, token=opts.token, timeout=opts.timeout,
+                    retries=opts.retries)
     async with AsyncBrainTumorClient(opts.url, protocol=opts.protocol, api_key=opts.api_key, timeout=opts.timeout,
                                      retries=opts.retries) as client:
         try:

@@ -74,7 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",
                    help="environment variable holding the service's API key; unset: no key is sent")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds allowed per service or PACS request")
-    p.add_argument("--retries", type=int, default=3, help="retries after the service was unavailable")
+    p.add_argument("--retries", type=int, default=3, help="retries after the service or the PACS was unavailable")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_pacs)
 

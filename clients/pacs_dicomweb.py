@@ -47,10 +47,11 @@ def _fail(operation: str, exc: Exception) -> PacsError:
 
 class DicomWeb:
     """A DICOMweb service at ``url`` (Orthanc: ``http://host:8042/dicom-web``), with HTTP basic auth (``user``,
-    ``password``) or a bearer ``token``."""
+    ``password``) or a bearer ``token``. ``retries``: attempts after a refused connection or a 429/503/504 answer
+    (dicomweb-client's exponential back-off from 0.5 s)."""
 
     def __init__(self, url: str, *, user: str | None = None, password: str | None = None, token: str | None = None,
-                 timeout: float = 60.0) -> None:
+                 timeout: float = 60.0, retries: int = 3) -> None:
         from dicomweb_client.api import DICOMwebClient
         from dicomweb_client.session_utils import create_session, create_session_from_user_pass
 
@@ -60,6 +61,7 @@ class DicomWeb:
         session = create_session_from_user_pass(user, password or "") if user else create_session()
         headers = {"Authorization": f"Bearer {token}"} if token else None
         self.client = DICOMwebClient(url, session=session, headers=headers, timeout=timeout)
+        self.client.set_http_retry_params(retry=retries > 0, max_attempts=retries + 1, wait_exponential_multiplier=250)
 
     def find_series(self, *, modality: str = "MR", study_date: str | None = None,
                     series_description: str | None = None, study_uid: str | None = None) -> list[Series]:
