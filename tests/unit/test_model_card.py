@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from braintumor.train.card_metrics import card_metrics, select_true_class_cams
-from braintumor.train.model_card import build_model_card, render_model_card
+from braintumor.train.card_render import render_model_card
+from braintumor.train.model_card import build_model_card
 from braintumor.train.naming import CLASSES
 
 NT = CLASSES.index("no_tumor")
