@@ -170,9 +170,10 @@ def test_hadolint_passes():
 
 
 def test_dockerfile_targets_ports_and_commands(stages, ports):
-    assert {"build", "gateway", "triton", "all-in-one"} <= stages.keys()
+    assert {"build", "runtime", "gateway", "triton", "triton-cpu", "all-in-one"} <= stages.keys()
     assert _exposed(stages, "gateway") == ports["gateway"] | ports["grpc"]
     assert _exposed(stages, "triton") == ports["triton"]
+    assert _exposed(stages, "triton-cpu") == ports["triton"]
     assert _exposed(stages, "all-in-one") == ports["gateway"] | ports["grpc"]  # its Triton is on loopback only
 
     from braintumor.serving.serve_command import GATEWAY_TARGET
@@ -196,13 +197,19 @@ def test_dockerfile_targets_ports_and_commands(stages, ports):
     assert "KEY=$(od -An -N24 -tx1 /dev/urandom" in triton_cmd[2]
     assert ("COPY", "${MODEL_REPOSITORY} /models") in stages["triton"].instructions
 
+    # triton-cpu: the embedded launcher on its own, on every interface of the container, on the default ports
+    triton_cpu = _parse(_exec_form(_last(stages, "triton-cpu", "CMD")))
+    assert str(triton_cpu.model_repository) == "/models" and triton_cpu.address == "0.0.0.0"
+    assert {triton_cpu.http_port, triton_cpu.grpc_port, triton_cpu.metrics_port} == ports["triton"]
+    assert ("COPY", "model_repository /models") in stages["triton-cpu"].instructions
+
     serve = _parse(_exec_form(_last(stages, "all-in-one", "CMD")))  # the real parser accepts the image's command
     assert str(serve.model_repository) == "/models" and serve.host == "0.0.0.0"
     assert {serve.http_port} == ports["gateway"] and {serve.grpc_port, serve.grpc_metrics_port} == ports["grpc"]
     assert {serve.triton_http_port, serve.triton_grpc_port, serve.triton_metrics_port} == ports["triton"]
 
 
-@pytest.mark.parametrize("target", ["gateway", "triton", "all-in-one"])
+@pytest.mark.parametrize("target", ["gateway", "triton", "triton-cpu", "all-in-one"])
 def test_images_run_as_non_root(stages, target):
     user = _last(stages, target, "USER")
     assert user is not None, f"{target}: no USER, so it runs as root"
@@ -212,6 +219,7 @@ def test_images_run_as_non_root(stages, target):
 
 @pytest.mark.parametrize("target, url", [("gateway", "http://127.0.0.1:3000/healthz"),
                                          ("all-in-one", "http://127.0.0.1:3000/healthz"),
+                                         ("triton-cpu", "http://127.0.0.1:8000/v2/health/ready"),
                                          ("triton", "http://127.0.0.1:8000/v2/health/ready")])
 def test_image_healthchecks(stages, target, url):
     check = _last(stages, target, "HEALTHCHECK")
@@ -323,7 +331,7 @@ def test_compose_ports_commands_and_wiring(compose, ports, port):
     assert {"triton", "gateway", "grpc", "prometheus", "grafana"} <= services.keys()
     for name in ("triton", "gateway", "grpc"):
         assert _container_ports(services[name]) == ports[name], name
-    assert services["triton"]["build"]["target"] == "triton"
+    assert services["triton"]["build"]["target"] == "triton-cpu"  # the GPU override switches to NVIDIA's `triton`
     assert all(str(p).startswith("127.0.0.1:") for p in services["triton"]["ports"]), "Triton has no auth: loopback"
     assert services["gateway"]["build"]["target"] == services["grpc"]["build"]["target"] == "gateway"
     assert services["gateway"]["image"] == services["grpc"]["image"]
@@ -339,6 +347,15 @@ def test_compose_ports_commands_and_wiring(compose, ports, port):
         assert services[name]["environment"]["BRAINTUMOR_TRITON_URL"] == triton_grpc
         assert services[name]["depends_on"]["triton"]["condition"] == "service_healthy"
     assert services["grafana"]["depends_on"]["prometheus"]["condition"] == "service_healthy"
+    # one Triton key, required (compose refuses to start without it), given to Triton and both front doors
+    keys = {services[name]["environment"]["BRAINTUMOR_TRITON_KEY"] for name in ("triton", "gateway", "grpc")}
+    assert len(keys) == 1 and re.fullmatch(r"\$\{BRAINTUMOR_TRITON_KEY:\?[^}]+\}", keys.pop())
+    # the core stack starts without images this network may not reach: monitoring is a profile, nothing in the
+    # core depends on it
+    core = {name for name, s in services.items() if not s.get("profiles")}
+    assert core == {"triton", "gateway", "proxy", "grpc"}
+    assert all(s.get("profiles") == ["monitoring"] for name, s in services.items() if name not in core)
+    assert all(set(services[name].get("depends_on", {})) <= core for name in core)
     grpc = _parse(services["grpc"]["command"])
     assert (grpc.port, grpc.metrics_port) == (port["grpc"], port["grpc_metrics"]) and grpc.triton_url == triton_grpc
 
@@ -357,6 +374,7 @@ def test_compose_healthchecks_probe_real_endpoints(compose):
 def test_compose_gpu_override_reserves_a_gpu_for_triton():
     override = yaml.safe_load(COMPOSE_GPU.read_text())
     assert set(override["services"]) == {"triton"}
+    assert override["services"]["triton"]["build"]["target"] == "triton"  # NVIDIA's image, not triton-cpu
     devices = override["services"]["triton"]["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
 
@@ -466,6 +484,7 @@ def test_kustomize_renders_valid_manifests(overlay):
         assert pod["containers"][0]["image"].startswith("braintumor-triton-gpu:")
     else:
         assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+        assert pod["containers"][0]["image"].startswith("braintumor-triton-cpu:")
 
 
 def _deployments(k8s) -> dict[str, dict]:
@@ -574,6 +593,10 @@ def test_k8s_autoscaling_resources_and_security(k8s):
             assert container["envFrom"] == [{"configMapRef": {"name": "braintumor-settings"}}]
             (key,) = [e for e in container["env"] if e["name"] == "BRAINTUMOR_API_KEY"]
             assert key["valueFrom"]["secretKeyRef"]["optional"] is True
+        # Triton's inference key: one required Secret for Triton and both front doors
+        (container,) = pod["containers"]
+        (triton_key,) = [e for e in container["env"] if e["name"] == "BRAINTUMOR_TRITON_KEY"]
+        assert triton_key["valueFrom"]["secretKeyRef"] == {"name": "braintumor-triton-key", "key": "key"}, name
 
 
 # -- settings and endpoints ----------------------------------------------------------------------------------------

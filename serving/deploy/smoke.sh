@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Builds the service's images and proves them by running them: serving/deploy/README.md, "What smoke.sh proves".
+#
+#   bash serving/deploy/smoke.sh [STAGE ...]     STAGE: images, all-in-one, compose, k8s, bento (default: all)
+#
+# Uses docker when its daemon answers, else podman. Where python:3.11-slim-bookworm cannot be pulled (no registry)
+# and podman + debootstrap are there (as root), it builds a stand-in of it from Debian's own packages. Prints one
+# line per check ("ok", "FAIL" or "skip"), then the measurements; exits 1 if a check failed, 77 (automake's "skip")
+# when no container engine can run. Only ever talks to 127.0.0.1 and the containers it starts; removes them on exit,
+# so it can be run again. The settings (environment):
+#   BRAINTUMOR_SMOKE_ENGINE   docker | podman (default: detected)
+#   BRAINTUMOR_SMOKE_IMAGE    the MRI slice to send (default: the first glioma slice of ../shared/data/brisc2025)
+#   BRAINTUMOR_SMOKE_PYTHON   a Python with braintumor installed, for the host reference and the SDK calls
+#                             (default: the repository's .venv)
+#   BRAINTUMOR_SMOKE_PORT     first of the host ports it publishes on 127.0.0.1 (default 3100: HTTP 3100-3109,
+#                             gRPC 50100-50109, Triton 8100-8109)
+#   BRAINTUMOR_SMOKE_REBUILD  1: build without the layer cache
+set -uo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+DEPLOY="$ROOT/serving/deploy"
+STAGES=("$@")
+[ ${#STAGES[@]} -eq 0 ] && STAGES=(images all-in-one compose k8s bento)
+VERSION=0.1.0
+BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
+PORT0=${BRAINTUMOR_SMOKE_PORT:-3100}
+OFFSET=$((PORT0 - 3100))
+HTTP_PORT=$((3100 + OFFSET)); GRPC_PORT=$((50100 + OFFSET)); TRITON_PORT=$((8100 + OFFSET))
+PREFIX=braintumor-smoke
+WORK="$(mktemp -d "${TMPDIR:-/tmp}/braintumor-smoke.XXXXXX")"
+FAILED=0
+declare -a MEASURED=()
+declare -a CLEANUP=()
+
+say() { printf '%s\n' "$*"; }
+ok() { say "ok   $*"; }
+fail() { say "FAIL $*"; FAILED=1; }
+skip() { say "skip $*"; }
+measure() { MEASURED+=("$*"); }
+want() { local s; for s in "${STAGES[@]}"; do [ "$s" = "$1" ] && return 0; done; return 1; }
+now() { date +%s.%N; }
+since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+mb() { awk -v b="$1" 'BEGIN { printf "%.0f MB", b / 1e6 }'; }
+
+cleanup() {
+    local i
+    for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[i]}" >/dev/null 2>&1; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# -- the engine ------------------------------------------------------------------------------------------------
+ENGINE=${BRAINTUMOR_SMOKE_ENGINE:-}
+if [ -z "$ENGINE" ]; then
+    if command -v docker >/dev/null && docker info >/dev/null 2>&1; then ENGINE=docker
+    elif command -v podman >/dev/null; then ENGINE=podman
+    else say "skip no container engine: no docker daemon answers and podman is not installed"; exit 77; fi
+fi
+E() { "$ENGINE" "$@"; }
+HOME_TMPFS=rw,mode=1777
+[ "$ENGINE" = podman ] && HOME_TMPFS=rw,U
+
+PY=${BRAINTUMOR_SMOKE_PYTHON:-}
+[ -z "$PY" ] && { [ -x "$ROOT/.venv/bin/python" ] && PY="$ROOT/.venv/bin/python" || PY=python3; }
+if ! "$PY" -c "import braintumor.clients" 2>/dev/null; then
+    say "FAIL no Python with braintumor installed ($PY); set BRAINTUMOR_SMOKE_PYTHON"; exit 1
+fi
+client() { "$PY" "$DEPLOY/smoke_client.py" "$@"; }
+
+IMAGE=${BRAINTUMOR_SMOKE_IMAGE:-}
+if [ -z "$IMAGE" ]; then
+    IMAGE=$(find "$ROOT/../shared/data/brisc2025/classification_task" -path '*/glioma/*.jpg' 2>/dev/null | sort | head -1)
+fi
+[ -f "$IMAGE" ] || { say "FAIL no MRI slice to send: set BRAINTUMOR_SMOKE_IMAGE=FILE (a BRISC 2025 .jpg)"; exit 1; }
+say "engine $ENGINE ($(E --version 2>&1 | head -1)); slice $(basename "$IMAGE"); work dir $WORK"
+
+# HTTP status of a GET on 127.0.0.1 (000 when nothing answers)
+http_code() { curl -s -o /dev/null -m 5 -w '%{http_code}' "http://127.0.0.1:$1$2" 2>/dev/null || true; }
+
+# wait_http PORT PATH TIMEOUT [CONTAINER]: until PATH answers 200; fails early when CONTAINER stops running
+wait_http() {
+    local deadline=$(($(date +%s) + $3))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        [ "$(http_code "$1" "$2")" = 200 ] && return 0
+        if [ -n "${4:-}" ] && [ "$(E inspect -f '{{.State.Running}}' "$4" 2>/dev/null)" != true ]; then return 1; fi
+        sleep 0.5
+    done
+    return 1
+}
+
+image_size() { E image inspect -f '{{.Size}}' "$1" 2>/dev/null; }
+
+# -- podman on this host: the runtime and ulimits --------------------------------------------------------------
+# podman's default ulimits (and crun, on some cgroup layouts) cannot be applied on every host; then a private
+# containers.conf (CONTAINERS_CONF, read by podman, podman-compose and podman kube play alike) turns them off.
+podman_can_run() { podman run --rm --network none "$BASE_IMAGE" true 2>"$WORK/podman-run.err"; }
+fix_podman() {
+    [ "$ENGINE" = podman ] || return 0
+    podman_can_run && return 0
+    {
+        printf '[containers]\ndefault_ulimits = []\n'
+        command -v runc >/dev/null && printf '\n[engine]\nruntime = "runc"\n'
+    } >"$WORK/containers.conf"
+    export CONTAINERS_CONF="$WORK/containers.conf"
+    if podman_can_run; then
+        ok "podman runs containers with $(tr '\n' ' ' <"$WORK/containers.conf")(CONTAINERS_CONF)"
+    else
+        fail "podman cannot run a container: $(tail -1 "$WORK/podman-run.err")"; exit 1
+    fi
+}
+
+# -- the base image: pulled, or a stand-in from Debian's packages ----------------------------------------------
+prepare_base() {
+    if E image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
+        local kind
+        kind=$(E image inspect -f '{{index .Config.Labels "org.braintumor.stand-in"}}' "$BASE_IMAGE" 2>/dev/null)
+        ok "base $BASE_IMAGE present${kind:+ (stand-in: $kind)}"
+        return 0
+    fi
+    if timeout 90 "$ENGINE" pull -q "$BASE_IMAGE" >/dev/null 2>&1; then ok "base $BASE_IMAGE pulled"; return 0; fi
+    if [ "$ENGINE" != podman ] || ! command -v debootstrap >/dev/null || [ "$(id -u)" != 0 ]; then
+        fail "base $BASE_IMAGE cannot be pulled, and a stand-in needs podman, debootstrap and root"; exit 1
+    fi
+    # What the official image has that matters here: Python 3.11 with a shared libpython (Triton's python-backend
+    # stub links against libpython3.11.so.1.0), venv and pip, CA certificates, a `python` command, C.UTF-8.
+    local t0 rootfs="$WORK/rootfs" mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+    t0=$(now)
+    if ! debootstrap --variant=minbase \
+            --include=python3,python3-venv,python3-pip,libpython3.11,ca-certificates,passwd,netbase,tzdata \
+            bookworm "$rootfs" "$mirror" >"$WORK/debootstrap.log" 2>&1; then
+        fail "base stand-in: debootstrap failed: $(tail -2 "$WORK/debootstrap.log" | tr '\n' ' ')"; exit 1
+    fi
+    mountpoint -q "$rootfs/proc" && umount "$rootfs/proc"
+    # the host's CA bundle: pip inside the build must trust whatever the host trusts (a proxy's CA included)
+    [ -f /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
+    ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python"
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -c . | podman import \
+        --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+        --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
+        --change 'LABEL org.braintumor.stand-in="debootstrap bookworm, Debian python3.11"' \
+        - "$BASE_IMAGE" >/dev/null || { fail "base stand-in: podman import failed"; exit 1; }
+    rm -rf "$rootfs"
+    ok "base stand-in $BASE_IMAGE built from Debian bookworm in $(since "$t0") s ($(mb "$(image_size "$BASE_IMAGE")"))"
+}
+
+# -- images ----------------------------------------------------------------------------------------------------
+build() {  # build TARGET TAG
+    local t0 args=(build --network host --target "$1" -t "$2" -f "$ROOT/Dockerfile")
+    [ "${BRAINTUMOR_SMOKE_REBUILD:-0}" = 1 ] && args+=(--no-cache)
+    [ "$ENGINE" = podman ] && args+=(--format docker)  # the OCI format has no HEALTHCHECK: podman would drop it
+    t0=$(now)
+    if E "${args[@]}" "$ROOT" >"$WORK/build-$1.log" 2>&1; then
+        local size; size=$(image_size "$2")
+        ok "build --target $1 -> $2 in $(since "$t0") s, $(mb "$size")"
+        measure "image $2: $(mb "$size") (target $1, built in $(since "$t0") s)"
+    else
+        fail "build --target $1: $(grep -E 'error|Error|ERROR' "$WORK/build-$1.log" | tail -3 | tr '\n' ' ')"
+        tail -30 "$WORK/build-$1.log"
+        return 1
+    fi
+}
+
+# -- the host's own `braintumor serve`: the label every container must agree with -------------------------------
+REFERENCE=""
+host_reference() {
+    local bin log="$WORK/host-serve.log" pid t0
+    bin="$(dirname "$PY")/braintumor"
+    [ -x "$bin" ] || { fail "host reference: no braintumor command next to $PY"; return 1; }
+    t0=$(now)
+    "$bin" serve --model-repository "$ROOT/model_repository" --http-port $((HTTP_PORT + 9)) \
+        --grpc-port $((GRPC_PORT + 9)) --grpc-metrics-port $((GRPC_PORT + 8)) --triton-http-port $((TRITON_PORT + 7)) \
+        --triton-grpc-port $((TRITON_PORT + 8)) --triton-metrics-port $((TRITON_PORT + 9)) >"$log" 2>&1 &
+    pid=$!
+    CLEANUP+=("kill -TERM $pid; wait $pid")
+    if ! wait_http $((HTTP_PORT + 9)) /readyz 180; then
+        fail "host reference: braintumor serve not ready in 180 s: $(tail -3 "$log" | tr '\n' ' ')"
+        kill -TERM "$pid"; wait "$pid"; return 1
+    fi
+    REFERENCE=$(client label --url "127.0.0.1:$((HTTP_PORT + 9))" --protocol http "$IMAGE" 2>&1 | cut -d' ' -f1)
+    kill -TERM "$pid"; wait "$pid"
+    ok "host reference: braintumor serve on the host says $REFERENCE (ready in $(since "$t0") s, stopped)"
+}
+
+# -- all-in-one: HTTP, gRPC, key, uid, read-only root, HEALTHCHECK, SIGTERM -------------------------------------
+health_status() {  # the HEALTHCHECK state; podman without systemd runs no timer, so run the check once ourselves
+    if [ "$ENGINE" = podman ]; then podman healthcheck run "$1" >/dev/null 2>&1 && echo healthy || echo unhealthy
+    else E inspect -f '{{.State.Health.Status}}' "$1"; fi
+}
+
+all_in_one() {
+    local c=$PREFIX-all-in-one key t0 ready code out uid pids stop_s exit_code alive=0 p
+    key=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+    E rm -f "$c" >/dev/null 2>&1
+    CLEANUP+=("$ENGINE rm -f $c")
+    t0=$(now)
+    # --read-only with tmpfs where the Kubernetes manifests mount emptyDirs (/tmp, the home directory), writable by
+    # user 10001 as an emptyDir with fsGroup is (podman ignores a tmpfs mode there; its U option chowns instead)
+    if ! E run -d --name "$c" --read-only --tmpfs /tmp:rw,mode=1777 --tmpfs "/home/braintumor:$HOME_TMPFS" \
+            --shm-size 1g -e BRAINTUMOR_API_KEY="$key" \
+            -p "127.0.0.1:$HTTP_PORT:3000" -p "127.0.0.1:$GRPC_PORT:50051" "braintumor:$VERSION" \
+            >/dev/null 2>"$WORK/run-all-in-one.err"; then
+        fail "all-in-one: the container did not start: $(tail -1 "$WORK/run-all-in-one.err")"; return 1
+    fi
+    if ! wait_http "$HTTP_PORT" /readyz 240 "$c"; then
+        fail "all-in-one not ready in 240 s (state $(E inspect -f '{{.State.Status}} exit {{.State.ExitCode}}' "$c"))"
+        E logs "$c" 2>&1 | tail -25; return 1
+    fi
+    ready=$(since "$t0")
+    ok "all-in-one ready in $ready s (run to /readyz 200)"
+    measure "all-in-one ready: $ready s from \`run\` to /readyz"
+
+    out=$(client label --url "127.0.0.1:$HTTP_PORT" --protocol http --key "$key" "$IMAGE" 2>&1)
+    [ -n "$REFERENCE" ] && [ "${out%% *}" = "$REFERENCE" ] && ok "HTTP /analyze with the key: $out (host: $REFERENCE)" \
+        || fail "HTTP /analyze with the key: $out (host: ${REFERENCE:-none})"
+    out=$(client label --url "127.0.0.1:$GRPC_PORT" --protocol grpc --key "$key" "$IMAGE" 2>&1)
+    [ -n "$REFERENCE" ] && [ "${out%% *}" = "$REFERENCE" ] && ok "gRPC Analyze with the key: $out (host: $REFERENCE)" \
+        || fail "gRPC Analyze with the key: $out (host: ${REFERENCE:-none})"
+    code=$(client status --url "127.0.0.1:$HTTP_PORT" "$IMAGE" 2>&1)
+    [ "${code%% *}" = 401 ] && ok "HTTP /analyze without a key: 401" || fail "HTTP /analyze without a key: $code"
+    code=$(client status --url "127.0.0.1:$HTTP_PORT" --key wrong-key "$IMAGE" 2>&1)
+    [ "${code%% *}" = 401 ] && ok "HTTP /analyze with a wrong key: 401" || fail "HTTP /analyze with a wrong key: $code"
+    out=$(client label --url "127.0.0.1:$GRPC_PORT" --protocol grpc "$IMAGE" 2>&1)
+    [[ "$out" == AuthenticationError* ]] && ok "gRPC Analyze without a key: ${out%%:*}" \
+        || fail "gRPC Analyze without a key: $out"
+
+    uid=$(E exec "$c" sh -c 'id -u; awk "/^Uid:/ {print \$2}" /proc/1/status' | tr '\n' ' ')
+    [ "$uid" = "10001 10001 " ] && ok "runs as uid 10001 (exec and PID 1)" || fail "uid: $uid"
+    if [ "$(E inspect -f '{{.HostConfig.ReadonlyRootfs}}' "$c")" = true ] \
+            && ! E exec "$c" sh -c 'touch /opt/venv/x || touch /home/x' 2>/dev/null \
+            && E exec "$c" sh -c 'touch /tmp/x && touch /home/braintumor/x'; then
+        ok "read-only root file system (writes refused outside /tmp and /home/braintumor, the emptyDir mounts)"
+    else
+        fail "read-only root: a write outside the tmpfs mounts succeeded, or one inside failed"
+    fi
+    code=$(health_status "$c")
+    [ "$code" = healthy ] && ok "HEALTHCHECK: $code" || fail "HEALTHCHECK: $code"
+
+    # every process of the container, by host PID: none may outlive it
+    pids=$(E top "$c" hpid 2>/dev/null | tail -n +2 | tr -s ' \n' ' ')
+    [ "$ENGINE" = docker ] && pids=$(docker top "$c" -o pid | tail -n +2 | tr -s ' \n' ' ')
+    t0=$(now)
+    E kill --signal TERM "$c" >/dev/null
+    exit_code=$(timeout 30 "$ENGINE" wait "$c" 2>/dev/null | tail -1)
+    stop_s=$(since "$t0")
+    for p in $pids; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+    measure "all-in-one SIGTERM to exit: $stop_s s (exit code ${exit_code:-none})"
+    if awk -v s="$stop_s" 'BEGIN { exit !(s < 10) }' && [ "$exit_code" = 0 ] && [ "$alive" = 0 ]; then
+        ok "SIGTERM: exited 0 in $stop_s s, none of its $(wc -w <<<"$pids") processes left"
+    else
+        fail "SIGTERM: exit code ${exit_code:-none} after $stop_s s, $alive of $(wc -w <<<"$pids") processes left"
+        E logs "$c" 2>&1 | tail -15
+    fi
+}
+
+# -- main ------------------------------------------------------------------------------------------------------
+T_START=$(now)
+if want images || want all-in-one || want compose || want k8s; then
+    prepare_base
+    fix_podman
+fi
+if want images; then
+    build gateway "braintumor-gateway:$VERSION" || exit 1
+    build all-in-one "braintumor:$VERSION" || exit 1
+    build triton-cpu "braintumor-triton-cpu:$VERSION" || exit 1
+fi
+if want all-in-one; then
+    host_reference
+    all_in_one
+fi
+
+say ""
+say "measured ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, engine $ENGINE):"
+for m in "${MEASURED[@]}"; do say "  $m"; done
+say "  whole run: $(since "$T_START") s"
+[ "$FAILED" = 0 ] && say "all checks passed" || say "some checks FAILED"
+exit "$FAILED"
