@@ -59,13 +59,20 @@ YES, NO = codes.SCT.Yes, codes.SCT.No
 
 REFERRED = Code("REFER", PRIVATE_SCHEME, "Referred for human review")
 REFER_REASON = Code("REFREASON", PRIVATE_SCHEME, "Reason for referral")
-# The service's refer reasons (train/refer.py's sentences) by how each starts.
+# The service's refer reasons (train/refer.py's and serving/postprocess.py's sentences) by how each starts;
+# tests/unit/test_dicom_codes.py feeds it the service's own sentences.
 REASONS: dict[str, Code] = {
     "max probability": Code("LOWCONF", PRIVATE_SCHEME, "Probability under the refer threshold"),
     "mask and label disagree": Code("DISAGREE", PRIVATE_SCHEME, "Mask and label disagree"),
     "out_of_distribution": Code("OOD", PRIVATE_SCHEME, "Out of distribution"),
+    "colour photograph": Code("COLOUR", PRIVATE_SCHEME, "Colour image, not an MRI slice"),
+    "DICOM modality": Code("MODALITY", PRIVATE_SCHEME, "Modality other than MR"),
+    "blank or near-constant": Code("BLANK", PRIVATE_SCHEME, "Blank or mostly blank image"),
+    "mostly blank image": Code("BLANK", PRIVATE_SCHEME, "Blank or mostly blank image"),
 }
 OTHER_REASON = Code("OTHER", PRIVATE_SCHEME, "Other refer rule")
+# Reasons that say the image is not a brain MR slice like the training data: `braintumor pacs` stores nothing then.
+OUT_OF_DISTRIBUTION = frozenset({"OOD", "COLOUR", "MODALITY", "BLANK"})
 
 
 def finding(label: str) -> Code:
@@ -82,6 +89,11 @@ def probability(label: str) -> Code:
 
 def reason(sentence: str) -> Code:
     return next((code for prefix, code in REASONS.items() if sentence.startswith(prefix)), OTHER_REASON)
+
+
+def out_of_distribution(reasons) -> bool:
+    """Whether any of the service's refer reasons says the image is not an MR slice like the training data."""
+    return any(reason(r).value in OUT_OF_DISTRIBUTION for r in reasons)
 
 
 def highdicom():

@@ -23,7 +23,6 @@ from .score import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXI
 from .score_files import ErrorsFile, ResultsFile, UsageError, errors_path
 
 BUSY_RETRIES, BUSY_BACKOFF_S = 4, 0.5
-OOD_PREFIX = "out_of_distribution"  # the service's reason for a learned out-of-distribution referral (train/refer.py)
 
 
 @dataclass
@@ -169,6 +168,7 @@ class _Runner:
                 self.progress.update(1)
 
     async def _one(self, series, sop: str, stored: set) -> None:
+        from .dicom_codes import out_of_distribution
         from .dicom_results import build_results, result_uids
         from .errors import AuthenticationError, BrainTumorError, UnavailableError
         from .pacs_dicomweb import PacsError
@@ -179,7 +179,7 @@ class _Runner:
         try:
             source, data = await asyncio.to_thread(self.pacs.fetch, series.study_uid, series.series_uid, sop)
             analysis = await self._analyze(data)
-            if analysis.refer and any(r.startswith(OOD_PREFIX) for r in analysis.refer_reasons):
+            if analysis.refer and out_of_distribution(analysis.refer_reasons):
                 self.summary.referred_ood += 1
                 return self._row(sop, "referred_out_of_distribution", analysis)
             objects = await asyncio.to_thread(build_results, source, analysis, overlay=self.opts.overlay,
