@@ -254,6 +254,84 @@ all_in_one() {
     fi
 }
 
+# -- compose: triton-cpu + gateway + grpc as separate containers -------------------------------------------------
+COMPOSE=()
+find_compose() {
+    if [ "$ENGINE" = docker ] && docker compose version >/dev/null 2>&1; then COMPOSE=(docker compose)
+    elif [ "$ENGINE" = docker ] && command -v docker-compose >/dev/null; then COMPOSE=(docker-compose)
+    elif [ "$ENGINE" = podman ] && command -v podman-compose >/dev/null; then COMPOSE=(podman-compose)
+    elif [ "$ENGINE" = podman ] && [ -x "$(dirname "$PY")/podman-compose" ]; then COMPOSE=("$(dirname "$PY")/podman-compose")
+    else return 1; fi
+}
+
+service_container() {  # the container of compose service $1 in project $PREFIX
+    E ps -a --filter "label=com.docker.compose.project=$PREFIX" --filter "label=com.docker.compose.service=$1" \
+        --format '{{.Names}}' | head -1
+}
+
+compose_stack() {
+    if ! find_compose; then
+        skip "compose: neither docker compose nor podman-compose is installed (pip install podman-compose)"; return 0
+    fi
+    local t0 ready out triton code deadline recovered gw
+    # the published ports moved into this script's range, on loopback only
+    export BRAINTUMOR_TRITON_KEY BRAINTUMOR_API_KEY PUBLISH_ADDRESS=127.0.0.1 PUBLISH_GATEWAY=$((HTTP_PORT + 2)) \
+        PUBLISH_GRPC=$((GRPC_PORT + 2)) PUBLISH_GRPC_METRICS=$((GRPC_PORT + 3)) PUBLISH_TRITON_HTTP=$((TRITON_PORT + 0)) \
+        PUBLISH_TRITON_GRPC=$((TRITON_PORT + 1)) PUBLISH_TRITON_METRICS=$((TRITON_PORT + 2))
+    BRAINTUMOR_TRITON_KEY=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+    BRAINTUMOR_API_KEY=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+    local dc=("${COMPOSE[@]}" -p "$PREFIX" -f "$DEPLOY/docker-compose.yml")
+    "${dc[@]}" down >/dev/null 2>&1
+    CLEANUP+=("$(printf '%q ' "${dc[@]}") down")
+    t0=$(now)
+    # the core services by name: `proxy` is nginx:1.27-alpine and the monitoring profile other registries' images
+    if ! "${dc[@]}" up -d triton gateway grpc >"$WORK/compose-up.log" 2>&1; then
+        fail "compose up: $(grep -iE 'error' "$WORK/compose-up.log" | tail -3 | tr '\n' ' ')"; return 1
+    fi
+    if ! wait_http "$PUBLISH_GATEWAY" /readyz 300; then
+        fail "compose: the gateway was not ready in 300 s"
+        for s in triton gateway grpc; do say "--- $s"; E logs "$(service_container $s)" 2>&1 | tail -8; done
+        return 1
+    fi
+    ready=$(since "$t0")
+    ok "compose up triton gateway grpc (${COMPOSE[*]}): gateway /readyz 200 after $ready s"
+    measure "compose (triton-cpu + gateway + grpc) ready: $ready s from \`up\` to the gateway's /readyz"
+    triton=$(service_container triton); gw=$(service_container gateway)
+    # the answer has to come from the other container: the gateway's own runs no tritonserver
+    if E top "$gw" args 2>/dev/null | grep -q '[t]ritonserver'; then fail "compose: the gateway container runs a tritonserver"
+    else ok "compose: the gateway container runs no tritonserver; it calls $(E exec "$gw" printenv BRAINTUMOR_TRITON_URL)"; fi
+    out=$(client label --url "127.0.0.1:$PUBLISH_GATEWAY" --protocol http --key "$BRAINTUMOR_API_KEY" "$IMAGE" 2>&1)
+    [ -n "$REFERENCE" ] && [ "${out%% *}" = "$REFERENCE" ] \
+        && ok "compose: /analyze through the gateway container -> Triton container: $out (host: $REFERENCE)" \
+        || fail "compose: /analyze through the gateway container: $out (host: ${REFERENCE:-none})"
+    out=$(client label --url "127.0.0.1:$PUBLISH_GRPC" --protocol grpc --key "$BRAINTUMOR_API_KEY" "$IMAGE" 2>&1)
+    [ -n "$REFERENCE" ] && [ "${out%% *}" = "$REFERENCE" ] \
+        && ok "compose: gRPC Analyze through the grpc container: $out (host: $REFERENCE)" \
+        || fail "compose: gRPC Analyze through the grpc container: $out (host: ${REFERENCE:-none})"
+    code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' "http://127.0.0.1:$PUBLISH_TRITON_HTTP/v2/models/brain_tumor/config")
+    [ "$code" != 200 ] && ok "compose: Triton's model config without the Triton key: $code" \
+        || fail "compose: Triton answers its model config without the key"
+
+    # Triton stopped: the gateway says 503 with Retry-After; started again: it answers again
+    E stop -t 10 "$triton" >/dev/null 2>&1
+    code=$(client status --url "127.0.0.1:$PUBLISH_GATEWAY" --key "$BRAINTUMOR_API_KEY" "$IMAGE" 2>&1)
+    [ "${code%% *}" = 503 ] && [ "${code##* }" != - ] \
+        && ok "compose: Triton stopped -> /analyze 503, Retry-After ${code##* }" \
+        || fail "compose: Triton stopped -> /analyze gave '$code' (want 503 with Retry-After)"
+    t0=$(now)
+    E start "$triton" >/dev/null 2>&1
+    deadline=$(($(date +%s) + 180)); recovered=""
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        out=$(client label --url "127.0.0.1:$PUBLISH_GATEWAY" --protocol http --key "$BRAINTUMOR_API_KEY" "$IMAGE" 2>&1)
+        [ "${out%% *}" = "$REFERENCE" ] && { recovered=$(since "$t0"); break; }
+        sleep 1
+    done
+    [ -n "$recovered" ] && ok "compose: Triton started again -> /analyze answers ($out) after $recovered s" \
+        || fail "compose: the gateway did not recover within 180 s of Triton's start: $out"
+    [ -n "$recovered" ] && measure "compose: /analyze answered again $recovered s after \`start\` of the Triton container"
+    "${dc[@]}" down >/dev/null 2>&1
+}
+
 # -- main ------------------------------------------------------------------------------------------------------
 T_START=$(now)
 if want images || want all-in-one || want compose || want k8s; then
@@ -265,10 +343,9 @@ if want images; then
     build all-in-one "braintumor:$VERSION" || exit 1
     build triton-cpu "braintumor-triton-cpu:$VERSION" || exit 1
 fi
-if want all-in-one; then
-    host_reference
-    all_in_one
-fi
+if want all-in-one || want compose || want k8s; then host_reference; fi
+if want all-in-one; then all_in_one; fi
+if want compose; then compose_stack; fi
 
 say ""
 say "measured ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, engine $ENGINE):"
