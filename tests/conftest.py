@@ -203,3 +203,43 @@ def dciodvfy():
         return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
     return errors
+
+
+# -- both front doors on the tiny model, shared by the corpus tests ---------------------------------------------------
+@pytest.fixture(scope="session")
+def front_doors(tiny_triton, tmp_path_factory):
+    """{"grpc": HOST:PORT, "http": URL}: the gRPC API (in this process, its own thread and loop) and the HTTP gateway
+    (`bentoml serve`) in front of :func:`tiny_triton`, with default settings; stopped at session end."""
+    import asyncio
+    import threading
+
+    pytest.importorskip("tritonclient.grpc.aio")
+    pytest.importorskip("bentoml")
+    from braintumor.serving.grpc_server import serve_grpc
+    from braintumor.serving.settings import ServeSettings
+    from braintumor.serving.triton_embedded import free_port
+
+    port, ready, state = free_port(), threading.Event(), {}
+
+    def run():
+        async def main():
+            state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            settings = ServeSettings(triton_url=tiny_triton.grpc_url, triton_key=tiny_triton.client_key)
+            await serve_grpc(settings, port, host="127.0.0.1", metrics_port=None, ready_event=ready,
+                             stop_event=state["stop"], grace=1.0)
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            state["error"] = exc
+            ready.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    assert ready.wait(30) and "error" not in state, f"gRPC server did not start: {state.get('error')!r}"
+    try:
+        with _running_gateway(tmp_path_factory.mktemp("front_doors_gateway"), tiny_triton) as gateway:
+            yield {"grpc": f"127.0.0.1:{port}", "http": gateway.url}
+    finally:
+        state["loop"].call_soon_threadsafe(state["stop"].set)
+        thread.join(30)

@@ -7,8 +7,6 @@ Extended, JPEG 2000, RLE, deflated, big-endian) must decode, and a refusal never
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from pathlib import Path
 
 import pytest
@@ -70,46 +68,12 @@ def test_the_whole_corpus_decodes_or_is_refused_clearly():
 
 # -- both front doors -------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def doors(tiny_triton, tmp_path_factory, running_gateway):
-    pytest.importorskip("tritonclient.grpc.aio")
-    pytest.importorskip("bentoml")
-    from braintumor.serving.grpc_server import serve_grpc
-    from braintumor.serving.settings import ServeSettings
-    from braintumor.serving.triton_embedded import free_port
-
-    port, ready, state = free_port(), threading.Event(), {}
-
-    def run():
-        async def main():
-            state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
-            await serve_grpc(ServeSettings(triton_url=tiny_triton.grpc_url,
-                                           triton_key=tiny_triton.client_key), port, host="127.0.0.1",
-                             metrics_port=None, ready_event=ready, stop_event=state["stop"], grace=1.0)
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            state["error"] = exc
-            ready.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(30) and "error" not in state, f"gRPC server did not start: {state.get('error')!r}"
-    try:
-        with running_gateway(tmp_path_factory.mktemp("corpus_gateway"), tiny_triton) as gateway:
-            yield {"grpc": f"127.0.0.1:{port}", "http": gateway.url}
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
-
-
 @pytest.mark.integration
-def test_corpus_through_both_front_doors(doors, tmp_path):
+def test_corpus_through_both_front_doors(front_doors, tmp_path):
     from braintumor.clients import BrainTumorClient, BrainTumorError, InvalidInputError
 
     rows, problems = [], []
-    clients = {proto: BrainTumorClient(url, protocol=proto, timeout=60) for proto, url in doors.items()}
+    clients = {proto: BrainTumorClient(url, protocol=proto, timeout=60) for proto, url in front_doors.items()}
     try:
         for path in corpus():
             local = _local(path)
