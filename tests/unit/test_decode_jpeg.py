@@ -1,4 +1,6 @@
-"""The OpenCV JPEG path of decode_any gives exactly Pillow's pixels, or steps aside for Pillow."""
+"""The OpenCV JPEG path of decode_any gives exactly Pillow's pixels, or steps aside for Pillow. The reference is
+written here in Pillow and numpy alone: none of the decoder's code (its grey-or-colour rule included) decides what the
+right answer is."""
 
 import io
 
@@ -7,7 +9,11 @@ import pytest
 from PIL import Image, ImageOps
 
 from braintumor.train import decode
-from braintumor.train.decode import ImageDecodeError, decode_any
+from braintumor.train.decode import DecodedImage, ImageDecodeError, decode_any
+
+# An RGB image is a grey slice stored as RGB when its channels differ by at most this many levels on average (JPEG
+# chroma noise); otherwise it is a colour photo, read as Pillow's luma.
+GREY_SPREAD = 2.0
 
 
 def _jpeg(arr: np.ndarray, orientation: int = 1, mode: str | None = None, **options) -> bytes:
@@ -30,24 +36,26 @@ def _slice(h: int = 48, w: int = 72) -> np.ndarray:
     return img
 
 
-def _pillow_upright(pixels: np.ndarray, img: Image.Image) -> np.ndarray:
-    """Pillow's own ImageOps.exif_transpose, reading the orientation from ``img``'s metadata."""
-    copy = Image.fromarray(pixels)
-    copy.info.update(img.info)
-    return np.asarray(ImageOps.exif_transpose(copy))
+def _pillow_reference(data: bytes) -> DecodedImage:
+    """What decode_any must give, by Pillow and numpy alone: Pillow's decoder, Pillow's exif_transpose, and the grey
+    rule restated with numpy (mean absolute difference of R-G and G-B within GREY_SPREAD: the red channel; beyond
+    it: Pillow's convert("L"))."""
+    with Image.open(io.BytesIO(data)) as img:
+        mode = img.mode
+        turned = ImageOps.exif_transpose(img)
+    if turned.mode == "L":
+        return DecodedImage(np.asarray(turned), mode, False)
+    rgb = np.asarray(turned.convert("RGB")).astype(np.int16)
+    spread = max(np.abs(rgb[..., 0] - rgb[..., 1]).mean(), np.abs(rgb[..., 1] - rgb[..., 2]).mean())
+    if spread <= GREY_SPREAD:
+        return DecodedImage(np.ascontiguousarray(rgb[..., 0].astype(np.uint8)), mode, False)
+    return DecodedImage(np.asarray(turned.convert("L")), mode, True)
 
 
 @pytest.fixture
-def pillow_only(monkeypatch):
-    """decode_any as it was before the OpenCV path: Pillow's decoder and Pillow's exif_transpose for every image."""
-
-    def by_pillow(data: bytes):
-        with monkeypatch.context() as m:
-            m.setattr(decode, "_jpeg_grey", lambda *_: None)
-            m.setattr(decode, "upright", _pillow_upright)
-            return decode_any(data)[0]
-
-    return by_pillow
+def pillow_only():
+    """The right answer for an image, computed without the decoder (:func:`_pillow_reference`)."""
+    return _pillow_reference
 
 
 @pytest.fixture
@@ -108,6 +116,21 @@ def test_a_colour_photo_keeps_pillows_luma(pillow_only, opencv_used):
     got = decode_any(data)[0]
     assert opencv_used == [False] and got.is_colour
     _same(got, pillow_only(data))
+
+
+@pytest.mark.parametrize("tint, colour", [(0, False), (2, False), (3, True), (40, True)])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_grey_or_colour_is_decided_at_the_stated_spread(tint, colour, fmt, pillow_only):
+    """An RGB slice whose green channel is ``tint`` levels above red and blue: grey up to GREY_SPREAD, colour beyond
+    (PNG keeps the tint exact; JPEG's chroma rounding moves it a little, hence 0/2 vs 3 only as PNG)."""
+    grey = _slice().astype(np.int16)
+    rgb = np.stack([grey, np.clip(grey + tint, 0, 255), grey], axis=-1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **({"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}))
+    got, want = decode_any(buf.getvalue())[0], pillow_only(buf.getvalue())
+    _same(got, want)
+    if fmt == "PNG" or tint in (0, 40):
+        assert got.is_colour is colour
 
 
 def test_a_truncated_jpeg_is_still_refused(opencv_used):
