@@ -1,7 +1,7 @@
 """`braintumor serve` with its defaults serves the bundled release model: the answers equal ONNX Runtime on the
 shipped files, the served calibration and OOD constants are the card's, a slice under the refer threshold is referred
-through Triton with the threshold as its reason, and a noise image is referred as out of distribution (HTTP and
-gRPC)."""
+through Triton with the threshold as its reason and a confident one is not, and a noise image is referred as out of
+distribution, each through both doors (HTTP and gRPC), which report the served version."""
 
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def test_default_serve_runs_the_bundled_model_and_refers_through_triton(real_dat
                          "--triton-metrics-port", str(free_port()))  # no --model-repository: the bundled one
     try:
         model = httpx.get(f"{served.http_url}/model", timeout=30).json()
-        assert model["version"] in ("", str(META["version"])) or int(model["version"]) == META["version"]
+        assert model["version"] == str(META["version"]), model  # the version Triton serves, never left empty
         assert model["temperature"] == pytest.approx(META["temperature"])
         assert model["refer_threshold"] == pytest.approx(threshold)
         assert model["disagree_min_area"] == pytest.approx(META["disagree_min_area"])
@@ -87,20 +87,26 @@ def test_default_serve_runs_the_bundled_model_and_refers_through_triton(real_dat
         assert body["refer"] is True and any(r.startswith("out_of_distribution:") for r in body["refer_reason"]), body
         with grpc.insecure_channel(served.grpc_target) as channel:
             stub = pb_grpc.BrainTumorStub(channel)
-            assert stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30).ood_threshold == META["ood_threshold"]
+            info = stub.GetModelInfo(pb.ModelInfoRequest(), timeout=30)
+            assert info.ood_threshold == META["ood_threshold"] and info.version == str(META["version"]), info
             reply = stub.Analyze(pb.AnalyzeRequest(image=noise, skip_images=True), timeout=60)
             assert reply.refer and list(reply.refer_reason) == body["refer_reason"]
 
-        for path, expect_refer in ((unsure, True), (confident, None)):
-            body = httpx.post(f"{served.http_url}/analyze", timeout=60,
-                              files={"image": (path.name, path.read_bytes(), "image/jpeg")}).json()
-            for name, p in zip(META["classes"], probs[path]):
-                assert body["probabilities"][name] == pytest.approx(float(p), abs=1e-5)
-            threshold_reason = any("refer threshold" in r for r in body["refer_reason"])
-            if expect_refer:
-                assert body["refer"] and threshold_reason, body["refer_reason"]
-            else:
-                assert not threshold_reason, body["refer_reason"]
+            for path, expect_refer in ((unsure, True), (confident, False)):
+                body = httpx.post(f"{served.http_url}/analyze", timeout=60,
+                                  files={"image": (path.name, path.read_bytes(), "image/jpeg")}).json()
+                reply = stub.Analyze(pb.AnalyzeRequest(image=path.read_bytes(), skip_images=True), timeout=60)
+                for door, answer in (("HTTP", body), ("gRPC", {"probabilities": dict(reply.probabilities),
+                                                               "refer": reply.refer,
+                                                               "refer_reason": list(reply.refer_reason)})):
+                    for name, p in zip(META["classes"], probs[path]):
+                        assert answer["probabilities"][name] == pytest.approx(float(p), abs=1e-5), (door, name)
+                    threshold_reason = any("refer threshold" in r for r in answer["refer_reason"])
+                    if expect_refer:
+                        assert answer["refer"] and threshold_reason, (door, answer["refer_reason"])
+                    else:
+                        assert not threshold_reason, (door, answer["refer_reason"])
+                assert list(reply.refer_reason) == body["refer_reason"] and reply.refer == body["refer"]
     finally:
         code = served.stop()
     assert code == 0, "".join(served.lines[-40:])
