@@ -155,16 +155,30 @@ def stop_orphans(keep: Collection[int], timeout: float = 5.0) -> list[int]:
     return orphans
 
 
-def _parents() -> dict[int, int]:
+def _processes() -> dict[int, tuple[str, str, int]]:
+    """pid -> (command name, state letter, parent pid) of every process /proc shows (Linux; empty elsewhere)."""
     table = {}
-    for name in os.listdir("/proc"):
+    names = os.listdir("/proc") if os.path.isdir("/proc") else []
+    for name in names:
         if name.isdigit():
             try:
                 with open(f"/proc/{name}/stat") as fh:
-                    table[int(name)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+                    head, tail = fh.read().rsplit(")", 1)
+                fields = tail.split()
+                table[int(name)] = (head.split("(", 1)[1], fields[0], int(fields[1]))
             except (OSError, IndexError, ValueError):
                 continue
     return table
+
+
+def _parents() -> dict[int, int]:
+    return {pid: ppid for pid, (_, _, ppid) in _processes().items()}
+
+
+def dead_children(pid: int) -> list[tuple[int, str]]:
+    """(pid, command name) of ``pid``'s children that have exited and were not reaped (zombies): a server that has
+    not noticed a helper of its own died (Triton's python stubs, for one)."""
+    return [(child, comm) for child, (comm, state, ppid) in _processes().items() if ppid == pid and state == "Z"]
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -28,7 +28,7 @@ from typing import IO, Mapping, Sequence
 
 from ..export.contract import CONFIG_FILE, CONFIGS_DIR, LAYOUTS
 from .settings import TRITON_KEY_HEADER
-from .supervisor import die_with_parent, http_ready, stop_group
+from .supervisor import dead_children, die_with_parent, http_ready, stop_group
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ ADMIN_HEADER = "braintumor-admin-key"
 # with the instance's client key, which only our front doors get (through their environment, never argv); health
 # stays open for readiness probes. Another local process without the key is refused.
 CLIENT_APIS = ("inference", "model-config", "metadata")
+STARTUP_REPORT_S = 15.0  # while Triton loads the models, say so this often (a start is never silent for minutes)
 
 
 class TritonServerError(RuntimeError):
@@ -393,7 +394,8 @@ class EmbeddedTriton:
     def _wait_ready(self) -> None:
         assert self._process is not None
         url = f"http://{self.http_url}/v2/health/ready"
-        deadline = time.monotonic() + self.startup_timeout
+        start = time.monotonic()
+        deadline, report = start + self.startup_timeout, start + STARTUP_REPORT_S
         while True:
             code = self._process.poll()
             if code is not None:
@@ -403,11 +405,25 @@ class EmbeddedTriton:
                                        f"last log lines:\n{self.log_tail()}")
             if http_ready(url, timeout=1.0):
                 return
+            dead = dead_children(self._process.pid)
+            if dead:
+                # A python stub that dies at start (a missing libpython, a crash in the backend) leaves Triton
+                # waiting for it for minutes without a word; its own error is in the log by now.
+                time.sleep(0.5)  # let its last lines in
+                names = ", ".join(f"{comm} (pid {pid})" for pid, comm in dead)
+                raise TritonServerError(f"a process tritonserver started died while the models were loading: "
+                                       f"{names}; last log lines:\n{self.log_tail()}")
             if self._abort.is_set():
                 raise KeyboardInterrupt("stopped while tritonserver was starting")
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
                 raise TritonServerError(f"tritonserver was not ready after {self.startup_timeout:.0f} s "
                                        f"({url}); last log lines:\n{self.log_tail()}")
+            if now > report:
+                last = self.log_tail(1) or "(nothing logged yet)"
+                logger.info("still waiting for tritonserver to load the models (%.0f s); its last log line: %s",
+                            now - start, last)
+                report = now + STARTUP_REPORT_S
             time.sleep(0.2)
 
     def stop(self, timeout: float | None = None) -> int | None:

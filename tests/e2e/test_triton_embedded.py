@@ -306,3 +306,50 @@ def test_a_killed_server_leaves_no_shared_memory_behind(tiny_repository):
     finally:
         triton.stop()
     assert not regions()
+
+
+def _backend_with_a_stub_that_cannot_start(install_dir: Path) -> Path:
+    """A --backend-directory whose python stub dies at once the way a stub without its libpython dies (the dynamic
+    loader's message, exit 127): the real libtriton_python.so and utils, the stub replaced by a shell script padded
+    to the real stub's size (assemble_backend_dir keeps a cached copy whose sizes match)."""
+    from braintumor.serving import triton_embedded as te
+
+    install = te.find_triton()
+    real = te.assemble_backend_dir(install)
+    target = install_dir / "triton-backends" / real.name / "python"
+    target.mkdir(parents=True)
+    for name in (te.BACKEND_LIB, te.BACKEND_UTILS):
+        (target / name).write_bytes((real / "python" / name).read_bytes())
+    script = (b"#!/bin/sh\necho \"$0: error while loading shared libraries: libpython3.11.so.1.0: cannot open shared "
+              b"object file: No such file or directory\" >&2\nexit 127\n")
+    size = (real / "python" / te.STUB_NAME).stat().st_size
+    (target / te.STUB_NAME).write_bytes(script + b"#" * (size - len(script)))
+    (target / te.STUB_NAME).chmod(0o755)
+    return install_dir
+
+
+def test_a_stub_that_dies_at_start_ends_the_start_with_its_error(tiny_repository, tmp_path):
+    """Issue 22 item 7: a python stub that cannot start left tritonserver (and `braintumor serve`, and a container)
+    waiting for minutes without a word. The start now ends within seconds with the stub's own error."""
+    cache = _backend_with_a_stub_that_cannot_start(tmp_path / "cache")
+    triton = EmbeddedTriton(tiny_repository, address="127.0.0.1", startup_timeout=120, cache_dir=cache, **_ports())
+    start = time.monotonic()
+    with pytest.raises(TritonServerError, match="died while the models were loading") as failed:
+        triton.start()
+    assert time.monotonic() - start < 60  # the timeout is 120 s; the fake stub dies within a second of its spawn
+    assert "libpython3.11.so.1.0: cannot open shared object file" in str(failed.value)
+    assert not triton.is_running()
+
+
+def test_serve_exits_non_zero_with_the_stubs_error(tiny_repository, tmp_path):
+    """The same through `braintumor serve` (what the all-in-one container runs): exit code 1, the reason on stderr."""
+    cache = _backend_with_a_stub_that_cannot_start(tmp_path / "cache")
+    ports = [str(free_port()) for _ in range(6)]
+    cmd = [sys.executable, "-m", "braintumor.serving.cli", "serve", "--model-repository", str(tiny_repository),
+           "--http-port", ports[0], "--grpc-port", ports[1], "--grpc-metrics-port", ports[2],
+           "--triton-http-port", ports[3], "--triton-grpc-port", ports[4], "--triton-metrics-port", ports[5],
+           "--startup-timeout", "120"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=100,
+                          env={**os.environ, "BRAINTUMOR_CACHE": str(cache)})
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "died while the models were loading" in done.stderr and "libpython3.11.so.1.0" in done.stderr

@@ -59,3 +59,29 @@ def test_a_killed_child_is_restarted_and_the_other_left_alone(caplog):
     assert any("HTTP gateway exited (code -9); restarting it in 2 s" in m for m in messages), messages
     assert sum("HTTP gateway restarted" in m for m in messages) == 2
     assert not any("gRPC API" in m for m in messages)
+
+
+def test_dead_children_lists_exited_unreaped_children_only():
+    """What the embedded Triton's start watches for (a python stub that died); a live child is not listed."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from braintumor.serving.supervisor import dead_children
+
+    if not os.path.isdir("/proc"):
+        pytest.skip("needs /proc")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 30
+        while gone.pid not in [pid for pid, _ in dead_children(os.getpid())]:
+            assert time.monotonic() < deadline, "an exited child never showed as a zombie"
+            time.sleep(0.05)
+        assert alive.pid not in [pid for pid, _ in dead_children(os.getpid())]
+    finally:
+        alive.kill()
+        alive.wait()
+        gone.wait()
+    assert gone.pid not in [pid for pid, _ in dead_children(os.getpid())]  # reaped: no longer a zombie
