@@ -81,12 +81,33 @@ def test_every_rpc_needs_the_key_but_health_and_reflection(keyed, slice_jpeg):
         }
         service = pb.DESCRIPTOR.services_by_name["BrainTumor"]
         assert set(calls) == {m.name for m in service.methods}, "an RPC was added without a key check here"
+        # With the key each RPC answers in full: a protobuf reply is truthy even when empty, so check its content.
+        classes = list(stub.GetModelInfo(pb.ModelInfoRequest(), metadata=[("x-api-key", KEY)], timeout=30).classes)
+        assert len(classes) == 4, classes
+
+        def analyzed(reply) -> bool:
+            return (reply.label in classes and set(reply.probabilities) == set(classes)
+                    and abs(sum(reply.probabilities.values()) - 1) < 1e-3
+                    and (reply.image_height, reply.image_width) == (64, 56))
+
+        answered = {
+            "Analyze": analyzed,
+            "AnalyzeStream": lambda replies: len(replies) == 1 and analyzed(replies[0]),
+            "Explain": lambda reply: (reply.method == "gradcam" and reply.label in classes
+                                      and reply.heatmap_png.startswith(b"\x89PNG")),
+            "GetModelInfo": lambda reply: list(reply.classes) == classes and bool(reply.name),
+        }
+        # ... and the checks would see an empty answer
+        empty = {"Analyze": pb.AnalyzeResponse(), "AnalyzeStream": [pb.AnalyzeResponse()],
+                 "Explain": pb.ExplainResponse(), "GetModelInfo": pb.ModelInfo()}
+        assert not any(answered[name](reply) for name, reply in empty.items())
         for name, call in calls.items():
             for metadata in ([], [("x-api-key", "guess")], [("authorization", "Bearer guess")]):
                 with pytest.raises(grpc.RpcError) as refused:
                     call(metadata)
                 assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, (name, metadata)
-            assert call([("x-api-key", KEY)]), name
+            reply = call([("x-api-key", KEY)])
+            assert answered[name](reply), (name, reply)
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         listed = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
