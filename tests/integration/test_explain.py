@@ -25,8 +25,9 @@ pytestmark = pytest.mark.integration
 BUDGET = 60
 
 
-def _pipeline(triton) -> Pipeline:
-    return Pipeline.from_settings(ServeSettings(triton_url=triton.grpc_url, triton_key=triton.client_key, lime_num_samples=BUDGET, shap_max_evals=BUDGET,
+def _pipeline(triton, shap_max_evals: int = BUDGET) -> Pipeline:
+    return Pipeline.from_settings(ServeSettings(triton_url=triton.grpc_url, triton_key=triton.client_key,
+                                                lime_num_samples=BUDGET, shap_max_evals=shap_max_evals,
                                                 explain_batch_size=16))
 
 
@@ -89,13 +90,15 @@ def test_bad_options_are_refused(tiny_triton, slice_jpeg, options, message):
 
 def test_options_and_model_info_are_read_once_per_request(tiny_triton, slice_jpeg, monkeypatch):
     """An explanation checks its options once and asks the model for its info once (the door asks neither), and
-    the second, cached answer costs the same: one check, one info."""
+    the second, cached answer costs the same: one check, one info. The check fills in both defaults (LIME's and
+    SHAP's, set apart so that one cannot stand in for the other)."""
     checks, infos = [], []
     real_checked = ExplainOptions.checked
-    monkeypatch.setattr(ExplainOptions, "checked", lambda self, *a: checks.append(self) or real_checked(self, *a))
+    monkeypatch.setattr(ExplainOptions, "checked",
+                        lambda self, *a: checks.append((self, real_checked(self, *a))) or checks[-1][1])
 
     async def go():
-        pipe = _pipeline(tiny_triton)
+        pipe = _pipeline(tiny_triton, shap_max_evals=BUDGET // 2)
         real_info = pipe.model.info
         monkeypatch.setattr(pipe.model, "info", lambda: infos.append(1) or real_info())
         try:
@@ -108,3 +111,4 @@ def test_options_and_model_info_are_read_once_per_request(tiny_triton, slice_jpe
     first, second = asyncio.run(go())
     assert first.method == second.method == "gradcam" and second.cached and not first.cached
     assert len(checks) == 2 and len(infos) == 2
+    assert [(done.num_samples, done.max_evals) for _, done in checks] == [(BUDGET, BUDGET // 2)] * 2
