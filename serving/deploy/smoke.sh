@@ -332,6 +332,105 @@ compose_stack() {
     "${dc[@]}" down >/dev/null 2>&1
 }
 
+# -- Kubernetes: schemas, then the base manifests as pods (podman kube play) -------------------------------------
+K8S_VERSIONS=(1.30.0 1.37.0)
+kustomize_render() {  # kustomize_render DIR OUT
+    if command -v kubectl >/dev/null; then kubectl kustomize "$1" >"$2"
+    elif command -v kustomize >/dev/null; then kustomize build "$1" >"$2"
+    else return 2; fi
+}
+
+pod_ip() { E inspect -f '{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}' "$1" 2>/dev/null; }
+
+wait_url() {  # wait_url URL TIMEOUT
+    local deadline=$(($(date +%s) + $2))
+    while [ "$(date +%s)" -lt "$deadline" ]; do
+        [ "$(curl -s -o /dev/null -m 5 -w '%{http_code}' "$1" 2>/dev/null)" = 200 ] && return 0
+        sleep 1
+    done
+    return 1
+}
+
+k8s_manifests() {
+    local validate v overlay rc
+    validate="$(dirname "$PY")/kubernetes-validate"
+    [ -x "$validate" ] || validate=$(command -v kubernetes-validate)
+    for overlay in base overlays/gpu; do
+        kustomize_render "$DEPLOY/k8s/$overlay" "$WORK/k8s-${overlay##*/}.yaml"; rc=$?
+        [ $rc = 2 ] && { skip "k8s: neither kubectl nor kustomize is installed to render $overlay"; return 0; }
+        [ $rc != 0 ] && { fail "k8s: kustomize cannot render $overlay"; continue; }
+        if [ -z "$validate" ]; then skip "k8s: kubernetes-validate is not installed (pip install kubernetes-validate)"
+            continue; fi
+        for v in "${K8S_VERSIONS[@]}"; do
+            if "$validate" --strict --quiet -k "$v" "$WORK/k8s-${overlay##*/}.yaml" >"$WORK/validate.log" 2>&1; then
+                ok "k8s: $overlay rendered ($(grep -c '^kind:' "$WORK/k8s-${overlay##*/}.yaml") objects) is valid for Kubernetes $v (strict)"
+            else
+                fail "k8s: $overlay against Kubernetes $v: $(head -3 "$WORK/validate.log" | tr '\n' ' ')"
+            fi
+        done
+    done
+}
+
+k8s_pods() {
+    [ "$ENGINE" = podman ] || { skip "k8s pods: podman kube play needs podman"; return 0; }
+    [ -f "$WORK/k8s-base.yaml" ] || { skip "k8s pods: no rendered base manifests"; return 0; }
+    local net=$PREFIX-k8s tkey akey s tip gip rip t0 ready out code vols="$WORK/k8s-volumes"
+    for s in braintumor-triton-key braintumor-api-key; do
+        if podman secret inspect "$s" >/dev/null 2>&1; then
+            fail "k8s pods: a podman secret $s exists already; remove it (podman secret rm $s) to run this"; return 1
+        fi
+    done
+    tkey=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n'); akey=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+    # kube play reads a secretKeyRef from a podman secret holding {"key": base64(value)}
+    printf '{"key": "%s"}' "$(printf %s "$tkey" | base64 -w0)" | podman secret create braintumor-triton-key - >/dev/null
+    printf '{"api-key": "%s"}' "$(printf %s "$akey" | base64 -w0)" | podman secret create braintumor-api-key - >/dev/null
+    CLEANUP+=("podman secret rm braintumor-triton-key braintumor-api-key")
+    podman network exists "$net" || podman network create "$net" >/dev/null   # with DNS, unlike the default one
+    CLEANUP+=("podman network rm -f $net")
+    "$PY" "$DEPLOY/kube_play.py" "$WORK/k8s-base.yaml" --only braintumor-triton --volumes "$vols" \
+        >"$WORK/play-triton.yaml" 2>"$WORK/kube-play.txt" || { fail "k8s pods: $(cat "$WORK/kube-play.txt")"; return 1; }
+    podman kube play --down "$WORK/play-triton.yaml" >/dev/null 2>&1
+    CLEANUP+=("podman kube play --down $WORK/play-triton.yaml")
+    t0=$(now)
+    podman kube play --network "$net" "$WORK/play-triton.yaml" >"$WORK/play.log" 2>&1 \
+        || { fail "k8s pods: kube play (Triton): $(grep -i error "$WORK/play.log" | tail -2)"; return 1; }
+    tip=$(pod_ip braintumor-triton-pod-0-triton)
+    wait_url "http://$tip:8000/v2/health/ready" 240 \
+        || { fail "k8s pods: the Triton pod ($tip) was not ready in 240 s"; podman logs braintumor-triton-pod-0-triton 2>&1 | tail -8; return 1; }
+    # no Service DNS here: the ConfigMap's braintumor-triton is the Triton pod's address, through hostAliases
+    "$PY" "$DEPLOY/kube_play.py" "$WORK/k8s-base.yaml" --only braintumor-gateway --only braintumor-grpc \
+        --volumes "$vols" --host-alias "braintumor-triton=$tip" >"$WORK/play-front.yaml" 2>/dev/null
+    podman kube play --down "$WORK/play-front.yaml" >/dev/null 2>&1
+    CLEANUP+=("podman kube play --down $WORK/play-front.yaml")
+    podman kube play --network "$net" "$WORK/play-front.yaml" >"$WORK/play.log" 2>&1 \
+        || { fail "k8s pods: kube play (gateway, gRPC): $(grep -i error "$WORK/play.log" | tail -2)"; return 1; }
+    gip=$(pod_ip braintumor-gateway-pod-0-gateway); rip=$(pod_ip braintumor-grpc-pod-0-grpc)
+    wait_url "http://$gip:3000/readyz" 240 \
+        || { fail "k8s pods: the gateway pod ($gip) was not ready in 240 s"; podman logs braintumor-gateway-pod-0-gateway 2>&1 | tail -8; return 1; }
+    ready=$(since "$t0")
+    ok "k8s pods: Deployments triton, gateway, grpc of base played; gateway /readyz 200 after $ready s ($(cat "$WORK/kube-play.txt"))"
+    measure "k8s base as pods (podman kube play): gateway ready $ready s after the Triton pod was played"
+    out=$(client label --url "$gip:3000" --protocol http --key "$akey" "$IMAGE" 2>&1)
+    [ -n "$REFERENCE" ] && [ "${out%% *}" = "$REFERENCE" ] \
+        && ok "k8s pods: /analyze through the gateway pod -> Triton pod: $out (host: $REFERENCE)" \
+        || fail "k8s pods: /analyze through the gateway pod: $out (host: ${REFERENCE:-none})"
+    out=$(client label --url "$rip:50051" --protocol grpc --key "$akey" "$IMAGE" 2>&1)
+    [ -n "$REFERENCE" ] && [ "${out%% *}" = "$REFERENCE" ] \
+        && ok "k8s pods: gRPC Analyze through the grpc pod: $out (host: $REFERENCE)" \
+        || fail "k8s pods: gRPC Analyze through the grpc pod: $out (host: ${REFERENCE:-none})"
+    code=$(client status --url "$gip:3000" "$IMAGE" 2>&1)
+    [ "${code%% *}" = 401 ] && ok "k8s pods: /analyze without the Secret's API key: 401" \
+        || fail "k8s pods: /analyze without a key: $code"
+    out=""
+    for s in braintumor-gateway-pod-0-gateway braintumor-grpc-pod-0-grpc; do
+        out+="$(podman inspect -f '{{.HostConfig.ReadonlyRootfs}} {{.Config.User}}' "$s") "
+    done
+    [ "$out" = "true 10001:10001 true 10001:10001 " ] && ok "k8s pods: gateway and grpc run as 10001 with a read-only root" \
+        || fail "k8s pods: read-only root and user of gateway, grpc: $out"
+    podman kube play --down "$WORK/play-front.yaml" >/dev/null 2>&1
+    podman kube play --down "$WORK/play-triton.yaml" >/dev/null 2>&1
+}
+
 # -- main ------------------------------------------------------------------------------------------------------
 T_START=$(now)
 if want images || want all-in-one || want compose || want k8s; then
@@ -346,6 +445,7 @@ fi
 if want all-in-one || want compose || want k8s; then host_reference; fi
 if want all-in-one; then all_in_one; fi
 if want compose; then compose_stack; fi
+if want k8s; then k8s_manifests; k8s_pods; fi
 
 say ""
 say "measured ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, engine $ENGINE):"

@@ -527,7 +527,9 @@ def test_k8s_ports_probes_and_commands(k8s, ports, port):
     assert gateway[:3] == ["bentoml", "serve", GATEWAY_TARGET] and {int(gateway[-1])} == ports["gateway"]
     grpc = _parse(deployments["grpc"]["spec"]["template"]["spec"]["containers"][0]["command"])
     assert (grpc.port, grpc.metrics_port) == (port["grpc"], port["grpc_metrics"])
-    assert grpc.triton_url == "$(BRAINTUMOR_TRITON_URL)"
+    # no --triton-url: the server reads BRAINTUMOR_TRITON_URL from the ConfigMap (podman kube play, which runs these
+    # manifests in serving/deploy/smoke.sh, does not expand $(VAR) in commands)
+    assert not hasattr(grpc, "triton_url")
 
 
 def test_k8s_services_select_their_pods_and_ports(k8s):
