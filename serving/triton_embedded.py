@@ -1,42 +1,41 @@
 """The embedded Triton: runs the real ``tritonserver`` binary from the nvidia-pytriton wheel on a model repository.
 
-Owns finding the binary, assembling a python-backend directory with the stub for this interpreter, the process
-environment, readiness, and a clean stop of the whole process group (server and python stubs).
+Owns the server's command line (restricted APIs, shared-memory prefix), readiness (a stub that dies at start ends
+it with its error), and a clean stop of the whole process group (server and python stubs) with what it left in
+/dev/shm. Where the binary comes from is :mod:`.triton_install`; the checks before a start, :mod:`.triton_checks`.
 """
 
 from __future__ import annotations
 
 import collections
-import importlib.metadata
-import importlib.util
 import logging
 import os
-import random
 import secrets
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import sysconfig
-import tempfile
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Mapping, Sequence
+from typing import IO, Sequence
 
-from ..export.contract import CONFIG_FILE, CONFIGS_DIR, LAYOUTS
+from ..export.contract import LAYOUTS
 from .settings import TRITON_KEY_HEADER
 from .supervisor import dead_children, die_with_parent, http_ready, stop_group
+from .triton_checks import check_layout, check_ports, check_repository, free_port
+from .triton_install import (
+    BACKEND_LIB, BACKEND_UTILS, CACHE_ENV, STUB_NAME, WHEEL, TritonInstall, TritonServerError, assemble_backend_dir,
+    build_env, check_numpy, default_cache_dir, find_triton,
+)
+
+# What callers know this module by: the server, its error, and the install and check helpers it starts with.
+__all__ = ["ADMIN_APIS", "ADMIN_HEADER", "BACKEND_LIB", "BACKEND_UTILS", "CACHE_ENV", "CLIENT_APIS", "STUB_NAME",
+           "WHEEL", "EmbeddedTriton", "TritonInstall", "TritonServerError", "assemble_backend_dir", "build_env",
+           "check_layout", "check_numpy", "check_ports", "check_repository", "default_cache_dir", "find_triton",
+           "free_port"]
 
 logger = logging.getLogger(__name__)
 
-WHEEL = "nvidia-pytriton"
-STUB_NAME = "triton_python_backend_stub"
-BACKEND_LIB = "libtriton_python.so"
-BACKEND_UTILS = "triton_python_backend_utils.py"
-CACHE_ENV = "BRAINTUMOR_CACHE"  # where the assembled backend directory is kept (default ~/.cache/braintumor)
 # Triton's admin APIs (change the log level, register shared memory, load models, trace, per-model statistics) need a
 # header whose value is a random secret made per start and given to no client, so nobody can use them.
 ADMIN_APIS = ("model-repository", "shared-memory", "statistics", "trace", "logging")
@@ -46,206 +45,6 @@ ADMIN_HEADER = "braintumor-admin-key"
 # stays open for readiness probes. Another local process without the key is refused.
 CLIENT_APIS = ("inference", "model-config", "metadata")
 STARTUP_REPORT_S = 15.0  # while Triton loads the models, say so this often (a start is never silent for minutes)
-
-
-class TritonServerError(RuntimeError):
-    """tritonserver cannot run here, exited early, was not ready in time, or died; the message says why (with the
-    server's last log lines when it ran)."""
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """Where the pieces of tritonserver sit inside the installed nvidia-pytriton wheel."""
-
-    version: str
-    root: Path  # .../site-packages/pytriton/tritonserver
-
-    @property
-    def binary(self) -> Path:
-        return self.root / "bin" / "tritonserver"
-
-    @property
-    def python_backend(self) -> Path:
-        return self.root / "backends" / "python"
-
-    @property
-    def stubs(self) -> Path:
-        return self.root / "python_backend_stubs"
-
-    @property
-    def libs(self) -> Path:
-        # auditwheel's folder of vendored shared libraries, next to the package in site-packages
-        return self.root.parent.parent / "nvidia_pytriton.libs"
-
-    def stub(self, python: tuple[int, int] = sys.version_info[:2]) -> Path:
-        path = self.stubs / f"{python[0]}.{python[1]}" / STUB_NAME
-        if not path.is_file():
-            have = sorted(p.name for p in self.stubs.iterdir() if (p / STUB_NAME).is_file()) if self.stubs.is_dir() else []
-            raise TritonServerError(f"{WHEEL} {self.version} has no python backend stub for Python "
-                                   f"{python[0]}.{python[1]} (it has {', '.join(have) or 'none'}); "
-                                   "run braintumor under one of those Python versions")
-        return path
-
-
-def find_triton() -> TritonInstall:
-    """Locate tritonserver in the installed nvidia-pytriton wheel, without importing pytriton (it is heavy)."""
-    spec = importlib.util.find_spec("pytriton")
-    if spec is None or not spec.submodule_search_locations:
-        raise TritonServerError(f"tritonserver comes from the {WHEEL} wheel, which is not installed: "
-                               f"pip install {WHEEL} (Linux x86_64, Python 3.8-3.13)")
-    install = TritonInstall(importlib.metadata.version(WHEEL), Path(list(spec.submodule_search_locations)[0]) / "tritonserver")
-    for path in (install.binary, install.python_backend / BACKEND_LIB, install.libs):
-        if not path.exists():
-            raise TritonServerError(f"{path} is missing: the {WHEEL} {install.version} install is incomplete or "
-                                   f"its layout changed; reinstall it (pip install --force-reinstall {WHEEL})")
-    return install
-
-
-def check_numpy() -> None:
-    """The wheel's python stub is built against numpy 1.x; under numpy 2 ``as_numpy()`` reads wrong data silently
-    (checked: an FP32 input [1, 2, 3] arrived as [1, 1, 1]). Refuse to start rather than serve wrong answers."""
-    try:
-        version = importlib.metadata.version("numpy")
-    except importlib.metadata.PackageNotFoundError:
-        raise TritonServerError("numpy is not installed; the python backend needs numpy<2") from None
-    if int(version.split(".")[0]) >= 2:
-        raise TritonServerError(f"numpy {version} is installed, but the python backend stub of {WHEEL} is built "
-                               "for numpy 1.x and corrupts tensors under numpy 2: pip install 'numpy<2'")
-
-
-def default_cache_dir() -> Path:
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "braintumor"
-
-
-def assemble_backend_dir(install: TritonInstall, cache_dir: Path | None = None,
-                         python: tuple[int, int] = sys.version_info[:2]) -> Path:
-    """A ``--backend-directory`` holding ``python/`` = the wheel's python backend + the stub for ``python``.
-
-    The wheel keeps the stubs apart from the backend; Triton looks for the stub next to libtriton_python.so.
-    Built once per wheel version and Python version, atomically (a rename), so concurrent starts are safe.
-    """
-    stub = install.stub(python)
-    root = (cache_dir or default_cache_dir()) / "triton-backends" / f"{WHEEL}-{install.version}-py{python[0]}.{python[1]}"
-    sources = {BACKEND_LIB: install.python_backend / BACKEND_LIB,
-               BACKEND_UTILS: install.python_backend / BACKEND_UTILS,
-               STUB_NAME: stub}
-    target = root / "python"
-    if target.is_dir() and all((target / n).is_file() and (target / n).stat().st_size == s.stat().st_size
-                               for n, s in sources.items()):
-        return root
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".python-", dir=root))
-    try:
-        for name, source in sources.items():
-            shutil.copy2(source, staging / name)
-        (staging / STUB_NAME).chmod(0o755)
-        staging.chmod(0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except FileExistsError:  # another process won the race; its copy is identical
-        pass
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return root
-
-
-def build_env(install: TritonInstall, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment of tritonserver and its python stubs.
-
-    - LD_LIBRARY_PATH: the wheel's vendored libraries, then this interpreter's libpython directory; without the
-      latter the stub may load the system's libpython of the same name and die in ``threading``
-      (``'_thread.RLock' object has no attribute '_recursion_count'``).
-    - PATH: this interpreter's bin directory first. The stub embeds Python and ignores PYTHONPATH; it finds
-      ``python3`` on PATH to set ``sys.executable``, so a venv's python there gives the stub the venv's
-      site-packages (numpy, onnxruntime, an editable braintumor) through its pyvenv.cfg.
-    """
-    env = dict(os.environ if base is None else base)
-
-    def prepend(key: str, *paths: str) -> None:
-        parts = [p for p in paths if p] + [p for p in env.get(key, "").split(os.pathsep) if p and p not in paths]
-        env[key] = os.pathsep.join(parts)
-
-    prepend("LD_LIBRARY_PATH", str(install.libs), sysconfig.get_config_var("LIBDIR") or "")
-    prepend("PATH", str(Path(sys.executable).parent))
-    env.pop("PYTHONHOME", None)  # would point the embedded interpreter at another installation
-    return env
-
-
-def check_ports(ports: Mapping[str, int], host: str = "0.0.0.0") -> None:
-    """Fail early, naming the option to change, when a port is taken or two services share one."""
-    seen: dict[int, str] = {}
-    for name, port in ports.items():
-        if not 1 <= int(port) <= 65535:
-            raise ValueError(f"--{name}-port {port} is not a TCP port (1-65535)")
-        if port in seen:
-            raise ValueError(f"--{name}-port and --{seen[port]}-port are both {port}; give each service its own port")
-        seen[port] = name
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                raise ValueError(f"{name} port {port} is already in use ({exc.strerror}); stop what holds it or "
-                                 f"choose another with --{name}-port") from None
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port free now, for tests and benchmarks, drawn BELOW the kernel's ephemeral range when it can be.
-
-    Binding to port 0 returns an ephemeral port, the same pool every outgoing connection takes its local port
-    from: between this call and the server binding it, a client connection elsewhere on the host can take it
-    (seen as "Address already in use" in the e2e suite). Ports under the range are never handed out that way.
-    """
-    low = _ephemeral_low()
-    for port in random.sample(range(20000, low), min(64, max(0, low - 20000))):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            try:
-                sock.bind((host, port))
-            except OSError:
-                continue
-            return port
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _ephemeral_low(default: int = 32768) -> int:
-    try:
-        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return default
-
-
-def check_repository(path: str | os.PathLike) -> Path:
-    """The repository must exist and hold at least one ``<model>/config.pbtxt`` (the python backend needs one)."""
-    repo = Path(path).expanduser().resolve()
-    if not repo.exists():
-        raise FileNotFoundError(f"model repository {repo} does not exist; create it with "
-                                "`braintumor export --checkpoint CKPT --out DIR`")
-    if not repo.is_dir():
-        raise NotADirectoryError(f"model repository {repo} is not a directory")
-    models = sorted(p.parent.name for p in repo.glob(f"*/{CONFIG_FILE}"))
-    if not models:
-        raise ValueError(f"model repository {repo} holds no model (expected {repo}/<model>/{CONFIG_FILE}); "
-                         "create one with `braintumor export`")
-    return repo
-
-
-def check_layout(repo: Path, layout: str) -> None:
-    """Every model of ``repo`` has the layout's config (Triton would quietly fall back to config.pbtxt otherwise)."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {', '.join(LAYOUTS)}")
-    if layout == "latency":
-        return
-    missing = sorted(p.parent.name for p in repo.glob(f"*/{CONFIG_FILE}")
-                     if not (p.parent / CONFIGS_DIR / f"{layout}.pbtxt").is_file())
-    if missing:
-        raise ValueError(f"models {missing} in {repo} have no {CONFIGS_DIR}/{layout}.pbtxt (exported before layouts); "
-                         "re-export them with `braintumor export`, or serve the latency layout")
 
 
 class EmbeddedTriton:

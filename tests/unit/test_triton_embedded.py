@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from braintumor.serving import triton_embedded as te
+from braintumor.serving import triton_install
 from braintumor.serving.cli import build_parser
 
 
@@ -96,14 +97,14 @@ def test_find_triton_locates_the_installed_wheel():
 
 
 def test_find_triton_without_the_wheel_says_what_to_install(monkeypatch):
-    monkeypatch.setattr(te.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(triton_install.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(te.TritonServerError, match="pip install nvidia-pytriton"):
         te.find_triton()
 
 
 @pytest.mark.parametrize("version, ok", [("1.26.4", True), ("2.0.0", False), ("2.4.6", False)])
 def test_numpy_2_is_refused(monkeypatch, version, ok):
-    monkeypatch.setattr(te.importlib.metadata, "version", lambda name: version)
+    monkeypatch.setattr(triton_install.importlib.metadata, "version", lambda name: version)
     if ok:
         te.check_numpy()
     else:
@@ -403,7 +404,7 @@ def test_free_port_is_below_the_ephemeral_range_and_bindable():
     between free_port() and the server binding it."""
     import socket
 
-    from braintumor.serving.triton_embedded import _ephemeral_low, free_port
+    from braintumor.serving.triton_checks import _ephemeral_low, free_port
 
     ports = {free_port() for _ in range(20)}
     assert all(20000 <= p < _ephemeral_low() for p in ports) and len(ports) > 1
