@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -40,15 +41,21 @@ def _images(n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 1, size, size), dtype=np.uint8)
 
 
-def _spy_batches(batcher, monkeypatch) -> list[int]:
-    """Record the size of every batch the real session runs."""
+def _spy_batches(batcher, monkeypatch, queued: int) -> list[int]:
+    """Record the size of every batch the real session runs. The first batch waits (in its thread) until ``queued``
+    requests are waiting behind it: they must then go in the next batches, whatever the machine's speed."""
     sizes: list[int] = []
     real = batcher.session
+    first = threading.Lock()
 
     class Recording:
         def run(self, names, feeds, run_options=None):
             sizes.append(len(feeds[INPUT_NAME]))
-            time.sleep(0.02)  # long enough for the other callers to queue behind this batch
+            if first.acquire(blocking=False):
+                deadline = time.monotonic() + 30
+                while len(batcher._pending) < queued:
+                    assert time.monotonic() < deadline, f"{len(batcher._pending)} of {queued} requests queued"
+                    time.sleep(0.001)
             return real.run(names, feeds)
 
     monkeypatch.setattr(batcher, "session", Recording())
@@ -74,7 +81,7 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(model, monke
     session = ort.InferenceSession(str(VERSION / ONNX_FILE), providers=["CPUExecutionProvider"])
     alone = [dict(zip(model._full.outputs, session.run(list(model._full.outputs), {INPUT_NAME: images[i:i + 1]})))
              for i in range(8)]
-    sizes = _spy_batches(model._full, monkeypatch)
+    sizes = _spy_batches(model._full, monkeypatch, queued=8 - model._full.instances)
 
     async def all_at_once():
         return await asyncio.gather(*(model.infer(images[i:i + 1]) for i in range(8)))
@@ -89,14 +96,14 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(model, monke
 
 def test_a_batch_never_exceeds_max_batch_size(model, monkeypatch):
     monkeypatch.setattr(model._full, "max_batch", 3)
-    sizes = _spy_batches(model._full, monkeypatch)
+    sizes = _spy_batches(model._full, monkeypatch, queued=5 - model._full.instances)
 
     async def many():
         return await asyncio.gather(*(model.infer(_images(2, seed=k)) for k in range(4)),
                                     model.infer(_images(7, seed=9)))
 
     results = asyncio.run(many())
-    assert max(sizes) <= 3 and sum(sizes) == 15
+    assert max(sizes) <= 3 and sum(sizes) == 15 and sizes.count(3) >= 2, sizes
     assert [len(r[CLASS_PROBS]) for r in results] == [2, 2, 2, 2, 7]  # the 7 were sent as chunks of 3, 3, 1
 
 
@@ -130,18 +137,29 @@ def test_a_failing_run_fails_its_requests_and_the_model_keeps_serving(model, mon
 
 def test_a_model_slower_than_the_timeout_is_a_deadline_and_frees_its_place(model, monkeypatch):
     real = model._full.session.run
+    release, finished = threading.Event(), threading.Event()
 
     class Slow:
         def run(self, names, feeds, run_options=None):
-            time.sleep(0.5)
-            return real(names, feeds)
+            release.wait(30)  # held until its caller has given up: slower than the timeout by construction
+            try:
+                return real(names, feeds)
+            finally:
+                finished.set()
 
     monkeypatch.setattr(model, "timeout_s", 0.1)
     monkeypatch.setattr(model._full, "session", Slow())
-    with pytest.raises(DeadlineExceeded, match="within 0.1 s"):
-        asyncio.run(model.infer(_images(1)))
-    time.sleep(0.6)  # the abandoned batch finishes in its thread; nothing stays counted as running
-    assert model._full._running == 0
+
+    async def give_up_then_finish() -> tuple[int, int]:
+        with pytest.raises(DeadlineExceeded, match="within 0.1 s"):
+            await model.infer(_images(1))
+        held = model._full._running  # the abandoned batch still runs in its thread
+        release.set()
+        assert await asyncio.get_running_loop().run_in_executor(None, finished.wait, 30)
+        await asyncio.gather(*model._full._tasks)  # the batch's task ends in this loop, not cancelled at its close
+        return held, model._full._running
+
+    assert asyncio.run(give_up_then_finish()) == (1, 0)
 
 
 def test_throughput_layout_runs_two_instances_with_half_the_cores_each():
