@@ -22,6 +22,7 @@ from .stats import RequestStats, format_table, read_failures, read_stats
 
 LOAD_DEFAULTS = {"users": 8, "spawn_rate": 2.0, "duration": "30s"}
 SOAK_DEFAULTS = {"users": 4, "spawn_rate": 2.0, "duration": "20m"}
+API_KEY_ENV = "BRAINTUMOR_API_KEY"  # the variable the locustfiles read the key from
 SOAK_RATE = 4.0  # requests/s: a flat load a 2-core CPU host serves with room to spare (README, performance)
 
 
@@ -36,12 +37,18 @@ def _child_env(args: argparse.Namespace, shape: str, users: int, rate: float | N
     env["BRAINTUMOR_LOADTEST_MASK_FORMAT"] = args.mask_format
     env["PYTHONUNBUFFERED"] = "1"
     images = args.images or os.environ.get("BRAINTUMOR_LOADTEST_IMAGES")
-    if images:
-        if not Path(images).is_dir():
-            raise NotADirectoryError(f"--images {images} is not a folder of slices")
-        env["BRAINTUMOR_LOADTEST_IMAGES"] = str(Path(images).resolve())
-    if args.api_key:
-        env["BRAINTUMOR_API_KEY"] = args.api_key  # via the environment: an argv is visible to every user in ps
+    if not images:
+        raise ValueError("--images DIR is needed (or BRAINTUMOR_LOADTEST_IMAGES=DIR): a folder of a few real "
+                         "JPEG/PNG/DICOM slices, e.g. the classification_task/test folder of a BRISC 2025 copy")
+    if not Path(images).is_dir():
+        raise NotADirectoryError(f"--images {images} is not a folder of slices")
+    env["BRAINTUMOR_LOADTEST_IMAGES"] = str(Path(images).resolve())
+    key = os.environ.get(args.api_key_env)
+    if args.api_key_env != API_KEY_ENV and key is None:
+        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    env.pop(API_KEY_ENV, None)
+    if key:
+        env[API_KEY_ENV] = key  # what the locustfiles read; never on a command line (visible to every user in ps)
     if shape != "flat":
         env["BRAINTUMOR_LOADTEST_SHAPE"] = shape
         env["BRAINTUMOR_LOADTEST_STEPS"] = str(args.steps)
@@ -146,7 +153,7 @@ def _report(summary: dict, stats: Sequence[RequestStats], out: Path) -> None:
 
 def register(sub) -> None:
     p = sub.add_parser(
-        "loadtest", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "loadtest", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,  # --api-key: no
         help="locust load test (headless) of a running `braintumor serve`; summary table, CSV and HTML report",
         description="Run locust headless against a running `braintumor serve` (HTTP gateway or gRPC API) with a "
                     "weighted mix of analyze and explain requests on real slices; writes locust's CSV and HTML "
@@ -168,13 +175,15 @@ def register(sub) -> None:
     p.add_argument("--steps", type=int, default=4, help="steps of the step shape")
     p.add_argument("--rate", type=float, help=f"total requests/s held flat (constant throughput per user); default: "
                                               f"none for load (closed loop), {SOAK_RATE:g} for soak")
-    p.add_argument("--images", metavar="DIR", help="folder of real JPEG/PNG/DICOM slices (default "
-                                                   "$BRAINTUMOR_LOADTEST_IMAGES, else ../shared/data/brisc2025)")
+    p.add_argument("--images", metavar="DIR", help="folder of real JPEG/PNG/DICOM slices, searched recursively "
+                                                   "(needed unless $BRAINTUMOR_LOADTEST_IMAGES names one)")
     p.add_argument("--heatmap", action="store_true",
                    help="analyze calls ask for the Grad-CAM heatmap too (explanations are on demand; default: not)")
     p.add_argument("--mask-format", choices=MASK_FORMATS, default=MASK_FORMATS[0],
                    help="how analyze calls ask for the mask: png (default) or rle (COCO run-length encoding)")
-    p.add_argument("--api-key", help="API key of the server (default: $BRAINTUMOR_API_KEY, if set)")
+    p.add_argument("--api-key-env", default=API_KEY_ENV, metavar="VAR",
+                   help="environment variable holding the server's API key, as `score` (the key never goes on the "
+                        "command line); unset: no key is sent")
     p.add_argument("--locustfile", metavar="PATH", help="locustfile to run instead of loadtest/locustfile_<target>.py")
     p.add_argument("--serve-pid", type=int, help="soak: PID of `braintumor serve` (default: found from --url's port)")
     p.add_argument("--rss-interval", type=float, default=RSS_INTERVAL_S, help="soak: seconds between memory samples")

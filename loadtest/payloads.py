@@ -1,7 +1,7 @@
 """Load-test payloads: a few real slices read once per locust process, shared by the HTTP and gRPC locustfiles.
 
 The folder comes from ``BRAINTUMOR_LOADTEST_IMAGES`` (``braintumor loadtest --images DIR`` sets it); by default the
-BRISC 2025 copy next to the checkout (``../shared/data/brisc2025``). Up to ``BRAINTUMOR_LOADTEST_MAX_IMAGES``
+folder named by ``--images`` / ``BRAINTUMOR_LOADTEST_IMAGES`` (no default: a load test says what it sends). Up to ``BRAINTUMOR_LOADTEST_MAX_IMAGES``
 (16) JPEG/PNG/DICOM files are taken, evenly spread over the sorted list so every class folder is represented.
 """
 
@@ -19,7 +19,6 @@ from braintumor.clients.multipart import encode
 
 IMAGES_ENV = "BRAINTUMOR_LOADTEST_IMAGES"
 MAX_IMAGES_ENV = "BRAINTUMOR_LOADTEST_MAX_IMAGES"
-DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "brisc2025"
 SUFFIXES = (".jpg", ".jpeg", ".png", ".dcm")
 DEFAULT_MAX_IMAGES = 16
 
@@ -36,13 +35,15 @@ class Payload:
 
 
 def image_folder(folder: str | os.PathLike | None = None) -> Path:
-    """The images folder: ``folder``, else ``$BRAINTUMOR_LOADTEST_IMAGES``, else the shared BRISC 2025 copy."""
+    """The images folder: ``folder``, else ``$BRAINTUMOR_LOADTEST_IMAGES``; PayloadError saying how to name one."""
     chosen = folder or os.environ.get(IMAGES_ENV) or None
-    path = Path(chosen) if chosen else DEFAULT_IMAGES
+    how = (f"pass --images DIR or set {IMAGES_ENV}=DIR: a folder holding a few real JPEG/PNG/DICOM slices (searched "
+           "recursively), e.g. the classification_task/test folder of a BRISC 2025 copy")
+    if not chosen:
+        raise PayloadError(f"no images folder given; {how}")
+    path = Path(chosen)
     if not path.is_dir():
-        how = f"{IMAGES_ENV}={chosen}" if chosen else f"the default {DEFAULT_IMAGES}"
-        raise PayloadError(f"no images folder at {path} ({how}); set {IMAGES_ENV}=DIR or pass --images DIR: "
-                           f"a folder holding a few real JPEG/PNG/DICOM slices (searched recursively)")
+        raise PayloadError(f"no images folder at {path} ({IMAGES_ENV if not folder else '--images'}); {how}")
     return path
 
 

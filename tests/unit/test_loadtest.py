@@ -352,17 +352,45 @@ def test_run_group_returns_the_exit_code(tmp_path):
     ("grpc", "BRAINTUMOR_LOADTEST_MASK_FORMAT", [], "png", "rle"),
     ("grpc", "BRAINTUMOR_LOADTEST_MASK_FORMAT", ["--mask-format", "rle"], "rle", "png"),
 ])
-def test_request_flags_reach_the_locustfiles(target, variable, flag, value, inherited, monkeypatch):
+def test_request_flags_reach_the_locustfiles(target, variable, flag, value, inherited, monkeypatch, tmp_path):
     """What analyze asks for comes from the flag alone: a value inherited from the environment is ignored."""
-    import argparse
+    monkeypatch.setenv(variable, inherited)
+    args = _loadtest_args(target, "--out", "unused", "--images", str(tmp_path), *flag)
+    assert _loadtest_commands()._child_env(args, "flat", 8, None)[variable] == value
 
+
+def _loadtest_commands():
     from braintumor.loadtest import commands
 
-    monkeypatch.setenv(variable, inherited)
+    return commands
+
+
+def _loadtest_args(target: str, *flags: str):
+    import argparse
+
     parser = argparse.ArgumentParser()
-    commands.register(parser.add_subparsers())
-    args = parser.parse_args(["loadtest", "--target", target, "--out", "unused", *flag])
-    assert commands._child_env(args, "flat", 8, None)[variable] == value
+    _loadtest_commands().register(parser.add_subparsers())
+    return parser.parse_args(["loadtest", "--target", target, *flags])
+
+
+def test_the_api_key_comes_from_a_named_environment_variable_never_the_command_line(monkeypatch, tmp_path):
+    commands = _loadtest_commands()
+    monkeypatch.setenv("BRAINTUMOR_API_KEY", "from-default")
+    monkeypatch.setenv("MY_KEY", "from-mine")
+    base = ("--out", "unused", "--images", str(tmp_path))
+    assert commands._child_env(_loadtest_args("http", *base), "flat", 1, None)["BRAINTUMOR_API_KEY"] == "from-default"
+    env = commands._child_env(_loadtest_args("http", *base, "--api-key-env", "MY_KEY"), "flat", 1, None)
+    assert env["BRAINTUMOR_API_KEY"] == "from-mine"  # what the locustfiles read
+    with pytest.raises(ValueError, match="--api-key-env NOT_SET"):
+        commands._child_env(_loadtest_args("http", *base, "--api-key-env", "NOT_SET"), "flat", 1, None)
+    with pytest.raises(SystemExit):  # the old flag is gone: a key on the command line is visible in ps
+        _loadtest_args("http", *base, "--api-key", "secret")
+
+
+def test_loadtest_needs_an_images_folder(monkeypatch):
+    monkeypatch.delenv("BRAINTUMOR_LOADTEST_IMAGES", raising=False)
+    with pytest.raises(ValueError, match="--images DIR is needed"):
+        _loadtest_commands()._child_env(_loadtest_args("http", "--out", "unused"), "flat", 1, None)
 
 
 def test_an_unknown_mask_format_is_refused_by_loadtest():
