@@ -62,16 +62,19 @@ MODEL = textwrap.dedent(f'''
             self.calls = os.environ["BRAINTUMOR_TEST_CALLS"]
 
         def execute(self, requests):
-            responses = []
+            responses, levels = [], []
             for request in requests:
                 image = pb_utils.get_input_tensor_by_name(request, "image").as_numpy()
                 level = int(image[0, 0, image.shape[2] // 2, image.shape[3] // 2])  # the centre pixel
+                levels.append(level)
                 with open(self.calls, "a") as out:
                     out.write(f"{{level}}\\n")
                 if level == {SLEEP_LEVEL}:
                     time.sleep({TRITON_TIMEOUT_S * 3})
                 code = getattr(pb_utils.TritonError, CODES.get(level, "INTERNAL"))
                 responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"scripted {{level}}", code)))
+            with open(self.calls, "a") as out:  # the instance is free again: the test waits on this, not a sleep
+                out.write("".join(f"done{{level}}\\n" for level in levels))
             return responses
 ''')
 
@@ -123,12 +126,13 @@ def monkeypatch_module():
 def http_gateway(scripted_triton, tmp_path_factory, running_gateway):
     triton, _ = scripted_triton
     env = {"BRAINTUMOR_TRITON_TIMEOUT_S": str(TRITON_TIMEOUT_S)}
-    with running_gateway(tmp_path_factory.mktemp("gateway"), triton.grpc_url, ready=False, **env) as gateway:
+    with running_gateway(tmp_path_factory.mktemp("gateway"), triton, ready=False, **env) as gateway:
         yield gateway
 
 
-async def _call_grpc(triton_url: str, image: bytes, caplog) -> Exception:
-    settings = ServeSettings(triton_url=triton_url, triton_timeout_s=TRITON_TIMEOUT_S)
+async def _call_grpc(triton: EmbeddedTriton, image: bytes, caplog) -> Exception:
+    settings = ServeSettings(triton_url=triton.grpc_url, triton_key=triton.client_key,
+                             triton_timeout_s=TRITON_TIMEOUT_S)
     server = await GrpcServer.start(settings, 0, host="127.0.0.1", metrics_port=None)
     try:
         async with AsyncBrainTumorClient(f"127.0.0.1:{server.port}", "grpc", retries=RETRIES, timeout=30) as client:
@@ -157,9 +161,13 @@ def test_triton_status_maps_to_one_error_on_both_doors(scripted_triton, http_gat
     def calls_now() -> int:
         return calls.read_text().split().count(str(level))
 
-    def settle() -> None:  # the deadline row's model call outlives the caller's wait; let it finish
-        if level == SLEEP_LEVEL:
-            time.sleep(TRITON_TIMEOUT_S * 3 + 0.5)
+    def settle() -> None:
+        """Until every call the model started has finished (the deadline row's outlives the caller's wait), so that
+        the next call does not queue behind it."""
+        deadline = time.monotonic() + 60
+        while (words := calls.read_text().split()).count(f"done{level}") < words.count(str(level)):
+            assert time.monotonic() < deadline, "the scripted model did not finish its calls"
+            time.sleep(0.05)
 
     def tracebacks() -> int:
         return http_gateway.log.read_text(errors="replace").count("Traceback")
@@ -174,7 +182,7 @@ def test_triton_status_maps_to_one_error_on_both_doors(scripted_triton, http_gat
 
     before = calls_now()
     caplog.clear()
-    error = asyncio.run(_call_grpc(triton.grpc_url, image, caplog))
+    error = asyncio.run(_call_grpc(triton, image, caplog))
     settle()
     assert type(error) is sdk_error, f"{error!r}"
     assert error.code == grpc_code
