@@ -125,15 +125,21 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def register_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       help="evaluate a checkpoint (PyTorch) or an exported model (ONNX Runtime): metrics.json, report.html")
+                       help="evaluate a checkpoint (PyTorch) or an exported model (ONNX Runtime): metrics.json, report.html",
+                       description="Score a model on one split of a BRISC folder: classification (accuracy, macro F1, "
+                                   "ROC AUC, ECE), segmentation (Dice/IoU at the model input and at the original "
+                                   "resolution), the pointing game and the refer policies; writes OUT/metrics.json "
+                                   "and OUT/report.html and prints the headline numbers. Either a checkpoint "
+                                   "(PyTorch) or an exported repository (ONNX Runtime, no torch needed).")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a checkpoint from `train` (RUN/best.pt)")
     source.add_argument("--model-repository", help="a Triton model repository from `export`; scored with ONNX Runtime, "
                                                    "no torch needed")
     p.add_argument("--data", required=True, help="dataset root (BRISC layout)")
     p.add_argument("--split", choices=("val", "test"), default="val",
-                   help="val: the run's own validation split (carried by the checkpoint or the exported model); "
-                        "test: the dataset's official test split")
+                   help="val: the run's own validation split (carried by the checkpoint or the exported model), "
+                        "the one the model and its thresholds were chosen on; test: the dataset's official test "
+                        "split, for a final figure only: evaluate it once and never choose anything on it")
     p.add_argument("--out", required=True, help="folder for metrics.json and report.html")
     p.add_argument("--name", default="brain_tumor", help="model name inside --model-repository")
     p.add_argument("--version", type=int, help="model version inside --model-repository (default: the newest)")

@@ -21,6 +21,26 @@ COMMAND_MODULES = ("braintumor.train.commands", "braintumor.export.commands", "b
 # `loadtest`.
 PLUGIN_GROUP = "braintumor.commands"
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default said once: not appended when the help already says it (``(config default 128)``) or
+    when there is none to say (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class _CommandParser(argparse.ArgumentParser):
+    """Every subcommand's parser: a command that asks for argparse's defaults formatter gets :class:`HelpFormatter`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("formatter_class") is argparse.ArgumentDefaultsHelpFormatter:
+            kwargs["formatter_class"] = HelpFormatter
+        super().__init__(*args, **kwargs)
+
+
 # Errors that mean "the input or the request is wrong": shown as one clear line, exit code 2, no traceback.
 _USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
@@ -30,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="braintumor",
         description="Brain MRI tumour classification, segmentation and explanation (BRISC 2025).",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_CommandParser)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     for entry in sorted(importlib.metadata.entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):

@@ -120,8 +120,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "train", help="train the multi-task model with the alternating trainer", formatter_class=fmt,
-        description="Train the multi-task model. Multi-GPU: `torchrun --nproc_per_node N -m braintumor.serving.cli "
-                    "train ...` runs one process per GPU (DistributedDataParallel, NCCL; gloo on CPU); each rank "
+        description="Train the multi-task model. The defaults are a small, quick recipe (resnet18 from scratch, "
+                    "128 px, 10 epochs); the release model's recipe is a config file: --config "
+                    "train/configs/release_v2.yaml (EfficientNet-Lite0 from ImageNet weights, 192 px). Then "
+                    "calibrate, fit-ood and export the run to serve it (README). Multi-GPU: `torchrun "
+                    "--nproc_per_node N -m braintumor.serving.cli train ...` runs one process per GPU (DistributedDataParallel, NCCL; gloo on CPU); each rank "
                     "trains on its own shard of the batches and rank 0 alone validates and writes the run folder.")
     p.add_argument("--data", required=True, help="dataset root (BRISC layout) or a cache from prepare-data")
     p.add_argument("--out", required=True, help="run folder: last.pt, best.pt, config.yaml, history.csv, val_split.csv")
@@ -140,7 +143,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "local weights file, or 'false' (from scratch, config default)")
     p.add_argument("--cam-stride", type=int, choices=(8, 16, 32),
                    help="grid of the class head's pooled map and of Grad-CAM (config default 16)")
-    p.add_argument("--limit", type=int, help="use only N training slices (stratified), for quick runs")
+    p.add_argument("--limit", type=int, help="use only N slices of the official train split (stratified), for quick "
+                                             "runs; the validation split is then taken from these N (15%%: "
+                                             "--limit 300 trains on 255 and validates on 45)")
     p.add_argument("--workers", type=int, help="DataLoader worker processes (config default 0)")
     p.add_argument("--cache-dir", help="where the decoded cache goes (default ~/.cache/braintumor or $BRAINTUMOR_CACHE)")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N; under torchrun auto/cuda mean cuda:LOCAL_RANK")

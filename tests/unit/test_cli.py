@@ -68,3 +68,18 @@ def test_prepare_data_on_a_missing_split_names_it_and_the_flag(synthetic_root, t
     err = capsys.readouterr().err
     assert "'test' split" in err and "splits found: train" in err and "--split" in err
     assert not out.exists() or not any(out.iterdir())  # no empty cache left behind
+
+
+def test_every_help_says_each_default_once(capsys):
+    """No "(config default 128) (default: None)": a default is appended only when there is one to say and the help
+    does not say it already; every command has a description or a help line."""
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        text = sub.format_help()
+        assert "(default: None)" not in text and "(default: False)" not in text, name
+        for action in sub._actions:
+            if action.help and "default" in action.help:
+                assert action.help.count("default") == sub.formatter_class(name)._get_help_string(action).count(
+                    "default"), (name, action.dest)
+    serve = parser._subparsers._group_actions[0].choices["serve"].format_help()
+    assert "(default: 50052)" in serve  # a plain default is still shown
