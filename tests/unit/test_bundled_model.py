@@ -112,7 +112,8 @@ def probe_runs():
         image, geometry = preprocess(pixels, cfg)
         outputs = dict(zip(FULL_OUTPUTS, full.run(list(FULL_OUTPUTS), {INPUT_NAME: image[None, None]})))
         names = [o.name for o in classifier.get_outputs()]
-        runs[name] = (pixels, geometry, outputs, dict(zip(names, classifier.run(names, {INPUT_NAME: image[None, None]}))))
+        classified = dict(zip(names, classifier.run(names, {INPUT_NAME: image[None, None]})))
+        runs[name] = (pixels, geometry, outputs, classified)
     return runs
 
 
