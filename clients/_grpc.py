@@ -85,8 +85,9 @@ class GrpcTransport:
             raise rpc_error(exc) from None
 
     async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False,
-                      mask_format: str = "png") -> Analysis:
-        request = pb.AnalyzeRequest(image=data, overlay=overlay, heatmap=heatmap, mask_format=requested(mask_format))
+                      mask_format: str = "png", dicom: bool = False) -> Analysis:
+        request = pb.AnalyzeRequest(image=data, overlay=overlay, heatmap=heatmap, mask_format=requested(mask_format),
+                                    dicom=dicom)
         response = await self._call(self.stub.Analyze, request, timeout)
         return Analysis.from_message(response)
 

@@ -70,8 +70,10 @@ class HttpTransport:
         return response
 
     async def analyze(self, data: bytes, overlay: bool, timeout: float, heatmap: bool = False,
-                      mask_format: str = "png") -> Analysis:
+                      mask_format: str = "png", dicom: bool = False) -> Analysis:
         fields = {"overlay": "true" if overlay else "false", "heatmap": "true" if heatmap else "false"}
+        if dicom:
+            fields["dicom"] = "true"
         if requested(mask_format):
             fields["mask_format"] = mask_format
         response = await self._request("POST", "/analyze", timeout, **_form(fields, data))

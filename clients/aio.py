@@ -66,15 +66,16 @@ class AsyncBrainTumorClient:
     # -- calls ---------------------------------------------------------------------------------------------------
 
     async def analyze(self, image: Image, *, overlay: bool = False, heatmap: bool = False,
-                      mask_format: str = "png") -> Analysis:
+                      mask_format: str = "png", dicom: bool = False) -> Analysis:
         """Class, probabilities, refer flag and tumour mask of one slice (JPEG, PNG, DICOM file, its bytes, or a numpy
         array); its Grad-CAM heatmap with ``heatmap=True`` (computed on the server only then). ``mask_format``: how
         the mask travels, "png" (default) or "rle" (COCO run-length encoding: smaller, and the server encodes no
-        PNG); ``mask_array()`` and ``save_mask()`` give the same mask either way."""
+        PNG); ``mask_array()`` and ``save_mask()`` give the same mask either way. ``dicom=True`` (a DICOM slice only)
+        also answers the DICOM SEG, SR and Grad-CAM overlay: ``Analysis.dicom_datasets()``."""
         mask_format = check_mask_format(mask_format)
         data = await _load(image)
         return await self._retrying(lambda t: self._transport.analyze(data, overlay, t, heatmap=heatmap,
-                                                                      mask_format=mask_format))
+                                                                      mask_format=mask_format, dicom=dicom))
 
     async def analyze_many(self, images: Iterable[Image] | AsyncIterable[Image], *, overlay: bool = False,
                            heatmap: bool = False, concurrency: int = 8,

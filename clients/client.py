@@ -84,12 +84,14 @@ class BrainTumorClient:
         return self._loop.run(coroutine)
 
     def analyze(self, image: Image, *, overlay: bool = False, heatmap: bool = False,
-                mask_format: str = "png") -> Analysis:
+                mask_format: str = "png", dicom: bool = False) -> Analysis:
         """Class, probabilities, refer flag and tumour mask of one slice (JPEG, PNG, DICOM file, its bytes, or a numpy
         array); its Grad-CAM heatmap with ``heatmap=True`` (computed on the server only then). ``mask_format``: how
         the mask travels, "png" (default) or "rle" (COCO run-length encoding: smaller, and the server encodes no
-        PNG); ``mask_array()`` and ``save_mask()`` give the same mask either way."""
-        return self._run(self._async.analyze(image, overlay=overlay, heatmap=heatmap, mask_format=mask_format))
+        PNG); ``mask_array()`` and ``save_mask()`` give the same mask either way. ``dicom=True`` (a DICOM slice only)
+        also answers the DICOM SEG, SR and Grad-CAM overlay: ``Analysis.dicom_datasets()``."""
+        return self._run(self._async.analyze(image, overlay=overlay, heatmap=heatmap, mask_format=mask_format,
+                                             dicom=dicom))
 
     def analyze_many(self, images: Iterable[Image], *, overlay: bool = False, heatmap: bool = False,
                      concurrency: int = 8, mask_format: str = "png") -> Iterator[Analysis | BrainTumorError]:

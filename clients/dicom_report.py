@@ -75,8 +75,8 @@ def build_report(source, analysis, seg, *, series_instance_uid: str | None = Non
     from pydicom.uid import generate_uid
 
     tag = model_version_tag(analysis)
-    schemes = [hd.coding_schemes.CodingSchemeIdentificationItem(designator=c.PRIVATE_SCHEME, name="braintumor result concepts",
-                                                   responsible_organization=MANUFACTURER)]
+    schemes = [hd.coding_schemes.CodingSchemeIdentificationItem(
+        designator=c.PRIVATE_SCHEME, name="braintumor result concepts", responsible_organization=MANUFACTURER)]
     sr = hd.sr.Comprehensive3DSR(
         evidence=[source, seg], content=report_content(source, analysis, seg),
         series_instance_uid=series_instance_uid or generate_uid(), series_number=SERIES_NUMBERS["sr"],

@@ -35,11 +35,48 @@ class DicomResults:
         return [d for d in (self.seg, self.sr, self.overlay) if d is not None]
 
 
-def _check_source(source) -> None:
+def check_source(source) -> None:
     missing = [k for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns")
                if k not in source]
     if missing:
         raise ValueError(f"the source dataset lacks {', '.join(missing)}; pass the DICOM slice that was analysed")
+
+
+_DATE_TIME = {"DA": "DA", "TM": "TM", "DT": "DT"}
+# Type 2 attributes of the patient and study modules our objects copy (present, possibly empty, in every image object
+# that follows the standard; a sloppy file may lack some, and highdicom reads them all).
+_TYPE2 = {"PatientName": "PN", "PatientID": "LO", "PatientBirthDate": "DA", "PatientSex": "CS", "StudyDate": "DA",
+          "StudyTime": "TM", "ReferringPhysicianName": "PN", "StudyID": "SH", "AccessionNumber": "SH"}
+
+
+def readable(source):
+    """``source``, or a copy whose malformed dates and times (e.g. a DA written 1971-02-03, which highdicom cannot
+    copy) are emptied and whose missing Type 2 patient/study attributes are added empty: a PACS holds such files, and
+    their results must still be filed with the study. Values are never quoted in errors."""
+    from pydicom import valuerep
+    from pydicom.datadict import tag_for_keyword
+
+    missing = [keyword for keyword in _TYPE2 if keyword not in source]
+    bad = []
+    for element in source:
+        if element.VR in _DATE_TIME and element.value not in (None, ""):
+            try:
+                getattr(valuerep, _DATE_TIME[element.VR])(element.value)
+            except (ValueError, TypeError):
+                bad.append(element.tag)
+    if not bad and not missing:
+        return source
+    from pydicom.dataelem import DataElement
+    from pydicom.dataset import Dataset
+
+    fixed = Dataset()  # the same elements (pixel data shared, not copied), the bad ones replaced by empty ones
+    for element in source:
+        fixed.add(DataElement(element.tag, element.VR, "") if element.tag in bad else element)
+    for keyword in missing:
+        fixed.add(DataElement(tag_for_keyword(keyword), _TYPE2[keyword], ""))
+    if getattr(source, "file_meta", None) is not None:
+        fixed.file_meta = source.file_meta
+    return fixed
 
 
 def _frames(source) -> int:
@@ -69,7 +106,7 @@ def build_seg(source, analysis, *, series_instance_uid: str | None = None, sop_i
     hd = highdicom()
     from pydicom.uid import generate_uid
 
-    _check_source(source)
+    check_source(source)
     tag = model_version_tag(analysis)
     algorithm = hd.AlgorithmIdentificationSequence(name=analysis.model_name, family=c.ALGORITHM_FAMILY,
                                                    version=analysis.model_version)
@@ -109,8 +146,8 @@ def _grid_source(source):
 
 
 def overlay_pixels(analysis) -> np.ndarray:
-    """The service's overlay (slice + Grad-CAM + mask outline, RGB) with :data:`c.EXPLANATION_LABEL` burned in at the top
-    left, so a viewer that shows only pixels still says what it is."""
+    """The service's overlay (slice + Grad-CAM + mask outline, RGB) with :data:`c.EXPLANATION_LABEL` burned in at the
+    top left, so a viewer that shows only pixels still says what it is."""
     from PIL import Image, ImageDraw
 
     if not analysis.overlay_png:
@@ -137,7 +174,7 @@ def build_overlay(source, analysis, *, series_instance_uid: str | None = None, s
     hd = highdicom()
     from pydicom.uid import generate_uid
 
-    _check_source(source)
+    check_source(source)
     tag = model_version_tag(analysis)
     pixels = overlay_pixels(analysis)
     if pixels.shape[:2] != (int(source.Rows), int(source.Columns)):
@@ -220,6 +257,7 @@ def build_results(source, analysis, *, overlay: bool = True, uids: dict[str, str
     """SEG, SR (referencing the SEG) and, with ``overlay``, the explanation image of one analysis of ``source``.
     ``uids`` (:func:`result_uids`) fixes the objects' series and instance UIDs; by default they are new."""
     uids = uids or {}
+    source = readable(source)
     seg = build_seg(source, analysis, series_instance_uid=uids.get("seg_series"),
                     sop_instance_uid=uids.get("seg_instance"))
     ov = (build_overlay(source, analysis, series_instance_uid=uids.get("overlay_series"),

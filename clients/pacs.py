@@ -147,7 +147,8 @@ class _Runner:
 
             self.progress = progress_bar(total=len(work), desc="pacs", unit="img", file=sys.stderr, dynamic_ncols=True)
         queue = iter(work)
-        workers = [asyncio.create_task(self._worker(queue)) for _ in range(max(1, min(self.opts.concurrency, len(work))))]
+        count = max(1, min(self.opts.concurrency, len(work)))
+        workers = [asyncio.create_task(self._worker(queue)) for _ in range(count)]
         try:
             await asyncio.gather(*workers)
         finally:

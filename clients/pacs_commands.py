@@ -83,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="One MR Image Storage instance per JPEG/PNG slice, all in one new study and series, with a made-up "
                     "patient (Synthetic^Brisc) and axial geometry. For demos and tests, not for real patients' images.")
-    s.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER", help="slices, or folders searched for them")
+    s.add_argument("images", type=Path, nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="slices, or folders searched for them")
     s.add_argument("--out", type=Path, required=True, help="folder for IM0001.dcm, ...")
     s.add_argument("--count", type=int, default=4, help="at most this many slices (sorted by path)")
     s.add_argument("--spacing", type=float, default=0.5, help="PixelSpacing in mm (0: none)")

@@ -80,8 +80,8 @@ class DicomWeb:
         out = []
         for item in found:
             number = _value(item, SERIES_NUMBER)
-            out.append(Series(_value(item, STUDY_UID), _value(item, SERIES_UID), str(_value(item, SERIES_DESCRIPTION) or ""),
-                              int(number) if number is not None else None))
+            out.append(Series(_value(item, STUDY_UID), _value(item, SERIES_UID),
+                              str(_value(item, SERIES_DESCRIPTION) or ""), int(number) if number is not None else None))
         return sorted(out, key=lambda s: (s.study_uid, s.number if s.number is not None else 0, s.series_uid))
 
     def instances(self, study_uid: str, series_uid: str) -> list[str]:

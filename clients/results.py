@@ -76,6 +76,8 @@ class Analysis:
     image_width: int = 0
     # COCO RLE {"size": [height, width], "counts": str} when the call asked mask_format="rle" (mask_png is b"" then).
     mask_rle: dict | None = field(default=None, repr=False)
+    # The DICOM results as Part 10 bytes {"seg", "sr", "overlay"} when the call asked dicom=True (a DICOM input).
+    dicom: dict | None = field(default=None, repr=False)
 
     @classmethod
     def from_json(cls, body: dict, model: dict | None = None) -> Analysis:
@@ -97,6 +99,7 @@ class Analysis:
             image_height=int(body.get("image_height", 0)),
             image_width=int(body.get("image_width", 0)),
             mask_rle=_rle_fields(body.get("mask_rle")),
+            dicom={k: _b64decode(v) for k, v in body["dicom"].items()} if body.get("dicom") else None,
         )
 
     @classmethod
@@ -119,7 +122,17 @@ class Analysis:
             image_height=message.image_height,
             image_width=message.image_width,
             mask_rle=_rle_fields(message.mask_rle) if message.HasField("mask_rle") else None,
+            dicom=({"seg": message.dicom.seg, "sr": message.dicom.sr, "overlay": message.dicom.overlay}
+                   if message.HasField("dicom") else None),
         )
+
+    def dicom_datasets(self) -> dict:
+        """The DICOM results as pydicom datasets {"seg", "sr", "overlay"} (the call must have asked ``dicom=True``)."""
+        import pydicom
+
+        if not self.dicom:
+            raise ValueError("this result has no DICOM objects: call analyze(..., dicom=True) with a DICOM slice")
+        return {key: pydicom.dcmread(io.BytesIO(data)) for key, data in self.dicom.items()}
 
     def mask_png_bytes(self) -> bytes:
         """The mask as a greyscale PNG (255 tumour, 0 background): the server's, or made here from the RLE with the

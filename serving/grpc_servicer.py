@@ -174,7 +174,7 @@ def _gone(context) -> str:
 def analyze_options(request: pb.AnalyzeRequest) -> AnalyzeOptions:
     """The request's options, checked once (BadInput for an unknown mask format): no PNG with ``skip_images``, which
     the answer would leave out anyway, and the mask then as RLE, the cheaper of the two to make."""
-    options = AnalyzeOptions(request.heatmap, request.overlay, request.mask_format)
+    options = AnalyzeOptions(request.heatmap, request.overlay, request.mask_format, request.dicom)
     if request.skip_images:
         return AnalyzeOptions(heatmap=False, overlay=False, mask_format="rle")
     return options

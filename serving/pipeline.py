@@ -41,6 +41,7 @@ class Prepared:
     dicom: DicomInfo | None
     image: np.ndarray  # (S, S) uint8 model input
     geometry: Geometry
+    data: bytes = b""  # the file as sent: the DICOM-results stage copies its header
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,6 +112,8 @@ class Pipeline:
     async def analyze(self, data: bytes, options: AnalyzeOptions = DEFAULT_OPTIONS) -> AnalysisResult:
         """One image; its BadInput is raised."""
         analysed = await self.analyze_many([data], options, raise_single=True)
+        if isinstance(analysed.results[0], ServingError):
+            raise analysed.results[0]
         return analysed.results[0]
 
     async def analyze_many(self, items: Sequence[bytes | ServingError], options: AnalyzeOptions = DEFAULT_OPTIONS,
@@ -155,7 +158,7 @@ class Pipeline:
         """Decode, then preprocess (the model's square uint8 input + the geometry to map answers back)."""
         decoded, dicom = self.decode(data)
         image, geometry = preprocess(decoded.pixels, info.preprocess)
-        return Prepared(decoded, dicom, image, geometry)
+        return Prepared(decoded, dicom, image, geometry, data)
 
     @staticmethod
     def finish(prepared: Prepared, outputs: dict[str, np.ndarray], info: ModelInfo,
@@ -169,7 +172,15 @@ class Pipeline:
             foreground_threshold=info.preprocess.foreground_threshold,
             options=options,
         )
-        return replace(result, model_name=info.name, model_version=info.version)
+        result = replace(result, model_name=info.name, model_version=info.version)
+        if options.dicom:  # the DICOM-results stage: SEG, SR and overlay from this answer and the file's header
+            if dicom is None:
+                raise BadInput("DICOM results (dicom=true) need a DICOM image; this one is not DICOM")
+            from .dicom_answer import dicom_results  # highdicom: imported by the first request that asks
+
+            result = replace(result, dicom=dicom_results(prepared.data, result),
+                             overlay_png=result.overlay_png if options.overlay else None)
+        return result
 
     def _decode_and_preprocess(self, items: Sequence[bytes | ServingError],
                                info: ModelInfo) -> list[Prepared | ServingError]:
@@ -191,7 +202,10 @@ class Pipeline:
                 results.append(item)
                 continue
             one = {name: value[row:row + 1] for name, value in outputs.items()}
-            results.append(self.finish(item, one, info, options))
+            try:
+                results.append(self.finish(item, one, info, options))
+            except BadInput as exc:  # the DICOM-results stage refused this image; the others are answered
+                results.append(exc)
             row += 1
         return results
 

@@ -65,6 +65,8 @@ class AnalysisResult:
     model_version: str = ""
     # COCO RLE {"size": [H, W], "counts": str} of the same mask; only with mask_format="rle" (then no PNG is made).
     mask_rle: dict | None = field(default=None, repr=False)
+    # The DICOM results (seg, sr, overlay: Part 10 bytes) when asked with ``dicom`` (serving/dicom_answer.py).
+    dicom: dict[str, bytes] | None = field(default=None, repr=False)
 
 
 def postprocess(
@@ -102,7 +104,7 @@ def postprocess(
     mask_prob = _one(outputs, MASK_PROB, 2)
     mask = mask_to_original(mask_prob, geometry)  # at MASK_THRESHOLD, as the refer rules' area
     cam = _one(outputs, CAM, 3)  # checked on every answer: the contract holds whether or not the heatmap is asked
-    heat = gradcam_heatmap(cam, index, geometry) if options.heatmap or options.overlay else None
+    heat = gradcam_heatmap(cam, index, geometry) if options.heatmap or options.want_overlay else None
     area = int(mask.sum())
     area_mm2 = None
     if pixel_spacing_mm is not None:
@@ -113,7 +115,7 @@ def postprocess(
     reasons = refer_reasons(decision, 0, rules, classes)
     reasons += out_of_distribution(decoded, modality=modality, foreground_threshold=foreground_threshold)
 
-    overlay_png = encode_png(overlay(decoded.pixels, mask, heat)) if options.overlay else None
+    overlay_png = encode_png(overlay(decoded.pixels, mask, heat)) if options.want_overlay else None
     return AnalysisResult(
         label=label,
         probabilities={c: round(float(p), 6) for c, p in zip(classes, probs)},  # float32 noise off the JSON

@@ -23,6 +23,7 @@ class AnalyzeOptions:
     heatmap: bool = False  # the Grad-CAM heatmap PNG (mapped back and encoded only then)
     overlay: bool = False  # the slice with heatmap and mask outline
     mask_format: str = "png"  # "png" (mask_png) or "rle" (COCO RLE in mask_rle, no PNG made); "" or None: png
+    dicom: bool = False  # the DICOM SEG, SR and overlay (serving/dicom_answer.py); a DICOM input only
 
     def __post_init__(self) -> None:
         try:
@@ -33,6 +34,12 @@ class AnalyzeOptions:
         object.__setattr__(self, "mask_format", fmt)
         object.__setattr__(self, "heatmap", bool(self.heatmap))
         object.__setattr__(self, "overlay", bool(self.overlay))
+        object.__setattr__(self, "dicom", bool(self.dicom))
+
+    @property
+    def want_overlay(self) -> bool:
+        """The overlay is made when asked, and for the DICOM results (their Secondary Capture shows it)."""
+        return self.overlay or self.dicom
 
 
 @dataclass(frozen=True)

@@ -41,8 +41,9 @@ log = logging.getLogger("braintumor.serving.http")
 
 FORMATS = "a JPEG, PNG or DICOM slice"
 MASK_FORMAT_CHOICES = "|".join(MASK_FORMATS)
-ANALYZE_USAGE = ('send multipart/form-data with the file in field "image" (optional fields "heatmap" and "overlay": '
-                 f'true|false, "mask_format": {MASK_FORMAT_CHOICES}), or JSON {{"image_base64": "<base64 of the file>", '
+ANALYZE_USAGE = ('send multipart/form-data with the file in field "image" (optional fields "heatmap", "overlay" and '
+                 f'"dicom": true|false, "mask_format": {MASK_FORMAT_CHOICES}), or JSON '
+                 '{"image_base64": "<base64 of the file>", '
                  f'"heatmap": false, "overlay": false, "mask_format": "png"}}; the file is {FORMATS}')
 BATCH_USAGE = ('send multipart/form-data with one file field "images" per image (optional "heatmap", "overlay", '
                f'"mask_format": {MASK_FORMAT_CHOICES}), or JSON {{"images_base64": ["<base64>", ...], "heatmap": false, '
@@ -98,6 +99,8 @@ class AnalyzeInput(_Input):
     heatmap: bool = Field(False, description="also return heatmap_png: the Grad-CAM of the label (computed only then)")
     overlay: bool = Field(False, description="also return overlay_png: the slice with heatmap and mask outline")
     mask_format: str = Field("png", description=MASK_FORMAT_HELP)
+    dicom: bool = Field(False, description="also return `dicom`: the DICOM SEG, TID 1500 SR and Grad-CAM overlay "
+                                           "(Part 10 files in base64) of a DICOM image, ready for a PACS")
 
 
 class AnalyzeBatchInput(_Input):
@@ -245,18 +248,20 @@ class BrainTumorGateway:
 
     @bentoml.api(route="/analyze", input_spec=AnalyzeInput)
     async def analyze(self, image: Path | None = None, image_base64: str | None = None,
-                      overlay: bool = False, heatmap: bool = False, mask_format: str = "png") -> dict:
+                      overlay: bool = False, heatmap: bool = False, mask_format: str = "png",
+                      dicom: bool = False) -> dict:
         """Classify one slice and segment the tumour; explain the label with Grad-CAM when asked (`heatmap`).
 
         Multipart (field `image`) or JSON (`image_base64`). Answers label, probabilities, refer (+ reasons),
         tumour area, the mask (a PNG in base64; with `mask_format=rle` COCO RLE in `mask_rle` instead), the heatmap
-        PNG only with `heatmap=true` (null otherwise), the overlay PNG only with `overlay=true`, and the model
-        version. Errors: 400/413/415 with a message saying what to fix, 429 when busy, 503 while Triton is down
-        (retry when /readyz is ready).
+        PNG only with `heatmap=true` (null otherwise), the overlay PNG only with `overlay=true`, the DICOM SEG, SR and
+        overlay (`dicom`: Part 10 files in base64) only with `dicom=true` for a DICOM image, and the model version.
+        Errors: 400/413/415 with a message saying what to fix, 429 when busy, 503 while Triton is down (retry when
+        /readyz is ready).
         """
 
         async def work():
-            options = AnalyzeOptions(heatmap, overlay, mask_format)  # checked once, here
+            options = AnalyzeOptions(heatmap, overlay, mask_format, dicom)  # checked once, here
             data = await _one_image(image, image_base64, ANALYZE_USAGE)
             result = await self.pipeline.analyze(data, options)
             return JSONResponse(analysis_to_dict(result))  # BentoML's output serde, skipped: the dict is plain JSON

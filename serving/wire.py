@@ -37,6 +37,8 @@ def analysis_to_dict(result: AnalysisResult, *, model: bool = True, images: bool
         out["mask_rle"] = result.mask_rle  # already plain JSON: {"size": [h, w], "counts": str}
         out["heatmap_png"] = b64(result.heatmap_png)
         out["overlay_png"] = b64(result.overlay_png)
+        if result.dicom is not None:  # only when asked: {"seg": b64, "sr": b64, "overlay": b64} Part 10 files
+            out["dicom"] = {key: b64(value) for key, value in result.dicom.items()}
     if model:
         out["model"] = model_to_dict(result)
     return out
@@ -62,6 +64,8 @@ def analysis_message(result: AnalysisResult, request: pb.AnalyzeRequest) -> pb.A
             message.mask_rle.CopyFrom(mask_rle_message(result.mask_rle))
         message.heatmap_png = result.heatmap_png or b""  # only when the request asked for the heatmap
         message.overlay_png = result.overlay_png or b""
+        if result.dicom is not None:
+            message.dicom.CopyFrom(pb.DicomResults(**result.dicom))
     return message
 
 

@@ -240,7 +240,8 @@ def no_decoder_message(ds, syntax: str) -> str:
     packages = DECODERS.get(uid)
     if packages is None:
         return (f"no decoder here for DICOM transfer syntax {syntax} ({uid or 'no UID'}): no pixel-data plugin of "
-                f"pydicom decodes it; send an uncompressed, RLE, JPEG, JPEG-LS or JPEG 2000 DICOM, or a JPEG or PNG slice")
+                "pydicom decodes it; send an uncompressed, RLE, JPEG, JPEG-LS or JPEG 2000 DICOM, or a JPEG or PNG "
+                "slice")
     bits = _int(ds.get("BitsStored"), 0)
     return (f"no decoder here for DICOM transfer syntax {syntax} ({uid}, {bits}-bit): it needs one of "
             f"{', '.join(packages)}, none of which is installed here or supports this file (the serve extra "

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62raintumor/v1/braintumor.proto\x12\rbraintumor.v1\"w\n\x0e\x41nalyzeRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0f\n\x07overlay\x18\x02 \x01(\x08\x12\n\n\x02id\x18\x03 \x01(\t\x12\x13\n\x0bskip_images\x18\x04 \x01(\x08\x12\x0f\n\x07heatmap\x18\x05 \x01(\x08\x12\x13\n\x0bmask_format\x18\x06 \x01(\t\"\x93\x04\n\x0f\x41nalyzeResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12H\n\rprobabilities\x18\x03 \x03(\x0b\x32\x31.braintumor.v1.AnalyzeResponse.ProbabilitiesEntry\x12\r\n\x05refer\x18\x04 \x01(\x08\x12\x14\n\x0crefer_reason\x18\x05 \x03(\t\x12\x15\n\rtumor_area_px\x18\x06 \x01(\x03\x12\x1b\n\x0etumor_area_mm2\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x13mask_label_disagree\x18\x08 \x01(\x08\x12\x14\n\x0cimage_height\x18\t \x01(\x05\x12\x13\n\x0bimage_width\x18\n \x01(\x05\x12\x10\n\x08mask_png\x18\x0b \x01(\x0c\x12\x13\n\x0bheatmap_png\x18\x0c \x01(\x0c\x12\x13\n\x0boverlay_png\x18\r \x01(\x0c\x12&\n\x05model\x18\x0e \x01(\x0b\x32\x17.braintumor.v1.ModelRef\x12#\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x14.braintumor.v1.Error\x12(\n\x08mask_rle\x18\x10 \x01(\x0b\x32\x16.braintumor.v1.MaskRle\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_tumor_area_mm2\"\'\n\x07MaskRle\x12\x0c\n\x04size\x18\x01 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\t\"g\n\x0e\x45xplainRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x05\x12\x11\n\tmax_evals\x18\x05 \x01(\x05\"\xf3\x02\n\x0f\x45xplainResponse\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12H\n\rprobabilities\x18\x04 \x03(\x0b\x32\x31.braintumor.v1.ExplainResponse.ProbabilitiesEntry\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12\x14\n\x0cimage_height\x18\x08 \x01(\x05\x12\x13\n\x0bimage_width\x18\t \x01(\x05\x12\x13\n\x0bheatmap_png\x18\n \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x0b \x01(\x0c\x12&\n\x05model\x18\x0c \x01(\x0b\x32\x17.braintumor.v1.ModelRef\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10ModelInfoRequest\"\xf7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x1c\n\x0frefer_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nimage_size\x18\x05 \x01(\x05\x12\x10\n\x08geometry\x18\x06 \x01(\t\x12\x1e\n\x11\x64isagree_min_area\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rood_threshold\x18\x08 \x01(\x01H\x02\x88\x01\x01\x42\x12\n\x10_refer_thresholdB\x14\n\x12_disagree_min_areaB\x10\n\x0e_ood_threshold\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2\xbf\x02\n\nBrainTumor\x12H\n\x07\x41nalyze\x12\x1d.braintumor.v1.AnalyzeRequest\x1a\x1e.braintumor.v1.AnalyzeResponse\x12R\n\rAnalyzeStream\x12\x1d.braintumor.v1.AnalyzeRequest\x1a\x1e.braintumor.v1.AnalyzeResponse(\x01\x30\x01\x12H\n\x07\x45xplain\x12\x1d.braintumor.v1.ExplainRequest\x1a\x1e.braintumor.v1.ExplainResponse\x12I\n\x0cGetModelInfo\x12\x1f.braintumor.v1.ModelInfoRequest\x1a\x18.braintumor.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62raintumor/v1/braintumor.proto\x12\rbraintumor.v1\"\x86\x01\n\x0e\x41nalyzeRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0f\n\x07overlay\x18\x02 \x01(\x08\x12\n\n\x02id\x18\x03 \x01(\t\x12\x13\n\x0bskip_images\x18\x04 \x01(\x08\x12\x0f\n\x07heatmap\x18\x05 \x01(\x08\x12\x13\n\x0bmask_format\x18\x06 \x01(\t\x12\r\n\x05\x64icom\x18\x07 \x01(\x08\"\xbf\x04\n\x0f\x41nalyzeResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05label\x18\x02 \x01(\t\x12H\n\rprobabilities\x18\x03 \x03(\x0b\x32\x31.braintumor.v1.AnalyzeResponse.ProbabilitiesEntry\x12\r\n\x05refer\x18\x04 \x01(\x08\x12\x14\n\x0crefer_reason\x18\x05 \x03(\t\x12\x15\n\rtumor_area_px\x18\x06 \x01(\x03\x12\x1b\n\x0etumor_area_mm2\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x13mask_label_disagree\x18\x08 \x01(\x08\x12\x14\n\x0cimage_height\x18\t \x01(\x05\x12\x13\n\x0bimage_width\x18\n \x01(\x05\x12\x10\n\x08mask_png\x18\x0b \x01(\x0c\x12\x13\n\x0bheatmap_png\x18\x0c \x01(\x0c\x12\x13\n\x0boverlay_png\x18\r \x01(\x0c\x12&\n\x05model\x18\x0e \x01(\x0b\x32\x17.braintumor.v1.ModelRef\x12#\n\x05\x65rror\x18\x0f \x01(\x0b\x32\x14.braintumor.v1.Error\x12(\n\x08mask_rle\x18\x10 \x01(\x0b\x32\x16.braintumor.v1.MaskRle\x12*\n\x05\x64icom\x18\x11 \x01(\x0b\x32\x1b.braintumor.v1.DicomResults\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x11\n\x0f_tumor_area_mm2\"8\n\x0c\x44icomResults\x12\x0b\n\x03seg\x18\x01 \x01(\x0c\x12\n\n\x02sr\x18\x02 \x01(\x0c\x12\x0f\n\x07overlay\x18\x03 \x01(\x0c\"\'\n\x07MaskRle\x12\x0c\n\x04size\x18\x01 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x02 \x01(\t\"g\n\x0e\x45xplainRequest\x12\r\n\x05image\x18\x01 \x01(\x0c\x12\x0e\n\x06method\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x13\n\x0bnum_samples\x18\x04 \x01(\x05\x12\x11\n\tmax_evals\x18\x05 \x01(\x05\"\xf3\x02\n\x0f\x45xplainResponse\x12\x0e\n\x06method\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12H\n\rprobabilities\x18\x04 \x03(\x0b\x32\x31.braintumor.v1.ExplainResponse.ProbabilitiesEntry\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x05\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12\x14\n\x0cimage_height\x18\x08 \x01(\x05\x12\x13\n\x0bimage_width\x18\t \x01(\x05\x12\x13\n\x0bheatmap_png\x18\n \x01(\x0c\x12\x13\n\x0boverlay_png\x18\x0b \x01(\x0c\x12&\n\x05model\x18\x0c \x01(\x0b\x32\x17.braintumor.v1.ModelRef\x1a\x34\n\x12ProbabilitiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x12\n\x10ModelInfoRequest\"\xf7\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0f\n\x07\x63lasses\x18\x03 \x03(\t\x12\x1c\n\x0frefer_threshold\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x12\n\nimage_size\x18\x05 \x01(\x05\x12\x10\n\x08geometry\x18\x06 \x01(\t\x12\x1e\n\x11\x64isagree_min_area\x18\x07 \x01(\x01H\x01\x88\x01\x01\x12\x1a\n\rood_threshold\x18\x08 \x01(\x01H\x02\x88\x01\x01\x42\x12\n\x10_refer_thresholdB\x14\n\x12_disagree_min_areaB\x10\n\x0e_ood_threshold\")\n\x08ModelRef\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t2\xbf\x02\n\nBrainTumor\x12H\n\x07\x41nalyze\x12\x1d.braintumor.v1.AnalyzeRequest\x1a\x1e.braintumor.v1.AnalyzeResponse\x12R\n\rAnalyzeStream\x12\x1d.braintumor.v1.AnalyzeRequest\x1a\x1e.braintumor.v1.AnalyzeResponse(\x01\x30\x01\x12H\n\x07\x45xplain\x12\x1d.braintumor.v1.ExplainRequest\x1a\x1e.braintumor.v1.ExplainResponse\x12I\n\x0cGetModelInfo\x12\x1f.braintumor.v1.ModelInfoRequest\x1a\x18.braintumor.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ANALYZERESPONSE_PROBABILITIESENTRY']._serialized_options = b'8\001'
   _globals['_EXPLAINRESPONSE_PROBABILITIESENTRY']._loaded_options = None
   _globals['_EXPLAINRESPONSE_PROBABILITIESENTRY']._serialized_options = b'8\001'
-  _globals['_ANALYZEREQUEST']._serialized_start=49
-  _globals['_ANALYZEREQUEST']._serialized_end=168
-  _globals['_ANALYZERESPONSE']._serialized_start=171
-  _globals['_ANALYZERESPONSE']._serialized_end=702
-  _globals['_ANALYZERESPONSE_PROBABILITIESENTRY']._serialized_start=631
-  _globals['_ANALYZERESPONSE_PROBABILITIESENTRY']._serialized_end=683
-  _globals['_MASKRLE']._serialized_start=704
-  _globals['_MASKRLE']._serialized_end=743
-  _globals['_EXPLAINREQUEST']._serialized_start=745
-  _globals['_EXPLAINREQUEST']._serialized_end=848
-  _globals['_EXPLAINRESPONSE']._serialized_start=851
-  _globals['_EXPLAINRESPONSE']._serialized_end=1222
-  _globals['_EXPLAINRESPONSE_PROBABILITIESENTRY']._serialized_start=631
-  _globals['_EXPLAINRESPONSE_PROBABILITIESENTRY']._serialized_end=683
-  _globals['_MODELINFOREQUEST']._serialized_start=1224
-  _globals['_MODELINFOREQUEST']._serialized_end=1242
-  _globals['_MODELINFO']._serialized_start=1245
-  _globals['_MODELINFO']._serialized_end=1492
-  _globals['_MODELREF']._serialized_start=1494
-  _globals['_MODELREF']._serialized_end=1535
-  _globals['_ERROR']._serialized_start=1537
-  _globals['_ERROR']._serialized_end=1575
-  _globals['_BRAINTUMOR']._serialized_start=1578
-  _globals['_BRAINTUMOR']._serialized_end=1897
+  _globals['_ANALYZEREQUEST']._serialized_start=50
+  _globals['_ANALYZEREQUEST']._serialized_end=184
+  _globals['_ANALYZERESPONSE']._serialized_start=187
+  _globals['_ANALYZERESPONSE']._serialized_end=762
+  _globals['_ANALYZERESPONSE_PROBABILITIESENTRY']._serialized_start=691
+  _globals['_ANALYZERESPONSE_PROBABILITIESENTRY']._serialized_end=743
+  _globals['_DICOMRESULTS']._serialized_start=764
+  _globals['_DICOMRESULTS']._serialized_end=820
+  _globals['_MASKRLE']._serialized_start=822
+  _globals['_MASKRLE']._serialized_end=861
+  _globals['_EXPLAINREQUEST']._serialized_start=863
+  _globals['_EXPLAINREQUEST']._serialized_end=966
+  _globals['_EXPLAINRESPONSE']._serialized_start=969
+  _globals['_EXPLAINRESPONSE']._serialized_end=1340
+  _globals['_EXPLAINRESPONSE_PROBABILITIESENTRY']._serialized_start=691
+  _globals['_EXPLAINRESPONSE_PROBABILITIESENTRY']._serialized_end=743
+  _globals['_MODELINFOREQUEST']._serialized_start=1342
+  _globals['_MODELINFOREQUEST']._serialized_end=1360
+  _globals['_MODELINFO']._serialized_start=1363
+  _globals['_MODELINFO']._serialized_end=1610
+  _globals['_MODELREF']._serialized_start=1612
+  _globals['_MODELREF']._serialized_end=1653
+  _globals['_ERROR']._serialized_start=1655
+  _globals['_ERROR']._serialized_end=1693
+  _globals['_BRAINTUMOR']._serialized_start=1696
+  _globals['_BRAINTUMOR']._serialized_end=2015
 # @@protoc_insertion_point(module_scope)

@@ -7,23 +7,25 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AnalyzeRequest(_message.Message):
-    __slots__ = ("image", "overlay", "id", "skip_images", "heatmap", "mask_format")
+    __slots__ = ("image", "overlay", "id", "skip_images", "heatmap", "mask_format", "dicom")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     OVERLAY_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
     SKIP_IMAGES_FIELD_NUMBER: _ClassVar[int]
     HEATMAP_FIELD_NUMBER: _ClassVar[int]
     MASK_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     overlay: bool
     id: str
     skip_images: bool
     heatmap: bool
     mask_format: str
-    def __init__(self, image: _Optional[bytes] = ..., overlay: _Optional[bool] = ..., id: _Optional[str] = ..., skip_images: _Optional[bool] = ..., heatmap: _Optional[bool] = ..., mask_format: _Optional[str] = ...) -> None: ...
+    dicom: bool
+    def __init__(self, image: _Optional[bytes] = ..., overlay: _Optional[bool] = ..., id: _Optional[str] = ..., skip_images: _Optional[bool] = ..., heatmap: _Optional[bool] = ..., mask_format: _Optional[str] = ..., dicom: _Optional[bool] = ...) -> None: ...
 
 class AnalyzeResponse(_message.Message):
-    __slots__ = ("id", "label", "probabilities", "refer", "refer_reason", "tumor_area_px", "tumor_area_mm2", "mask_label_disagree", "image_height", "image_width", "mask_png", "heatmap_png", "overlay_png", "model", "error", "mask_rle")
+    __slots__ = ("id", "label", "probabilities", "refer", "refer_reason", "tumor_area_px", "tumor_area_mm2", "mask_label_disagree", "image_height", "image_width", "mask_png", "heatmap_png", "overlay_png", "model", "error", "mask_rle", "dicom")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -47,6 +49,7 @@ class AnalyzeResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     MASK_RLE_FIELD_NUMBER: _ClassVar[int]
+    DICOM_FIELD_NUMBER: _ClassVar[int]
     id: str
     label: str
     probabilities: _containers.ScalarMap[str, float]
@@ -63,7 +66,18 @@ class AnalyzeResponse(_message.Message):
     model: ModelRef
     error: Error
     mask_rle: MaskRle
-    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., refer: _Optional[bool] = ..., refer_reason: _Optional[_Iterable[str]] = ..., tumor_area_px: _Optional[int] = ..., tumor_area_mm2: _Optional[float] = ..., mask_label_disagree: _Optional[bool] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., mask_png: _Optional[bytes] = ..., heatmap_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., mask_rle: _Optional[_Union[MaskRle, _Mapping]] = ...) -> None: ...
+    dicom: DicomResults
+    def __init__(self, id: _Optional[str] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., refer: _Optional[bool] = ..., refer_reason: _Optional[_Iterable[str]] = ..., tumor_area_px: _Optional[int] = ..., tumor_area_mm2: _Optional[float] = ..., mask_label_disagree: _Optional[bool] = ..., image_height: _Optional[int] = ..., image_width: _Optional[int] = ..., mask_png: _Optional[bytes] = ..., heatmap_png: _Optional[bytes] = ..., overlay_png: _Optional[bytes] = ..., model: _Optional[_Union[ModelRef, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., mask_rle: _Optional[_Union[MaskRle, _Mapping]] = ..., dicom: _Optional[_Union[DicomResults, _Mapping]] = ...) -> None: ...
+
+class DicomResults(_message.Message):
+    __slots__ = ("seg", "sr", "overlay")
+    SEG_FIELD_NUMBER: _ClassVar[int]
+    SR_FIELD_NUMBER: _ClassVar[int]
+    OVERLAY_FIELD_NUMBER: _ClassVar[int]
+    seg: bytes
+    sr: bytes
+    overlay: bytes
+    def __init__(self, seg: _Optional[bytes] = ..., sr: _Optional[bytes] = ..., overlay: _Optional[bytes] = ...) -> None: ...
 
 class MaskRle(_message.Message):
     __slots__ = ("size", "counts")

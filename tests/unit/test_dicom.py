@@ -178,7 +178,8 @@ def test_truncated_pixel_data_is_a_clear_error():
     "syntax, fragment",
     [(JPEGLSLossless, "corrupt JPEG-LS Lossless"), (RLELossless, "corrupt RLE"),
      # High-Throughput JPEG 2000: pydicom decodes it only with pylibjpeg-openjpeg, which the serve extra leaves out
-     ("1.2.840.10008.1.2.4.201", "no decoder here for DICOM transfer syntax High-Throughput JPEG 2000 .*pylibjpeg-openjpeg")],
+     ("1.2.840.10008.1.2.4.201",
+      "no decoder here for DICOM transfer syntax High-Throughput JPEG 2000 .*pylibjpeg-openjpeg")],
 )
 def test_compressed_pixel_data_errors_say_why(syntax, fragment):
     ds = _dataset(np.zeros((8, 8), np.uint8))
