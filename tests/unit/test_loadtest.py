@@ -542,3 +542,16 @@ def test_bench_gateway_http_load_sends_what_the_gateway_parses():
     assert result["failures"] == sum(1 for k in range(2, len(seen) + 1) if k % 4 == 0)
     assert {part["image"] for part in seen} == {b"\xff\xd8one", b"\xff\xd8two"}
     assert all(part["heatmap"] == b"false" and part["mask_format"] == b"rle" for part in seen)
+
+
+def test_bench_flood_table_shows_each_process_and_what_it_kept():
+    from braintumor.loadtest.bench_flood import table
+
+    names = {11: "gateway: python", 12: "triton: stub brain_tumor"}
+    moments = {"idle": {11: 300.0, 12: 140.0}, "flood end": {11: 500.0, 12: 180.0}, "+30 s idle": {11: 520.0}}
+    lines = table(names, moments).splitlines()
+    gateway = next(line for line in lines if line.startswith("gateway"))
+    stub = next(line for line in lines if line.startswith("triton"))
+    assert gateway.split()[-4:] == ["300", "500", "520", "+220"]
+    assert stub.split()[-4:] == ["140", "180", "-", "+nan"]  # the stub was gone at the last sample: no kept figure
+    assert lines[-1].split()[-4:] == ["440", "680", "520", "+80"]
