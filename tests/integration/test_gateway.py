@@ -335,12 +335,27 @@ def test_metrics_count_requests(gateway, slice_jpeg):
 
 
 def test_no_patient_data_in_logs(gateway, slice_jpeg):
-    """Runs after the tests above: none of their file names or bytes reached the gateway's log."""
-    gateway.post("/analyze", files=_files(b"not an image", PATIENT_FILE))
-    log = gateway.log.read_text(errors="replace")
-    assert "Service braintumor initialized" in log
+    """File names, DICOM header values and image bytes sent here, answered or refused, never reach the gateway's log
+    (whichever tests ran before: this one sends its own)."""
+    import uuid
+
+    sent = [gateway.post("/analyze", files=_files(slice_jpeg, PATIENT_FILE)),
+            gateway.post("/analyze", files=_files(b"not an image", PATIENT_FILE)),
+            gateway.post("/analyze", files=_files(b"patient notes, not an image", "notes.txt", "text/plain")),
+            gateway.post("/analyze", files=_files(_dicom_without_pixels(), PATIENT_FILE, "application/dicom")),
+            gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg)}),
+            gateway.post("/analyze", json={"image_base64": _b64(slice_jpeg), "overlay": "maybe"})]
+    assert [r.status_code for r in sent] == [200, 400, 400, 400, 200, 400], [r.text for r in sent]
+    # the access line of a last request, once written, follows the lines of those before it
+    marker = f"/logged-{uuid.uuid4().hex}"
+    assert gateway.get(marker).status_code == 404
+    deadline = time.monotonic() + 30
+    while marker not in (log := gateway.log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, "the gateway did not log the marker request"
+        time.sleep(0.1)
+    assert "Service braintumor initialized" in log and "POST /analyze 400" in log
     for secret in ("Doe^Jane", "PID-98765", "notes.txt", _b64(slice_jpeg)[:40]):
-        assert secret not in log
+        assert secret not in log, secret
 
 
 def test_api_key_guards_the_api_not_the_probes(tiny_triton, tmp_path, slice_jpeg, running_gateway):
