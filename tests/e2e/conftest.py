@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -97,6 +98,73 @@ def serve_factory():
     yield factory
     for instance in started:
         instance.stop()
+
+
+class Load:
+    """HTTP and gRPC Analyze calls in a loop, every outcome counted, with the slowest answer of each outcome."""
+
+    def __init__(self, served, image: bytes) -> None:
+        self.served, self.image = served, image
+        self.http: Counter = Counter()
+        self.grpc: Counter = Counter()
+        self.slowest: dict = {}  # outcome (HTTP status, exception name or gRPC code name) -> seconds
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._http, daemon=True),
+                         threading.Thread(target=self._grpc, daemon=True)]
+
+    def __enter__(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+    def wait_for(self, condition, timeout: float, what: str) -> None:
+        """Until ``condition()`` holds; fails after ``timeout`` seconds saying ``what`` and the outcomes so far."""
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, (f"{what} within {timeout} s: HTTP {dict(self.http)}, "
+                                                 f"gRPC {dict(self.grpc)}")
+            time.sleep(0.05)
+
+    def _count(self, counter: Counter, outcome, start: float) -> None:
+        self.slowest[outcome] = max(self.slowest.get(outcome, 0.0), time.monotonic() - start)
+        counter[outcome] += 1
+
+    def _http(self) -> None:
+        import httpx
+
+        with httpx.Client(timeout=30) as client:
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    status = client.post(f"{self.served.http_url}/analyze",
+                                         files={"image": ("s.jpg", self.image, "image/jpeg")}).status_code
+                    self._count(self.http, status, start)
+                    if status != 200:
+                        time.sleep(0.2)  # as a client backing off; a tight loop of refusals would starve the host
+                except httpx.TransportError as exc:  # the gateway itself is down: nothing listens
+                    self._count(self.http, type(exc).__name__, start)
+                    time.sleep(0.2)
+
+    def _grpc(self) -> None:
+        import grpc
+
+        from braintumor.clients.v1 import braintumor_pb2, braintumor_pb2_grpc
+
+        with grpc.insecure_channel(self.served.grpc_target) as channel:
+            stub = braintumor_pb2_grpc.BrainTumorStub(channel)
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    stub.Analyze(braintumor_pb2.AnalyzeRequest(image=self.image), timeout=30)
+                    self._count(self.grpc, "OK", start)
+                except grpc.RpcError as exc:
+                    self._count(self.grpc, exc.code().name, start)
+                    time.sleep(0.2)
 
 
 class ProcessTree:

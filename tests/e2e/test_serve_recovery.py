@@ -4,9 +4,7 @@ flow; each comes back by itself, the other parts stay up, and no request gets a 
 
 import os
 import signal
-import threading
 import time
-from collections import Counter
 
 import pytest
 
@@ -16,6 +14,8 @@ pytest.importorskip("bentoml")
 pytest.importorskip("pytriton")
 
 from braintumor.serving.triton_embedded import free_port  # noqa: E402
+
+from .conftest import Load  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 RECOVERY_S = 90  # Triton's restart includes loading the model; on 2 busy CPU cores it took ~10-20 s
@@ -28,52 +28,6 @@ def _child(served, needle: str, procs) -> int:
             if ppid == served.proc.pid and needle in cmd and not zombie]
     assert len(pids) == 1, (needle, pids)
     return pids[0]
-
-
-class Load:
-    """HTTP and gRPC Analyze calls in a loop, every outcome counted."""
-
-    def __init__(self, served, image: bytes) -> None:
-        self.served, self.image = served, image
-        self.http: Counter = Counter()
-        self.grpc: Counter = Counter()
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._http, daemon=True),
-                         threading.Thread(target=self._grpc, daemon=True)]
-
-    def __enter__(self):
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
-
-    def _http(self) -> None:
-        with httpx.Client(timeout=30) as client:
-            while not self._stop.is_set():
-                try:
-                    status = client.post(f"{self.served.http_url}/analyze",
-                                         files={"image": ("s.jpg", self.image, "image/jpeg")}).status_code
-                    self.http[status] += 1
-                except httpx.TransportError as exc:  # the gateway itself is down: nothing listens
-                    self.http[type(exc).__name__] += 1
-                    time.sleep(0.2)
-
-    def _grpc(self) -> None:
-        from braintumor.clients.v1 import braintumor_pb2, braintumor_pb2_grpc
-
-        with grpc.insecure_channel(self.served.grpc_target) as channel:
-            stub = braintumor_pb2_grpc.BrainTumorStub(channel)
-            while not self._stop.is_set():
-                try:
-                    stub.Analyze(braintumor_pb2.AnalyzeRequest(image=self.image), timeout=30)
-                    self.grpc["OK"] += 1
-                except grpc.RpcError as exc:
-                    self.grpc[exc.code().name] += 1
-                    time.sleep(0.2)
 
 
 def _healthy(served, image: bytes) -> bool:
