@@ -124,6 +124,7 @@ prepare_base() {
     fi
     # What the official image has that matters here: Python 3.11 with a shared libpython (Triton's python-backend
     # stub links against libpython3.11.so.1.0), venv and pip, CA certificates, a `python` command, C.UTF-8.
+    # Not the same build: Debian's python3.11 (3.11.2) under /usr, where the official one is 3.11.x under /usr/local.
     local t0 rootfs="$WORK/rootfs" mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
     t0=$(now)
     if ! debootstrap --variant=minbase \
@@ -135,6 +136,8 @@ prepare_base() {
     # the host's CA bundle: pip inside the build must trust whatever the host trusts (a proxy's CA included)
     [ -f /etc/ssl/certs/ca-certificates.crt ] && cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/"
     ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python"
+    # the official image's Python is not "externally managed" (PEP 668): pip installs into it (bentoml containerize)
+    rm -f "$rootfs"/usr/lib/python3*/EXTERNALLY-MANAGED
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | podman import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
@@ -431,9 +434,59 @@ k8s_pods() {
     podman kube play --down "$WORK/play-triton.yaml" >/dev/null 2>&1
 }
 
+# -- the BentoML way: bentofile.yaml -> Bento -> image (bentoml containerize), run beside triton-cpu -------------
+bento() {
+    local bentoml ctx="$WORK/bento-ctx" net=$PREFIX-bento t0 size tkey akey out ready
+    bentoml="$(dirname "$PY")/bentoml"
+    [ -x "$bentoml" ] || bentoml=$(command -v bentoml)
+    [ -n "$bentoml" ] || { skip "bento: bentoml is not installed (the serve extra)"; return 0; }
+    export BENTOML_HOME="$WORK/bentoml"  # the Bento store of this run only
+    # the build context: the bentofile, the braintumor wheel and the serve extra's requirements; nothing else
+    mkdir -p "$ctx/serving/deploy" "$ctx/dist"
+    cp "$DEPLOY/bentofile.yaml" "$ctx/serving/deploy/"
+    "$PY" "$DEPLOY/serve_requirements.py" >"$ctx/dist/requirements-serve.txt"
+    t0=$(now)
+    if ! "$PY" -m pip wheel -q --no-deps -w "$ctx/dist" "$ROOT" >"$WORK/bento.log" 2>&1 \
+            || ! (cd "$ctx" && "$bentoml" build -f serving/deploy/bentofile.yaml .) >>"$WORK/bento.log" 2>&1; then
+        fail "bento: bentoml build: $(grep -iE 'error' "$WORK/bento.log" | tail -2 | tr '\n' ' ')"; return 1
+    fi
+    ok "bento: bentoml build made $(grep -o 'Bento(tag="[^"]*")' "$WORK/bento.log" | tail -1) in $(since "$t0") s"
+    local opts=(--opt network=host)
+    [ "$ENGINE" = podman ] && opts+=(--opt format=docker)
+    t0=$(now)
+    if ! "$bentoml" containerize braintumor-gateway:latest --backend "$ENGINE" "${opts[@]}" \
+            -t "braintumor-bento:$VERSION" >"$WORK/containerize.log" 2>&1; then
+        fail "bento: bentoml containerize: $(grep -iE 'error' "$WORK/containerize.log" | tail -2 | tr '\n' ' ')"; return 1
+    fi
+    size=$(image_size "braintumor-bento:$VERSION")
+    ok "bento: bentoml containerize --backend $ENGINE -> braintumor-bento:$VERSION in $(since "$t0") s, $(mb "$size")"
+    measure "image braintumor-bento:$VERSION: $(mb "$size") (bentoml containerize, $(since "$t0") s)"
+    # run it as the gateway in front of the triton-cpu image
+    tkey=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n'); akey=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')
+    E rm -f "$PREFIX-bento" "$PREFIX-bento-triton" >/dev/null 2>&1
+    E network exists "$net" 2>/dev/null || E network create "$net" >/dev/null
+    CLEANUP+=("$ENGINE network rm -f $net" "$ENGINE rm -f $PREFIX-bento-triton" "$ENGINE rm -f $PREFIX-bento")
+    E run -d --name "$PREFIX-bento-triton" --network "$net" --network-alias triton --shm-size 1g \
+        -e BRAINTUMOR_TRITON_KEY="$tkey" "braintumor-triton-cpu:$VERSION" >/dev/null 2>"$WORK/run.err"
+    t0=$(now)
+    E run -d --name "$PREFIX-bento" --network "$net" -e BRAINTUMOR_TRITON_KEY="$tkey" -e BRAINTUMOR_API_KEY="$akey" \
+        -p "127.0.0.1:$((HTTP_PORT + 4)):3000" "braintumor-bento:$VERSION" >/dev/null 2>>"$WORK/run.err"
+    if ! wait_http $((HTTP_PORT + 4)) /readyz 240 "$PREFIX-bento"; then
+        fail "bento: the Bento's container was not ready in 240 s"; E logs "$PREFIX-bento" 2>&1 | tail -10; return 1
+    fi
+    ready=$(since "$t0")
+    out=$(client label --url "127.0.0.1:$((HTTP_PORT + 4))" --protocol http --key "$akey" "$IMAGE" 2>&1)
+    [ -n "$REFERENCE" ] && [ "${out%% *}" = "$REFERENCE" ] \
+        && ok "bento: /analyze through the Bento's container -> triton-cpu: $out (host: $REFERENCE), ready in $ready s" \
+        || fail "bento: /analyze through the Bento's container: $out (host: ${REFERENCE:-none})"
+    out=$(client status --url "127.0.0.1:$((HTTP_PORT + 4))" "$IMAGE" 2>&1)
+    [ "${out%% *}" = 401 ] && ok "bento: /analyze without a key: 401" || fail "bento: /analyze without a key: $out"
+    E rm -f "$PREFIX-bento" "$PREFIX-bento-triton" >/dev/null 2>&1
+}
+
 # -- main ------------------------------------------------------------------------------------------------------
 T_START=$(now)
-if want images || want all-in-one || want compose || want k8s; then
+if want images || want all-in-one || want compose || want k8s || want bento; then
     prepare_base
     fix_podman
 fi
@@ -442,10 +495,11 @@ if want images; then
     build all-in-one "braintumor:$VERSION" || exit 1
     build triton-cpu "braintumor-triton-cpu:$VERSION" || exit 1
 fi
-if want all-in-one || want compose || want k8s; then host_reference; fi
+if want all-in-one || want compose || want k8s || want bento; then host_reference; fi
 if want all-in-one; then all_in_one; fi
 if want compose; then compose_stack; fi
 if want k8s; then k8s_manifests; k8s_pods; fi
+if want bento; then bento; fi
 
 say ""
 say "measured ($(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, engine $ENGINE):"
