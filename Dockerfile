@@ -130,8 +130,10 @@ HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
 # Same flags as the embedded launcher: a model that fails to load stops the server instead of leaving it "up", and
 # Triton's admin APIs (logging, shared memory, repository, trace, statistics) need a header value drawn at start
 # and given to nobody (Triton authenticates no one; the front doors use only health, metadata, config, inference).
-# `sh -c` only to draw it; `exec` leaves tritonserver as the process that gets the signals.
-CMD ["sh", "-c", "KEY=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \\n') && exec tritonserver --model-repository=/models --exit-on-error=true --strict-readiness=true --allow-cpu-metrics=true --http-restricted-api=model-repository,shared-memory,statistics,trace,logging:braintumor-admin-key=$KEY --grpc-restricted-protocol=model-repository,shared-memory,statistics,trace,logging:braintumor-admin-key=$KEY"]
+# With BRAINTUMOR_TRITON_KEY set (compose and Kubernetes give it), inference, model config and metadata need it too,
+# as with `braintumor triton` (triton-cpu). `sh -c` only to draw the admin key and read that one; `exec` leaves
+# tritonserver as the process that gets the signals.
+CMD ["sh", "-c", "KEY=$(od -An -N24 -tx1 /dev/urandom | tr -d ' \\n') && exec tritonserver --model-repository=/models --exit-on-error=true --strict-readiness=true --allow-cpu-metrics=true --http-restricted-api=model-repository,shared-memory,statistics,trace,logging:braintumor-admin-key=$KEY --grpc-restricted-protocol=model-repository,shared-memory,statistics,trace,logging:braintumor-admin-key=$KEY ${BRAINTUMOR_TRITON_KEY:+--http-restricted-api=inference,model-config,metadata:braintumor-triton-key=$BRAINTUMOR_TRITON_KEY --grpc-restricted-protocol=inference,model-config,metadata:braintumor-triton-key=$BRAINTUMOR_TRITON_KEY}"]
 
 # ---- all-in-one: `braintumor serve` (embedded tritonserver from the nvidia-pytriton wheel + gateway + gRPC) ---------
 FROM gateway AS all-in-one

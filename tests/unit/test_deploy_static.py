@@ -190,10 +190,17 @@ def test_dockerfile_targets_ports_and_commands(stages, ports):
     # the admin APIs are locked as the embedded launcher locks them (one list: triton_embedded.ADMIN_APIS)
     from braintumor.serving.triton_embedded import ADMIN_APIS, ADMIN_HEADER
 
+    from braintumor.serving.settings import TRITON_KEY_HEADER
+    from braintumor.serving.triton_embedded import CLIENT_APIS
+
     for flag in ("--http-restricted-api", "--grpc-restricted-protocol"):
-        (value,) = [a.split("=", 1)[1] for a in script if a.startswith(flag + "=")]
-        apis, setting = value.split(":")
+        admin, clients = re.findall(rf"{flag}=([^\s}}]+)", triton_cmd[2])  # the second inside ${KEY:+...}
+        apis, setting = admin.split(":")
         assert set(apis.split(",")) == set(ADMIN_APIS) and setting == f"{ADMIN_HEADER}=$KEY"
+        # and, given the key the front doors send, the client APIs behind it (as `braintumor triton` does)
+        apis, setting = clients.split(":")
+        assert set(apis.split(",")) == set(CLIENT_APIS) and setting == f"{TRITON_KEY_HEADER}=$BRAINTUMOR_TRITON_KEY"
+    assert "${BRAINTUMOR_TRITON_KEY:+--http-restricted-api=" in triton_cmd[2]
     assert "KEY=$(od -An -N24 -tx1 /dev/urandom" in triton_cmd[2]
     assert ("COPY", "${MODEL_REPOSITORY} /models") in stages["triton"].instructions
 
