@@ -163,7 +163,8 @@ def test_round_trip_stores_seg_sr_overlay_per_slice_and_reruns_store_nothing(ort
     assert {k: len(v) for k, v in _series(orthanc).items()} == {"MR": SLICES, "SEG": SLICES, "SR": SLICES,
                                                                 "OT": SLICES}
     # no patient identifier in the service's log or metrics, nor in what the command printed or wrote
-    metrics = httpx.get(served.http_url + "/metrics", timeout=30).text
+    metrics = (httpx.get(served.http_url + "/metrics", timeout=30).text
+               + httpx.get(f"http://127.0.0.1:{served.ports['grpc_metrics']}/metrics", timeout=30).text)
     written = out.read_text() + (tmp_path / "fresh.jsonl").read_text()
     for text in ("".join(served.lines), metrics, first.stdout + first.stderr, written):
         for key in ("PatientName", "PatientID", "AccessionNumber", "StudyID", "ReferringPhysicianName"):
