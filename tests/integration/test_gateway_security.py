@@ -5,7 +5,9 @@ no product banner; a refused request is one INFO line, not an ERROR with a trace
 import base64
 import io
 import re
+import select
 import socket
+import time
 
 import numpy as np
 import pytest
@@ -131,6 +133,9 @@ def test_other_image_formats_are_415(gateway, fmt, mode):
 # -- slow and stalled uploads ---------------------------------------------------------------------------------------
 SLOW = {"BRAINTUMOR_BODY_TIMEOUT_S": "3", "BRAINTUMOR_MAX_BODY_BYTES": "1000000",
         "BRAINTUMOR_MAX_BUFFERED_BYTES": "2500000", "BRAINTUMOR_EXPLAIN_TASK_TTL_S": "2"}
+BODY_TIMEOUT_S = float(SLOW["BRAINTUMOR_BODY_TIMEOUT_S"])
+# The 408 of the whole-body deadline (not of a stalled pause, serving's BODY_IDLE_S), naming its setting and value.
+BODY_DEADLINE = b"did not arrive within 3 s (BRAINTUMOR_BODY_TIMEOUT_S)"
 
 
 @pytest.fixture(scope="module")
@@ -155,42 +160,38 @@ def _answer(sock: socket.socket) -> bytes:
 
 
 def test_a_stalled_upload_is_cut_off_and_its_connection_closed(strict_gateway):
-    import time
-
+    """The 408 names the deadline that fired and its configured value; the clock only shows it did not fire early
+    (and the socket's 30 s timeout fails a server that never answers)."""
     start = time.monotonic()
     with _upload_start(strict_gateway.url, 900_000, b'{"image_base64": "' + b"A" * 1000) as sock:
         answer = _answer(sock)  # returns only when the server closes the connection
     took = time.monotonic() - start
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert b"request_timeout" in answer and b"BRAINTUMOR_BODY_TIMEOUT_S" in answer
-    assert 2.5 < took < 10, took
+    assert b"request_timeout" in answer and BODY_DEADLINE in answer, answer
+    assert BODY_TIMEOUT_S - 0.05 <= took < 10, took
 
 
 def test_a_trickled_upload_is_cut_off_at_the_body_deadline(strict_gateway):
-    import time
-
+    """One byte a second, never idle long and never done: the whole-body deadline answers while it still trickles."""
     start = time.monotonic()
     with _upload_start(strict_gateway.url, 1000, b"{") as sock:
-        for _ in range(8):  # one byte a second: never idle long, never done
-            time.sleep(1)
-            try:
-                sock.sendall(b" ")
-            except OSError:
-                break
+        while not select.select([sock], [], [], 1.0)[0]:  # until the server answers
+            assert time.monotonic() - start < 4 * BODY_TIMEOUT_S, "no answer while the body trickled in"
+            sock.sendall(b" ")
+        answered = time.monotonic() - start
         answer = _answer(sock)
-    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-    assert time.monotonic() - start < 12
+    assert answer.startswith(b"HTTP/1.1 408") and BODY_DEADLINE in answer, answer[:300]
+    assert answered >= BODY_TIMEOUT_S - 0.05, answered
 
 
 def test_uploads_held_at_once_are_capped(strict_gateway, slice_jpeg):
     stalled = [_upload_start(strict_gateway.url, 950_000, b'{"image_base64": "' + b"A" * 900_000) for _ in range(2)]
     try:
-        import time
-
-        deadline = time.monotonic() + 10  # until the server has read both bodies: 1.8 MB of the 2.5 MB budget
+        # until the server has read both bodies (1.8 MB of the 2.5 MB budget); bounded by the event that ends the
+        # window, their own 408 at the body deadline, not by a clock of ours
         while (refused := strict_gateway.post("/analyze", json={"image_base64": "A" * 900_000})).status_code != 429:
-            assert time.monotonic() < deadline, refused.text
-            time.sleep(0.2)
+            assert not select.select(stalled, [], [], 0)[0], f"budget not full before the deadline: {refused.text}"
+            time.sleep(0.05)
         assert refused.json()["error"] == "busy" and "BRAINTUMOR_MAX_BUFFERED_BYTES" in refused.json()["detail"]
         assert refused.headers["retry-after"] == "1"
         for sock in stalled:
@@ -220,8 +221,6 @@ def _task_ids(gateway) -> set[str]:
 
 
 def _wait_status(gateway, task_id: str, headers=None, until=("completed", "failed"), timeout=60) -> str:
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         answer = gateway.get("/explain/status", params={"task_id": task_id}, headers=headers)
@@ -282,27 +281,27 @@ def test_a_bad_image_is_refused_at_submit_and_nothing_is_stored(gateway):
 
 
 def test_an_unfetched_task_is_deleted_after_its_ttl(strict_gateway, slice_jpeg):
-    import time
-
+    """Deleted once the TTL (2 s here) has passed, by the /explain requests that follow, and not before it (the store
+    dates rows to the second and deletes those dated over TTL seconds before the current second: never early)."""
+    submitted = time.monotonic()
     task_id = strict_gateway.post("/explain/submit", json={"image_base64": _b64(slice_jpeg),
                                                            "method": "gradcam"}).json()["task_id"]
     assert _wait_status(strict_gateway, task_id) == "completed"
     assert not [r for r in _stored_inputs(strict_gateway) if b"x-braintumor-caller" in r]  # no keys: no caller
-    time.sleep(2.5)  # the TTL is 2 s here; the next /explain request purges
-    assert _wait_status(strict_gateway, task_id, until=(404,), timeout=10) == 404
+    assert _wait_status(strict_gateway, task_id, until=(404,), timeout=30) == 404  # each status call may purge
+    ttl = float(SLOW["BRAINTUMOR_EXPLAIN_TASK_TTL_S"])
+    assert time.monotonic() - submitted >= ttl
 
 
 def test_every_stalled_upload_is_closed_by_its_deadline(strict_gateway):
     """Issue 25: 20 uploads that send part of their body and stall. The worker's buffer budget holds two of them
     (they get 408 at the body deadline); the rest are refused at once (429) before their bodies are read, and each of
     those connections must be closed too, not kept open reading a body nobody will use from a stalled client."""
-    import time
-
     declared, sent = 950_000, b'{"image_base64": "' + b"A" * 700_000
     stalled = [_upload_start(strict_gateway.url, declared, sent) for _ in range(20)]
     answers = []
     try:
-        deadline = time.monotonic() + float(SLOW["BRAINTUMOR_BODY_TIMEOUT_S"]) + 15  # the body deadline + slack
+        deadline = time.monotonic() + BODY_TIMEOUT_S + 15  # the body deadline + slack
         for sock in stalled:
             sock.settimeout(max(0.1, deadline - time.monotonic()))
             try:
