@@ -1,5 +1,5 @@
 """`braintumor loadtest` against a real `braintumor serve` (tiny model): a 10 s headless locust run per front door
-with zero failures, locust's CSV and HTML, a parseable summary, and a process that exits; the soak profile for 60 s
+with zero failures, locust's CSV and HTML, a parseable summary, and a process that exits; the soak profile for 15 s
 (memory recorded, no verdict that short) and, marked slow, for its full 20 minutes."""
 
 from __future__ import annotations
@@ -94,17 +94,18 @@ def _soak(served, images, out: Path, duration: str, timeout: float, *extra: str)
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_soak_60s(served, images, tmp_path):
-    """The soak machinery end to end, shortened: flat rate, RSS of every serve process, no verdict (too short)."""
+def test_soak_short(served, images, tmp_path):
+    """The soak machinery end to end, shortened to 15 s: flat rate, RSS of every serve process each second, no verdict
+    (memory is judged over 4 minutes or more; 60 s gave none either, the slow test below does)."""
     out = tmp_path / "soak"
-    done = _soak(served, images, out, "60s", 180, "--rss-interval", "5", "--rate", "2")
+    done = _soak(served, images, out, "15s", 120, "--rss-interval", "1", "--rate", "2")
     assert done.returncode == 0, done.stdout + done.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["profile"] == "soak" and summary["rate_rps"] == 2
     total = next(row for row in summary["requests"] if row["name"] == "total")
     assert total["failures"] == 0 and 1.0 < total["rps"] < 4.0  # held near the rate, not as fast as possible
     memory = summary["memory"]
-    assert memory["samples"] >= 12 and not memory["judged"] and memory["ok"]
+    assert memory["samples"] >= 10 and not memory["judged"] and memory["ok"]
     assert {"gateway", "grpc", "triton"} <= set(memory["slope_mb_per_min"])
     with open(out / "rss.csv", newline="") as f:
         rows = list(csv.DictReader(f))
