@@ -18,9 +18,11 @@ def test_wheel_installs_layers_under_braintumor(tmp_path):
         assert f"braintumor/{module}" in names, module
     assert not any(n.startswith(("train/", "serving/", "loadtest/", "tests/")) for n in names)  # no bare top-level modules
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    # COCO RLE masks: the SDK decodes them, the server encodes them (the serve extra gets it through braintumor[client]).
+    # COCO RLE masks: the SDK decodes them, the server encodes them (the serve extra gets it through braintumor[dicom],
+    # the SDK's DICOM results, which the server answers with dicom=true, and which brings braintumor[client]).
     assert 'Requires-Dist: pycocotools>=2.0.8; extra == "client"' in metadata
-    assert 'Requires-Dist: braintumor[client]; extra == "serve"' in metadata
+    assert 'Requires-Dist: braintumor[dicom]; extra == "serve"' in metadata
+    assert 'Requires-Dist: braintumor[client]; extra == "dicom"' in metadata
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
                    check=True)
