@@ -50,6 +50,36 @@ def tiny_repository(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_ood_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
+    """(checkpoint, data): a 1-epoch test_resnet on 6 synthetic slices per class with its OOD score fitted, so its full
+    graph has ood_score as the release model's; trained once for test_export.py and the embedded Triton e2e tests.
+    Read-only: a test that changes the checkpoint copies it first."""
+    pytest.importorskip("torch", reason="building the tiny model needs the train extra")
+    from braintumor.train.config import resolve_config
+    from braintumor.train.ood import fit_ood_checkpoint
+    from braintumor.train.run import run_training
+    from braintumor.train.synthetic import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("tiny_ood_run")
+    data = make_synthetic_dataset(root / "data", n_per_class=6, size=(40, 36))
+    cfg = resolve_config(None, {**TINY_TRAIN, "data.cache_dir": str(root / "cache")})
+    checkpoint = run_training(cfg, data, root / "run")
+    fit_ood_checkpoint(checkpoint, data, progress=False)
+    return checkpoint, data
+
+
+@pytest.fixture(scope="session")
+def tiny_ood_repository(tiny_ood_checkpoint, tmp_path_factory):
+    """(repository, published): :func:`tiny_ood_checkpoint` exported (version 1, python backend, parity on 6 of its
+    slices). Read-only: a test that breaks or adds a version works on a copy."""
+    from braintumor.export.repository import ExportOptions, export_repository
+
+    checkpoint, data = tiny_ood_checkpoint
+    out = tmp_path_factory.mktemp("tiny_ood_repo")
+    return out, export_repository(checkpoint, out, ExportOptions(parity_data=data, parity_count=6))
+
+
+@pytest.fixture(scope="session")
 def tiny_triton(tiny_repository):
     """A running embedded Triton serving :func:`tiny_repository` on free ports (stopped at session end)."""
     pytest.importorskip("pytriton", reason="the embedded Triton needs the nvidia-pytriton wheel")

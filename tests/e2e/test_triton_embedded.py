@@ -23,9 +23,7 @@ from braintumor.serving.triton_embedded import EmbeddedTriton, TritonServerError
 
 pytestmark = pytest.mark.e2e
 
-SIZE = 32
-TINY = {"model.encoder": "test_resnet", "data.image_size": SIZE, "optim.batch_size": 8, "optim.epochs": 1,
-        "runtime.progress": False}
+SIZE = 32  # the image size of the session's tiny model (tests/conftest.py TINY_SIZE, tiny_ood_repository)
 # Triton moves the same float32 bytes ORT produced; only batching could change the arithmetic.
 ATOL, RTOL = 1e-5, 1e-5
 
@@ -54,20 +52,10 @@ def _wait_gone(text: str, timeout: float = 10.0) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repository(tmp_path_factory):
-    from braintumor.export.repository import ExportOptions, export_repository
-    from braintumor.train.config import resolve_config
-    from braintumor.train.ood import fit_ood_checkpoint
-    from braintumor.train.run import run_training
-    from braintumor.train.synthetic import make_synthetic_dataset
-
-    root = tmp_path_factory.mktemp("triton_e2e")
-    data = make_synthetic_dataset(root / "data", n_per_class=6, size=(40, 36))
-    cfg = resolve_config(None, {**TINY, "data.cache_dir": str(root / "cache")})
-    checkpoint = run_training(cfg, data, root / "run")
-    fit_ood_checkpoint(checkpoint, data, progress=False)  # Triton serves ood_score (B, 1) like the release model
-    export_repository(checkpoint, root / "repo", ExportOptions(parity_data=data, parity_count=4))
-    return root / "repo"
+def repository(tiny_ood_repository):
+    """The session's tiny model with a fitted OOD score, exported (tests/conftest.py; test_export.py checks the same
+    export): Triton serves ood_score (B, 1) like the release model."""
+    return tiny_ood_repository[0]
 
 
 def _inference_count(triton: EmbeddedTriton, model: str) -> float:

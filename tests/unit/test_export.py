@@ -34,33 +34,20 @@ from braintumor.export.wrappers import build_graphs
 from braintumor.train.preprocess import PreprocessConfig
 from braintumor.train.ood import mahalanobis
 
-SIZE = 32
-TINY = {"model.encoder": "test_resnet", "data.image_size": SIZE, "optim.batch_size": 8, "optim.epochs": 1,
-        "runtime.progress": False}
+SIZE = 32  # the image size of the session's tiny model (tests/conftest.py TINY_SIZE, tiny_ood_checkpoint)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from braintumor.train.config import resolve_config
-    from braintumor.train.run import run_training
-    from braintumor.train.synthetic import make_synthetic_dataset
-
-    from braintumor.train.ood import fit_ood_checkpoint
-
-    root = tmp_path_factory.mktemp("export_run")
-    data = make_synthetic_dataset(root / "data", n_per_class=6, size=(40, 36))
-    cfg = resolve_config(None, {**TINY, "data.cache_dir": str(root / "cache")})
-    ckpt = run_training(cfg, data, root / "run")
-    fit_ood_checkpoint(ckpt, data, progress=False)  # the full graph gets ood_score, as the release model's
-    return ckpt, data
+def checkpoint(tiny_ood_checkpoint):
+    """(checkpoint, data): the session's tiny model with a fitted OOD score (tests/conftest.py), shared with the
+    embedded Triton e2e tests; the full graph gets ood_score, as the release model's."""
+    return tiny_ood_checkpoint
 
 
 @pytest.fixture(scope="module")
-def repository(checkpoint, tmp_path_factory):
-    ckpt, data = checkpoint
-    out = tmp_path_factory.mktemp("repo")
-    published = export_repository(ckpt, out, ExportOptions(parity_data=data, parity_count=6))
-    return out, published
+def repository(tiny_ood_repository):
+    """(out, published): the session's export of :func:`checkpoint` (parity on 6 slices)."""
+    return tiny_ood_repository
 
 
 def test_export_writes_both_models_with_parity(repository, checkpoint):
