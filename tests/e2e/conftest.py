@@ -74,16 +74,23 @@ def start_serve(*extra: str, env: dict | None = None, timeout: float = 240) -> S
 
 @pytest.fixture(scope="session")
 def served(tiny_repository):
-    """One `braintumor serve` on the tiny model with its own Triton ports, shared by SDK/score/loadtest e2e tests."""
+    """One `braintumor serve` on the tiny model with its own Triton ports, shared by the serve, SDK, score and loadtest
+    e2e tests. At the end it must stop on SIGTERM with exit code 0 and leave no process behind (an error at the
+    teardown of the last test that used it)."""
     from braintumor.serving.triton_embedded import free_port
 
     instance = start_serve("--model-repository", str(tiny_repository),
                            "--triton-http-port", str(free_port()), "--triton-grpc-port", str(free_port()),
                            "--triton-metrics-port", str(free_port()))
+    tree = ProcessTree()
     try:
         yield instance
     finally:
-        instance.stop()
+        children = tree.descendants(instance.proc.pid)
+        code = instance.stop()
+    assert code == 0, "".join(instance.lines[-40:])
+    # the SIGKILL of the group in stop() does not reach the children: each runs in its own process group
+    assert not tree.alive(children), "processes outlived `braintumor serve`"
 
 
 @pytest.fixture
