@@ -22,7 +22,8 @@ pytest.importorskip("highdicom")
 pytest.importorskip("dicomweb_client")
 httpx = pytest.importorskip("httpx")
 
-pytestmark = [pytest.mark.e2e, pytest.mark.integration, pytest.mark.slow]
+# In the default suite: ~20 s of its own (3 pacs runs, Orthanc's start), the served model is the e2e session's.
+pytestmark = [pytest.mark.e2e, pytest.mark.integration]
 
 ORTHANC = shutil.which("Orthanc")
 DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
