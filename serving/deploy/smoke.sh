@@ -118,7 +118,9 @@ prepare_base() {
         ok "base $BASE_IMAGE present${kind:+ (stand-in: $kind)}"
         return 0
     fi
+    local t_pull; t_pull=$(now)
     if timeout 90 "$ENGINE" pull -q "$BASE_IMAGE" >/dev/null 2>&1; then ok "base $BASE_IMAGE pulled"; return 0; fi
+    say "     (no pull of $BASE_IMAGE after $(since "$t_pull") s: no registry)"
     if [ "$ENGINE" != podman ] || ! command -v debootstrap >/dev/null || [ "$(id -u)" != 0 ]; then
         fail "base $BASE_IMAGE cannot be pulled, and a stand-in needs podman, debootstrap and root"; exit 1
     fi
@@ -143,7 +145,7 @@ prepare_base() {
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' --change 'CMD ["python3"]' \
         --change 'LABEL org.braintumor.stand-in="debootstrap bookworm, Debian python3.11"' \
-        - "$BASE_IMAGE" >/dev/null || { fail "base stand-in: podman import failed"; exit 1; }
+        - "$BASE_IMAGE" >/dev/null 2>"$WORK/import.log" || { fail "base stand-in: $(tail -1 "$WORK/import.log")"; exit 1; }
     rm -rf "$rootfs"
     ok "base stand-in $BASE_IMAGE built from Debian bookworm in $(since "$t0") s ($(mb "$(image_size "$BASE_IMAGE")"))"
 }
