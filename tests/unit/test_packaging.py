@@ -18,6 +18,9 @@ def test_wheel_installs_layers_under_braintumor(tmp_path):
         assert f"braintumor/{module}" in names, module
     assert not any(n.startswith(("train/", "serving/", "loadtest/", "tests/")) for n in names)  # no bare top-level modules
     metadata = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    # loadtest reaches the `braintumor` command as a plugin (serving/cli.py never names it)
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "[braintumor.commands]\nloadtest = braintumor.loadtest.commands" in entry_points
     # COCO RLE masks: the SDK decodes them, the server encodes them (the serve extra gets it through braintumor[dicom],
     # the SDK's DICOM results, which the server answers with dicom=true, and which brings braintumor[client]).
     assert 'Requires-Dist: pycocotools>=2.0.8; extra == "client"' in metadata
