@@ -67,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "segmentation_task/<split>): after scoring, print accuracy, per-class recall, the "
                         "confusion matrix and mean Dice over the slices with a ground-truth mask, computed from "
                         "--out and the predicted masks (so it also covers resumed runs), and write OUT.eval.json. "
-                        "Needs the masks: without --masks they go to OUT.masks/")
+                        "Needs the masks: without --masks they go to OUT.masks/. Score slices the model was not "
+                        "trained on: the bundled model learnt from the train split, so use the test split")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_score)
