@@ -94,7 +94,7 @@ def test_seg_sr_and_overlay_of_one_analysis(tmp_path, dciodvfy):
     assert {seg.SOPInstanceUID, source.SOPInstanceUID} <= referenced
     # the overlay: labelled as an explanation in its pixels' owner attributes
     assert "not a finding" in overlay.SeriesDescription and "NOT A FINDING" in overlay.ImageComments
-    assert overlay.pixel_array.shape == (96, 80, 3)
+    assert overlay.pixel_array.shape == (96, 80, 3) and overlay.LossyImageCompression == "01"
     assert overlay.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
     # patient and study are copied from the source into every object (that is how a PACS files them)
     for ds in results.datasets():
