@@ -71,7 +71,7 @@ def test_loadtest_reports_failures(served, images, tmp_path):
         "        self.client.get('/no/such/route', name='missing')\n")
     out = tmp_path / "load"
     done = loadtest("--target", "http", "--url", served.http_url, "--users", "1", "--duration", "3s",
-                    "--locustfile", str(locustfile), "--out", str(out), timeout=90)
+                    "--images", str(images), "--locustfile", str(locustfile), "--out", str(out), timeout=90)
     assert done.returncode == 1
     summary = json.loads((out / "summary.json").read_text())
     assert not summary["ok"] and "requests failed" in summary["problems"][0]
