@@ -44,6 +44,7 @@ ADMIN_HEADER = "braintumor-admin-key"
 # with the instance's client key, which only our front doors get (through their environment, never argv); health
 # stays open for readiness probes. Another local process without the key is refused.
 CLIENT_APIS = ("inference", "model-config", "metadata")
+STUB_DEAD_S = 2.0  # a python stub dead and unreaped this long during start-up ends the start (not a passing exit)
 STARTUP_REPORT_S = 15.0  # while Triton loads the models, say so this often (a start is never silent for minutes)
 
 
@@ -195,6 +196,7 @@ class EmbeddedTriton:
         url = f"http://{self.http_url}/v2/health/ready"
         start = time.monotonic()
         deadline, report = start + self.startup_timeout, start + STARTUP_REPORT_S
+        dead_since: dict[int, float] = {}  # pid -> when a stub was first seen dead and unreaped
         while True:
             code = self._process.poll()
             if code is not None:
@@ -204,14 +206,17 @@ class EmbeddedTriton:
                                        f"last log lines:\n{self.log_tail()}")
             if http_ready(url, timeout=1.0):
                 return
-            dead = dead_children(self._process.pid)
+            # A python stub that dies at start (a missing libpython, a crash in the backend) leaves Triton waiting
+            # for it for minutes without a word. Only a stub that stays dead and unreaped counts: any child Triton
+            # reaps within STUB_DEAD_S (a helper it ran and collected) is its own business.
+            now = time.monotonic()
+            dead_since = {pid: dead_since.get(pid, now) for pid, comm in dead_children(self._process.pid)
+                          if comm.startswith(STUB_NAME[:15])}  # /proc's command name is cut at 15 characters
+            dead = sorted(pid for pid, since in dead_since.items() if now - since >= STUB_DEAD_S)
             if dead:
-                # A python stub that dies at start (a missing libpython, a crash in the backend) leaves Triton
-                # waiting for it for minutes without a word; its own error is in the log by now.
-                time.sleep(0.5)  # let its last lines in
-                names = ", ".join(f"{comm} (pid {pid})" for pid, comm in dead)
-                raise TritonServerError(f"a process tritonserver started died while the models were loading: "
-                                       f"{names}; last log lines:\n{self.log_tail()}")
+                raise TritonServerError(f"a python backend stub tritonserver started died while the models were "
+                                       f"loading (pid {', '.join(map(str, dead))}); last log lines:\n"
+                                       f"{self.log_tail()}")
             if self._abort.is_set():
                 raise KeyboardInterrupt("stopped while tritonserver was starting")
             now = time.monotonic()
