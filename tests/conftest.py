@@ -32,6 +32,20 @@ TINY_TRAIN = {"model.encoder": "test_resnet", "data.image_size": TINY_SIZE, "opt
               "runtime.progress": False}
 
 
+@contextmanager
+def _session_random_kept():
+    """Training seeds Python's global ``random`` (runtime.seed 0); without this, every session that trains the tiny
+    model draws the same "random" free ports afterwards (free_port samples with the global generator), and two
+    sessions on one host collide on them ("Could not bind 127.0.0.1:30167", seen twice)."""
+    import random
+
+    state = random.getstate()
+    try:
+        yield
+    finally:
+        random.setstate(state)
+
+
 @pytest.fixture(scope="session")
 def tiny_repository(tmp_path_factory) -> Path:
     """A Triton model repository (version 1, python backend) exported from a 1-epoch test_resnet on synthetic data."""
@@ -44,7 +58,8 @@ def tiny_repository(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_model")
     data = make_synthetic_dataset(root / "data", n_per_class=4, size=(40, 36))
     cfg = resolve_config(None, {**TINY_TRAIN, "data.cache_dir": str(root / "cache")})
-    checkpoint = run_training(cfg, data, root / "run")
+    with _session_random_kept():
+        checkpoint = run_training(cfg, data, root / "run")
     export_repository(checkpoint, root / "repo", ExportOptions(parity_data=data, parity_count=4))
     return root / "repo"
 
@@ -63,8 +78,9 @@ def tiny_ood_checkpoint(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("tiny_ood_run")
     data = make_synthetic_dataset(root / "data", n_per_class=6, size=(40, 36))
     cfg = resolve_config(None, {**TINY_TRAIN, "data.cache_dir": str(root / "cache")})
-    checkpoint = run_training(cfg, data, root / "run")
-    fit_ood_checkpoint(checkpoint, data, progress=False)
+    with _session_random_kept():
+        checkpoint = run_training(cfg, data, root / "run")
+        fit_ood_checkpoint(checkpoint, data, progress=False)
     return checkpoint, data
 
 
