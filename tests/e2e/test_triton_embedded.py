@@ -52,10 +52,15 @@ def _wait_gone(text: str, timeout: float = 10.0) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repository(tiny_ood_repository):
-    """The session's tiny model with a fitted OOD score, exported (tests/conftest.py; test_export.py checks the same
-    export): Triton serves ood_score (B, 1) like the release model."""
-    return tiny_ood_repository[0]
+def repository(tiny_ood_repository, tmp_path_factory):
+    """A copy of the session's tiny model with a fitted OOD score, exported (tests/conftest.py; test_export.py checks
+    that export as written): Triton serves ood_score (B, 1) like the release model. A copy, because Triton's python
+    backend writes __pycache__ into the version folders it loads."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("triton_e2e") / "repo"
+    shutil.copytree(tiny_ood_repository[0], copy)
+    return copy
 
 
 def _inference_count(triton: EmbeddedTriton, model: str) -> float:
