@@ -30,6 +30,11 @@ def check_ports(ports: Mapping[str, int], host: str = "0.0.0.0") -> None:
                                  f"choose another with --{name}-port") from None
 
 
+# The draw has its own generator: code that seeds the global one (training does) must not make every process on the
+# host draw the same ports (two test sessions collided on the same "random" port after training).
+_PORTS = random.SystemRandom()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port free now, for tests and benchmarks, drawn BELOW the kernel's ephemeral range when it can be.
 
@@ -38,7 +43,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     (seen as "Address already in use" in the e2e suite). Ports under the range are never handed out that way.
     """
     low = _ephemeral_low()
-    for port in random.sample(range(20000, low), min(64, max(0, low - 20000))):
+    for port in _PORTS.sample(range(20000, low), min(64, max(0, low - 20000))):
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
                 sock.bind((host, port))

@@ -44,7 +44,9 @@ ADMIN_HEADER = "braintumor-admin-key"
 # with the instance's client key, which only our front doors get (through their environment, never argv); health
 # stays open for readiness probes. Another local process without the key is refused.
 CLIENT_APIS = ("inference", "model-config", "metadata")
-STUB_DEAD_S = 2.0  # a python stub dead and unreaped this long during start-up ends the start (not a passing exit)
+# A python stub dead and unreaped this long during start-up ends the start: not a passing exit, and long enough for a
+# tritonserver that stops by itself (a model that fails to load, --exit-on-error) to report its own reason first.
+STUB_DEAD_S = 5.0
 STARTUP_REPORT_S = 15.0  # while Triton loads the models, say so this often (a start is never silent for minutes)
 
 

@@ -410,3 +410,17 @@ def test_free_port_is_below_the_ephemeral_range_and_bindable():
     assert all(20000 <= p < _ephemeral_low() for p in ports) and len(ports) > 1
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", ports.pop()))
+
+
+def test_free_port_does_not_follow_the_global_random_seed():
+    """Training seeds Python's global generator; two processes that both trained drew the same 'free' port and their
+    servers collided. The draw has its own generator."""
+    import random
+
+    from braintumor.serving.triton_checks import free_port
+
+    draws = []
+    for _ in range(4):
+        random.seed(0)
+        draws.append(free_port())
+    assert len(set(draws)) > 1, draws
