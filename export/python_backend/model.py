@@ -8,6 +8,7 @@ neither torch nor braintumor: numpy, onnxruntime and the standard library only. 
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,11 +18,32 @@ import triton_python_backend_utils as pb_utils
 ONNX_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 # ONNX Runtime's CPU arena keeps the memory of the largest batch it ever ran, for good: a flood of batch-32 requests
-# took one stub from 145 to 840 MB, where it stayed. After a batch larger than this, the arena gives back what it does
-# not use (memory.enable_memory_arena_shrinkage); smaller batches, the usual load, keep it warm. The same rule runs
-# in serving/local_model.py (tests/unit/test_memory_bounds.py checks the two agree).
+# took one stub from 145 to 840 MB, where it stayed. ArenaShrink gives it back once the flood is over. The same class
+# is in serving/local_model.py (tests/unit/test_memory_bounds.py checks the two are equal).
 ARENA_KEEP_BATCH = 8
+SHRINK_AFTER_S = 1.0
 SHRINK_ARENA = ("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+class ArenaShrink:
+    """When ONNX Runtime's CPU arena gives memory back. It keeps the memory of the largest batch it ran, for good; a
+    shrink after every large batch cost ~4 ms of CPU per image at batch 32 (measured), so none happens while large
+    batches keep coming. The first batch of at most ARENA_KEEP_BATCH images once none larger has run for
+    SHRINK_AFTER_S runs with ``options`` (RunOptions with SHRINK_ARENA): after a flood, the next ordinary request
+    gives the flood's memory back."""
+
+    def __init__(self, options):
+        self.options = options
+        self.grown_at = None  # when the last batch larger than ARENA_KEEP_BATCH ran; None: nothing to give back
+
+    def run_options(self, batch, now):
+        if batch > ARENA_KEEP_BATCH:
+            self.grown_at = now
+            return None
+        if self.grown_at is not None and now - self.grown_at >= SHRINK_AFTER_S:
+            self.grown_at = None
+            return self.options
+        return None
 
 
 def verify_manifest(folder):
@@ -89,8 +111,9 @@ class TritonPythonModel:
                 self.logger.log_warn(f"{self.name}: KIND_GPU requested but this onnxruntime has no CUDA provider; "
                                      "running on CPU")
         self.session = ort.InferenceSession(str(version_dir / ONNX_FILE), options, providers=providers)
-        self.shrink = ort.RunOptions()
-        self.shrink.add_run_config_entry(*SHRINK_ARENA)
+        shrink = ort.RunOptions()
+        shrink.add_run_config_entry(*SHRINK_ARENA)
+        self.arena = ArenaShrink(shrink)
         self.input_name = config["input"][0]["name"]
         self.output_names = [o["name"] for o in config["output"]]
         graph_outputs = {o.name for o in self.session.get_outputs()}
@@ -107,7 +130,7 @@ class TritonPythonModel:
         try:
             batch = arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
             outputs = self.session.run(self.output_names, {self.input_name: batch},
-                                       self.shrink if len(batch) > ARENA_KEEP_BATCH else None)
+                                       self.arena.run_options(len(batch), time.monotonic()))
         except Exception as exc:  # ORT raises its own exception types; fail these requests, keep the model up
             message = f"{self.name}: inference failed: {exc}"
             self.logger.log_error(message)

@@ -1,5 +1,5 @@
-"""The ONNX Runtime arena rule exists twice (the python backend cannot import our package): the copies agree, and
-the in-process backend asks for a shrink exactly after batches above the bound."""
+"""ONNX Runtime's arena rule exists twice (the python backend cannot import our package): the two copies of
+ArenaShrink are the same code with the same constants, and the rule shrinks once, after a flood, not during one."""
 
 import ast
 from pathlib import Path
@@ -11,26 +11,38 @@ from braintumor.export.repository import PYTHON_BACKEND_MODEL
 ort = pytest.importorskip("onnxruntime")
 
 from braintumor.serving import local_model  # noqa: E402
+from braintumor.serving.local_model import ARENA_KEEP_BATCH, SHRINK_AFTER_S, ArenaShrink  # noqa: E402
+
+NAMES = ("ARENA_KEEP_BATCH", "SHRINK_AFTER_S", "SHRINK_ARENA")
 
 
-def _constants(path: Path) -> dict:
-    tree = ast.parse(path.read_text())
-    return {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
-            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
-            and node.targets[0].id in ("ARENA_KEEP_BATCH", "SHRINK_ARENA")}
+def _rule(path: Path) -> tuple[dict, str]:
+    source = path.read_text()
+    tree = ast.parse(source)
+    constants = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+                 if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+                 and node.targets[0].id in NAMES}
+    cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "ArenaShrink")
+    return constants, ast.get_source_segment(source, cls)
 
 
 def test_the_python_backend_and_the_local_model_share_the_arena_rule():
-    assert _constants(PYTHON_BACKEND_MODEL) == {"ARENA_KEEP_BATCH": local_model.ARENA_KEEP_BATCH,
-                                                "SHRINK_ARENA": local_model.SHRINK_ARENA}
+    assert _rule(PYTHON_BACKEND_MODEL) == _rule(Path(local_model.__file__))
 
 
-@pytest.mark.parametrize("batch, shrinks", [(1, False), (local_model.ARENA_KEEP_BATCH, False),
-                                            (local_model.ARENA_KEEP_BATCH + 1, True), (32, True)])
-def test_run_options_shrink_only_after_large_batches(batch, shrinks):
-    options = local_model.run_options(batch)
-    if not shrinks:
-        assert options is None
-    else:
-        key, value = local_model.SHRINK_ARENA
-        assert options.get_run_config_entry(key) == value
+def test_no_shrink_while_large_batches_keep_coming_then_one_after_the_flood():
+    options = object()
+    arena = ArenaShrink(options)
+    assert arena.run_options(1, now=0.0) is None  # nothing grown, nothing to give back
+    assert arena.run_options(32, now=1.0) is None  # a large batch grows the arena; no shrink during a flood
+    assert arena.run_options(3, now=1.2) is None  # a small batch in the middle of the flood: still none
+    assert arena.run_options(32, now=1.5) is None
+    after = 1.5 + SHRINK_AFTER_S
+    assert arena.run_options(ARENA_KEEP_BATCH, now=after) is options  # the first ordinary batch after it: shrink
+    assert arena.run_options(1, now=after + 5) is None  # once
+    assert arena.run_options(ARENA_KEEP_BATCH + 1, now=after + 6) is None and arena.grown_at == after + 6
+
+
+def test_the_local_models_rule_carries_the_shrink_option():
+    key, value = local_model.SHRINK_ARENA
+    assert local_model.arena_shrink().options.get_run_config_entry(key) == value
