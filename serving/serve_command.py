@@ -50,7 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
         for line in ("!" * 100, exposed, "!" * 100):  # one record a line: log records are one line each
             log.warning("%s", line)
     own_ports = {"gateway HTTP": args.http_port, "gRPC API": args.grpc_port, "gRPC metrics": args.grpc_metrics_port}
-    check_ports(own_ports, args.host)
+    check_ports(own_ports, args.host, options={"gateway HTTP": "--http-port", "gRPC API": "--grpc-port",
+                                               "gRPC metrics": "--grpc-metrics-port"})
 
     subreaper = sys.platform.startswith("linux") and become_subreaper()
     stop_signals: list[int] = []
@@ -92,7 +93,7 @@ def _serve(args: argparse.Namespace) -> int:
             triton = EmbeddedTriton(args.model_repository, args.triton_http_port, args.triton_grpc_port,
                                     args.triton_metrics_port, address=TRITON_ADDRESS,
                                     startup_timeout=args.startup_timeout, layout=args.layout,
-                                    echo=sys.stderr if args.verbose else None,
+                                    echo=sys.stderr if args.verbose else None, option_prefix="triton-",
                                     client_key=settings.triton_client_key() or None)
             triton.start()
             # the front doors get the key Triton's inference and model config need through their environment

@@ -12,14 +12,16 @@ from typing import Mapping
 from ..export.contract import CONFIG_FILE, CONFIGS_DIR, LAYOUTS
 
 
-def check_ports(ports: Mapping[str, int], host: str = "0.0.0.0") -> None:
-    """Fail early, naming the option to change, when a port is taken or two services share one."""
+def check_ports(ports: Mapping[str, int], host: str = "0.0.0.0", options: Mapping[str, str] | None = None) -> None:
+    """Fail early, naming the option to change, when a port is taken or two services share one. ``options``: each
+    name's command-line option (default ``--<name>-port``)."""
+    flag = {name: (options or {}).get(name, f"--{name}-port") for name in ports}
     seen: dict[int, str] = {}
     for name, port in ports.items():
         if not 1 <= int(port) <= 65535:
-            raise ValueError(f"--{name}-port {port} is not a TCP port (1-65535)")
+            raise ValueError(f"{flag[name]} {port} is not a TCP port (1-65535)")
         if port in seen:
-            raise ValueError(f"--{name}-port and --{seen[port]}-port are both {port}; give each service its own port")
+            raise ValueError(f"{flag[name]} and {flag[seen[port]]} are both {port}; give each service its own port")
         seen[port] = name
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -27,7 +29,7 @@ def check_ports(ports: Mapping[str, int], host: str = "0.0.0.0") -> None:
                 sock.bind((host, port))
             except OSError as exc:
                 raise ValueError(f"{name} port {port} is already in use ({exc.strerror}); stop what holds it or "
-                                 f"choose another with --{name}-port") from None
+                                 f"choose another with {flag[name]}") from None
 
 
 # The draw has its own generator: code that seeds the global one (training does) must not make every process on the

@@ -62,7 +62,7 @@ class EmbeddedTriton:
                  log_verbose: int = 0, startup_timeout: float = 120.0, exit_timeout: int = 5,
                  echo: IO[str] | None = None, cache_dir: Path | None = None,
                  extra_args: Sequence[str] = (), restrict_admin: bool = True, layout: str = "latency",
-                 client_key: str | None = None, restrict_clients: bool = True) -> None:
+                 client_key: str | None = None, restrict_clients: bool = True, option_prefix: str = "") -> None:
         """``address``: Triton authenticates nobody, so the default is loopback. ``restrict_admin``: lock
         :data:`ADMIN_APIS` behind a per-start random key nobody is given.
         ``load_models``: only these (``--model-control-mode explicit``); default all in the repository.
@@ -73,6 +73,7 @@ class EmbeddedTriton:
         (:data:`CLIENT_APIS`); default a random one made once per instance (a restart keeps it, so the front doors'
         copy stays valid), read back as :attr:`client_key`. ``restrict_clients=False`` leaves them open (tests of an
         open Triton only).
+        ``option_prefix``: how the caller's command line names the ports, for errors (``--<prefix>http-port``).
         ``layout``: ``latency`` (config.pbtxt) or ``throughput`` (each model's configs/throughput.pbtxt, Triton's
         ``--model-config-name``; see export/triton_config.layout_options)."""
         self.model_repository = Path(model_repository)
@@ -86,6 +87,7 @@ class EmbeddedTriton:
         self.cache_dir = cache_dir
         self.extra_args = list(extra_args)
         self.restrict_admin = bool(restrict_admin)
+        self.option_prefix = option_prefix
         self.client_key = (client_key or secrets.token_urlsafe(32)) if restrict_clients else None
         # The python backend's shared-memory regions (/dev/shm) carry this instance's own prefix, so whatever a
         # killed server left there can be told from other servers' and removed before a restart (cleanup_shm).
@@ -160,7 +162,8 @@ class EmbeddedTriton:
             return self
         repository = check_repository(self.model_repository)
         check_layout(repository, self.layout)
-        check_ports(self.ports, self.address)
+        check_ports(self.ports, self.address,
+                    options={name: f"--{self.option_prefix}{name}-port" for name in self.ports})
         check_numpy()
         install = find_triton()
         backend_dir = assemble_backend_dir(install, self.cache_dir)

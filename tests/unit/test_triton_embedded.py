@@ -424,3 +424,26 @@ def test_free_port_does_not_follow_the_global_random_seed():
         random.seed(0)
         draws.append(free_port())
     assert len(set(draws)) > 1, draws
+
+
+def test_a_taken_port_is_named_by_the_callers_option(tmp_path):
+    """`serve` names its own ports --http-port / --grpc-metrics-port and Triton's --triton-http-port (a taken port was
+    reported as '--gRPC metrics-port')."""
+    import subprocess
+
+    repo = tmp_path / "repo" / "m"
+    repo.mkdir(parents=True)
+    (repo / "config.pbtxt").write_text('name: "m"')
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = str(held.getsockname()[1])
+        free = [str(te.free_port()) for _ in range(6)]
+        for flag, index in (("--grpc-metrics-port", 2), ("--triton-http-port", 3)):
+            ports = dict(zip(["--http-port", "--grpc-port", "--grpc-metrics-port", "--triton-http-port",
+                              "--triton-grpc-port", "--triton-metrics-port"], free))
+            ports[flag] = port
+            done = subprocess.run([sys.executable, "-m", "braintumor.serving.cli", "serve", "--model-repository",
+                                   str(tmp_path / "repo"), *[x for kv in ports.items() for x in kv]],
+                                  capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0 and f"choose another with {flag}" in done.stderr, (flag, done.stderr[-500:])
