@@ -251,18 +251,15 @@ def dciodvfy():
     return errors
 
 
-# -- both front doors on the tiny model, shared by the corpus tests ---------------------------------------------------
-@pytest.fixture(scope="session")
-def front_doors(tiny_triton, tmp_path_factory):
-    """{"grpc": HOST:PORT, "http": URL}: the gRPC API (in this process, its own thread and loop) and the HTTP gateway
-    (`bentoml serve`) in front of :func:`tiny_triton`, with default settings; stopped at session end."""
+# -- the gRPC API in this process, and both front doors on the tiny model ---------------------------------------------
+@contextmanager
+def _grpc_in_thread(settings):
+    """`serve_grpc` with ``settings`` in a thread with its own event loop (as `braintumor grpc-server` runs it), on a
+    free loopback port; yields its HOST:PORT and stops it on exit."""
     import asyncio
     import threading
 
-    pytest.importorskip("tritonclient.grpc.aio")
-    pytest.importorskip("bentoml")
     from braintumor.serving.grpc_server import serve_grpc
-    from braintumor.serving.settings import ServeSettings
     from braintumor.serving.triton_embedded import free_port
 
     port, ready, state = free_port(), threading.Event(), {}
@@ -270,7 +267,6 @@ def front_doors(tiny_triton, tmp_path_factory):
     def run():
         async def main():
             state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
-            settings = ServeSettings(triton_url=tiny_triton.grpc_url, triton_key=tiny_triton.client_key)
             await serve_grpc(settings, port, host="127.0.0.1", metrics_port=None, ready_event=ready,
                              stop_event=state["stop"], grace=1.0)
 
@@ -284,8 +280,27 @@ def front_doors(tiny_triton, tmp_path_factory):
     thread.start()
     assert ready.wait(30) and "error" not in state, f"gRPC server did not start: {state.get('error')!r}"
     try:
-        with _running_gateway(tmp_path_factory.mktemp("front_doors_gateway"), tiny_triton) as gateway:
-            yield {"grpc": f"127.0.0.1:{port}", "http": gateway.url}
+        yield f"127.0.0.1:{port}"
     finally:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(30)
+
+
+@pytest.fixture(scope="session")
+def grpc_in_thread():
+    """``grpc_in_thread(settings)``: a context manager yielding the HOST:PORT of an in-process gRPC API."""
+    return _grpc_in_thread
+
+
+@pytest.fixture(scope="session")
+def front_doors(tiny_triton, tmp_path_factory):
+    """{"grpc": HOST:PORT, "http": URL}: the gRPC API (in this process, its own thread and loop) and the HTTP gateway
+    (`bentoml serve`) in front of :func:`tiny_triton`, with default settings; stopped at session end."""
+    pytest.importorskip("tritonclient.grpc.aio")
+    pytest.importorskip("bentoml")
+    from braintumor.serving.settings import ServeSettings
+
+    settings = ServeSettings(triton_url=tiny_triton.grpc_url, triton_key=tiny_triton.client_key)
+    with _grpc_in_thread(settings) as target:
+        with _running_gateway(tmp_path_factory.mktemp("front_doors_gateway"), tiny_triton) as gateway:
+            yield {"grpc": target, "http": gateway.url}

@@ -5,10 +5,8 @@ study copied into them and into nothing else (not the gateway's log, not this pr
 
 from __future__ import annotations
 
-import asyncio
 import io
 import logging
-import threading
 
 import numpy as np
 import pytest
@@ -29,35 +27,12 @@ PATIENT = {"PatientName": "Doe^Janet", "PatientID": "PID-55511", "PatientBirthDa
 
 
 @pytest.fixture(scope="module")
-def doors(tiny_triton, tmp_path_factory, running_gateway):
-    from braintumor.serving.grpc_server import serve_grpc
+def doors(tiny_triton, tmp_path_factory, running_gateway, grpc_in_thread):
     from braintumor.serving.settings import ServeSettings
-    from braintumor.serving.triton_embedded import free_port
 
-    port, ready, state = free_port(), threading.Event(), {}
-
-    def run():
-        async def main():
-            state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
-            await serve_grpc(ServeSettings(triton_url=tiny_triton.grpc_url, triton_key=tiny_triton.client_key),
-                             port, host="127.0.0.1", metrics_port=None, ready_event=ready, stop_event=state["stop"],
-                             grace=1.0)
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            state["error"] = exc
-            ready.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(30) and "error" not in state, f"gRPC server did not start: {state.get('error')!r}"
-    try:
+    with grpc_in_thread(ServeSettings(triton_url=tiny_triton.grpc_url, triton_key=tiny_triton.client_key)) as target:
         with running_gateway(tmp_path_factory.mktemp("dicom_gateway"), tiny_triton) as gateway:
-            yield {"grpc": f"127.0.0.1:{port}", "http": gateway.url, "log": gateway.log}
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
+            yield {"grpc": target, "http": gateway.url, "log": gateway.log}
 
 
 def _slice() -> bytes:

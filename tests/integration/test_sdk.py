@@ -2,9 +2,7 @@
 the BentoML gateway as `bentoml serve`, both with an API key. Both protocols give the same answers; arrays, paths and
 bytes give the same answers; the key is sent; a wrong key is AuthenticationError, also for every image of a stream."""
 
-import asyncio
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -17,7 +15,6 @@ from PIL import Image  # noqa: E402
 
 from braintumor.clients import (AuthenticationError, BrainTumorClient, InvalidInputError,  # noqa: E402
                                 UnavailableError)
-from braintumor.serving.grpc_server import serve_grpc  # noqa: E402
 from braintumor.serving.settings import ServeSettings  # noqa: E402
 from braintumor.serving.triton_embedded import free_port  # noqa: E402
 
@@ -28,31 +25,11 @@ CLASSES = {"glioma", "meningioma", "pituitary", "no_tumor"}
 
 
 @pytest.fixture(scope="module")
-def grpc_target(tiny_triton):
+def grpc_target(tiny_triton, grpc_in_thread):
     """`serve_grpc` with an API key in a thread with its own event loop (as `braintumor grpc-server` runs it)."""
-    port, ready, state = free_port(), threading.Event(), {}
-
-    def run():
-        async def main():
-            state["loop"], state["stop"] = asyncio.get_running_loop(), asyncio.Event()
-            await serve_grpc(ServeSettings(triton_url=tiny_triton.grpc_url, triton_key=tiny_triton.client_key,
-                                           api_key=KEY), port, host="127.0.0.1",
-                             metrics_port=None, ready_event=ready, stop_event=state["stop"], grace=1.0)
-
-        try:
-            asyncio.run(main())
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            state["error"] = exc
-            ready.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert ready.wait(30) and "error" not in state, f"gRPC server did not start: {state.get('error')!r}"
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
+    settings = ServeSettings(triton_url=tiny_triton.grpc_url, triton_key=tiny_triton.client_key, api_key=KEY)
+    with grpc_in_thread(settings) as target:
+        yield target
 
 
 @pytest.fixture(scope="module")

@@ -313,8 +313,8 @@ def test_python_backend_batches_requests_like_onnxruntime(repository, monkeypatc
     module, pb = _load_backend_model(item.folder / "model.py", monkeypatch)
     model = module.TritonPythonModel()
     model.initialize(_backend_args(out, item))
-    assert _imported_modules(item.folder / "model.py") <= {"hashlib", "json", "os", "pathlib", "numpy", "onnxruntime",
-                                                           "triton_python_backend_utils"}
+    assert _imported_modules(item.folder / "model.py") <= {"hashlib", "json", "os", "pathlib", "time", "numpy",
+                                                           "onnxruntime", "triton_python_backend_utils"}
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, (n, 1, SIZE, SIZE), dtype=np.uint8) for n in (1, 3, 2)]
     responses = model.execute([{"image": pb.Tensor("image", a)} for a in arrays])
