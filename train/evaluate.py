@@ -85,19 +85,24 @@ def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarra
                      disagree_min_area: float | None = None, geometries: list[Geometry] | None = None,
                      ood_scores: np.ndarray | None = None, ood_threshold: float | None = None) -> dict:
     """Metrics (classification on all slices, segmentation on tumour slices at the model input and, with
-    ``preprocess``, at the original resolution; pointing game of Grad-CAM and of the mask peak; the refer policies;
+    ``preprocess``, at the original resolution; pointing game of the true class's Grad-CAM, of the served heatmap
+    (the predicted class's, ``pointing_game_heatmap``) and of the mask peak; the refer policies;
     with ``ood_scores`` and ``ood_threshold``, the share of slices the learned OOD check refers: on in-distribution
     slices, its false-refer rate) -> metrics.json and report.html."""
     out = Path(out)
     y_true = np.array([CLASSES.index(s.label) for s in samples])
     has_mask = np.array([s.has_mask for s in samples])
     metrics = classification_metrics(y_true, probs)
+    # the heatmap /analyze serves: the predicted class's map through the API's heatmap rule (train/heatmap.py)
+    heat = cams_for_classes(cams, probs.argmax(1), images.shape[-1])
     if has_mask.any():
         metrics.update(segmentation_metrics(masks[has_mask].astype(bool), mask_probs[has_mask]))
         tumour = masks[has_mask].astype(bool)
         cam_true = np.maximum(cams[np.flatnonzero(has_mask), y_true[has_mask]], 0)
         metrics["pointing_game_gradcam"] = _nanmean(pointing_game_hits(cam_true, tumour))
         metrics["pointing_game_mask_peak"] = _nanmean(pointing_game_hits(mask_probs[has_mask], tumour))
+        # what a radiologist is shown: its peak in the (dilated) tumour, whichever class the model decided
+        metrics["pointing_game_heatmap"] = _nanmean(pointing_game_hits(heat[has_mask], tumour))
         if preprocess is not None:
             original = original_resolution_segmentation(samples, mask_probs, preprocess, geometries=geometries)
             metrics["dice_original"] = _nanmean(original["dice_per_slice"])
@@ -121,7 +126,6 @@ def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarra
     out.mkdir(parents=True, exist_ok=True)
     metrics_out = {k: v for k, v in metrics.items() if not k.endswith("_per_slice")}
     (out / "metrics.json").write_text(json.dumps(to_jsonable(metrics_out), indent=2))
-    heat = cams_for_classes(cams, probs.argmax(1), images.shape[-1])
     write_report(out, metrics, y_true=y_true, probs=probs, classes=list(CLASSES), masks_true=masks,
                  mask_probs=mask_probs, images=images, cams=heat, keys=[s.key for s in samples])
     return metrics_out

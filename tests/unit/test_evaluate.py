@@ -40,3 +40,28 @@ def test_original_resolution_scores_are_identical_with_the_decoded_geometries(sy
     scored = evaluate.score_and_report(kept, images, masks, probs, mask_probs, cams, tmp_path / "once", {},
                                        preprocess=cfg, geometries=geometries)
     assert scored == again and "dice_original" in scored
+
+
+def test_pointing_game_heatmap_scores_the_served_heatmap_of_the_predicted_class(synthetic_root, tmp_path):
+    """pointing_game_heatmap is the served heatmap's (the PREDICTED class's map): a model whose true class's map points
+    at the tumour but that predicts another class, whose map points elsewhere, scores 1 on the Grad-CAM pointing game
+    and 0 on the heatmap's."""
+    samples = build_index(synthetic_root).samples
+    cfg = PreprocessConfig(image_size=32)
+    images, masks, kept, _, _ = decode_samples(samples, cfg, progress=False, geometries=True)
+    tumour = np.array([s.has_mask for s in kept])
+    y_true = np.array([CLASSES.index(s.label) for s in kept])
+    wrong = (y_true + 1) % len(CLASSES)
+    probs = np.full((len(kept), len(CLASSES)), 0.01, np.float32)
+    probs[np.arange(len(kept)), wrong] = 0.97
+    cams = np.zeros((len(kept), len(CLASSES), 32, 32), np.float32)
+    for i, mask in enumerate(masks):
+        if mask.any():
+            y, x = np.argwhere(mask)[len(np.argwhere(mask)) // 2]
+            cams[i, y_true[i], y, x] = 1.0  # the true class points into the tumour
+            far = np.unravel_index(np.argmax(np.abs(np.indices(mask.shape) - np.array([y, x])[:, None, None]).sum(0)),
+                                   mask.shape)
+            cams[i, wrong[i], far[0], far[1]] = 1.0  # the predicted class points at the farthest pixel
+    scored = evaluate.score_and_report(kept, images, masks, probs, masks.astype(np.float32), cams, tmp_path, {})
+    assert tumour.any()
+    assert scored["pointing_game_gradcam"] == 1.0 and scored["pointing_game_heatmap"] == 0.0
