@@ -1,5 +1,4 @@
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -8,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from braintumor.serving.supervisor import stop_group
 
 REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brisc2025"
 
@@ -192,14 +193,7 @@ def _running_gateway(home: Path, triton, ready: bool = True, **env: str):
             time.sleep(0.2)
         yield gateway
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        stop_group(proc, 15, "gateway")
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,7 @@ stores nothing, and no patient identifier appears in the service's log or metric
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from braintumor.serving.supervisor import stop_group
 
 pytest.importorskip("highdicom")
 pytest.importorskip("dicomweb_client")
@@ -68,14 +68,7 @@ def orthanc(tmp_path_factory):
             time.sleep(0.2)
         yield url
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        except ProcessLookupError:
-            pass
+        stop_group(proc, 20, "Orthanc")
         log.close()
 
 

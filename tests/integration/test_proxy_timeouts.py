@@ -5,13 +5,14 @@ stall, which never reach the gateway. Needs an nginx binary: on PATH or in NGINX
 import os
 import select
 import shutil
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+
+from braintumor.serving.supervisor import stop_group
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("bentoml")
@@ -67,8 +68,7 @@ def proxied(tmp_path_factory, running_gateway):
                 time.sleep(0.2)
             yield url, gateway
         finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=15)
+            stop_group(proc, 15, "nginx")
 
 
 def test_the_proxy_passes_requests_and_the_key_check(proxied):
