@@ -7,7 +7,7 @@ import os
 import subprocess
 import time
 
-CPU_ROLES = ("gateway", "grpc", "triton")
+CPU_ROLES = ("gateway", "grpc", "triton", "nginx")
 
 
 class CpuMeter:
@@ -73,11 +73,33 @@ def measured(meter: CpuMeter, run) -> tuple[dict, dict[str, float]]:
     return result, cpu
 
 
-class BaselineMeter(CpuMeter):
-    """The baseline is one uvicorn process: all of its CPU counts as its 'gateway'."""
+class RoleMeter(CpuMeter):
+    """A process tree that is one role as a whole: the baseline's uvicorn process (its 'gateway'), nginx."""
+
+    def __init__(self, pid: int | None, role: str) -> None:
+        super().__init__(pid)
+        self.role = role
 
     def read(self) -> dict[int, tuple[str, float]]:
-        return {pid: ("gateway", seconds) for pid, (_, seconds) in super().read().items()}
+        return {pid: (self.role, seconds) for pid, (_, seconds) in super().read().items()}
+
+
+class BaselineMeter(RoleMeter):
+    """The baseline is one uvicorn process: all of its CPU counts as its 'gateway'."""
+
+    def __init__(self, pid: int | None) -> None:
+        super().__init__(pid, "gateway")
+
+
+class Meters(CpuMeter):
+    """Several process trees read as one (`braintumor serve` and the nginx in front of it)."""
+
+    def __init__(self, *meters: CpuMeter) -> None:
+        super().__init__(None)
+        self.meters = meters
+
+    def read(self) -> dict[int, tuple[str, float]]:
+        return {pid: value for meter in self.meters for pid, value in meter.read().items()}
 
 
 

@@ -12,6 +12,11 @@ side in one run, with the ratios and the serving processes' CPU per image.
 - **baseline** (with ``--checkpoint``, ``bench_baseline.py``): how most BRISC projects serve: one web process holding the eager PyTorch model
   and answering each request with ``model(x)`` (a sync Starlette handler on uvicorn, i.e. FastAPI's default), doing
   the same decoding, preprocessing and postprocessing into the same JSON. Without a checkpoint it is left out.
+- **Triton direct** (when the bench starts serve, or with ``--triton`` and BRAINTUMOR_TRITON_KEY): Triton's own gRPC
+  inference fed the model-alone line's preprocessed tensors, one image a call: serving with no front door at all,
+  the floor under any front end (nginx, Envoy, BentoML's descriptors) on this host.
+- **``--nginx``**: the HTTP and gRPC lines go through nginx (``bench_nginx.py``: the deploy's HTTP front, and
+  ``grpc_pass`` in front of the gRPC door), whose CPU is counted with the stack's.
 - **rounds**: the lines of one concurrency take turns (``--rounds``, default 3, each ``seconds/rounds`` long) and
   each cell pools its rounds, so a slow spell of a shared host lands on all lines alike; the p50 gap to the model
   alone at concurrency 1 moved by ±2 ms from run to run here when each line ran in one block.
@@ -22,7 +27,7 @@ side in one run, with the ratios and the serving processes' CPU per image.
 
     python loadtest/bench_gateway.py --model-repository model_repository --data ../shared/data/brisc2025 \
         [--checkpoint RUN/release.pt] [--seconds 15] [--rounds 3] [--concurrency 1 8 32] \
-        [--backend onnxruntime] [--layout throughput] [--mask-format rle]
+        [--backend onnxruntime] [--layout throughput] [--mask-format rle] [--nginx]
 
 The load generator runs on the same host and takes CPU from the servers (not from the model-alone line, which runs
 alone); its own CPU per image is printed too. It is kept lean for that reason: HTTP over aiohttp with each multipart
@@ -30,7 +35,8 @@ body built once (~0.7 ms of client CPU per request here; httpx, used before 2026
 grpc.aio (~0.7 ms). Run on an otherwise idle machine.
 
 One job a module: this file (options, the run, the JSON), ``bench_load.py`` (model alone, load generators, pooling),
-``bench_cpu.py`` (CPU meters, processes), ``bench_report.py`` (the tables), ``bench_baseline.py`` (the baseline).
+``bench_cpu.py`` (CPU meters, processes), ``bench_report.py`` (the tables), ``bench_baseline.py`` (the baseline),
+``bench_nginx.py`` (nginx in front).
 """
 
 from __future__ import annotations
@@ -39,14 +45,16 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from braintumor.loadtest.bench_cpu import BaselineMeter, CpuMeter, measured, settle, stop, wait_ready
-from braintumor.loadtest.bench_load import ModelAlone, combine, combine_cpu, load_grpc, load_http
+from braintumor.loadtest.bench_cpu import (BaselineMeter, CpuMeter, Meters, RoleMeter, measured, settle, stop,
+                                           wait_ready)
+from braintumor.loadtest.bench_load import ModelAlone, combine, combine_cpu, load_grpc, load_http, load_triton
 from braintumor.loadtest.bench_report import report
 
 
@@ -108,6 +116,13 @@ def main() -> None:
     ap.add_argument("--gateway", default=None, help="URL of a running gateway (else `braintumor serve` is started); "
                     "its serve process tree is found by port for the CPU columns")
     ap.add_argument("--grpc", default=None, help="HOST:PORT of the running gRPC API that goes with --gateway")
+    ap.add_argument("--triton", default=None, help="HOST:PORT of the running server's Triton gRPC, for the Triton-direct "
+                    "line with --gateway (its key from BRAINTUMOR_TRITON_KEY); the bench's own serve is measured so")
+    ap.add_argument("--no-triton", action="store_true", help="leave out the Triton-direct line")
+    ap.add_argument("--nginx", action="store_true", help="send the HTTP and gRPC lines through nginx (NGINX_BIN or "
+                    "PATH): the deploy's HTTP front and grpc_pass in front of the gRPC door; its CPU counts")
+    ap.add_argument("--bento-io", action="store_true", help="send the HTTP line to bench_bento_io.py instead: BentoML's "
+                    "own I/O descriptors before the same pipeline and Triton, none of our HTTP code (bench's serve only)")
     ap.add_argument("--json", default=None, metavar="PATH", help="also write the raw numbers as JSON")
     args = ap.parse_args()
     if args.rounds < 1:
@@ -121,6 +136,7 @@ def main() -> None:
     rows = []
     try:
         grpc_target = None if args.no_grpc else args.grpc
+        triton_target, triton_key = args.triton, os.environ.get("BRAINTUMOR_TRITON_KEY", "")
         if args.gateway:
             gateway = args.gateway.rstrip("/")
             try:
@@ -135,11 +151,36 @@ def main() -> None:
                    "--grpc-port", str(ports["grpc"]), "--grpc-metrics-port", str(ports["gm"]),
                    "--triton-http-port", str(ports["th"]), "--triton-grpc-port", str(ports["tg"]),
                    "--triton-metrics-port", str(ports["tm"]), "--layout", args.layout, "--backend", args.backend]
-            procs.append(subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL))
+            triton_key = secrets.token_urlsafe(24)  # serve's Triton takes this key, so the Triton line can call it
+            procs.append(subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                                          env={**os.environ, "BRAINTUMOR_TRITON_KEY": triton_key}))
             gateway = f"http://127.0.0.1:{ports['http']}"
+            triton_target = f"127.0.0.1:{ports['tg']}" if args.backend == "triton" else None
             grpc_target = None if args.no_grpc else f"127.0.0.1:{ports['grpc']}"
             serve = CpuMeter(procs[-1].pid)
             wait_ready(f"{gateway}/readyz", procs[-1])
+        if args.bento_io:
+            if args.gateway or args.backend != "triton":
+                ap.error("--bento-io runs beside the serve the bench starts, with --backend triton")
+            port = free_port()
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "bentoml", "serve", "braintumor.loadtest.bench_bento_io:DescriptorGateway",
+                 "--host", "127.0.0.1", "--port", str(port)], start_new_session=True, stdout=subprocess.DEVNULL,
+                env={**os.environ, "BRAINTUMOR_TRITON_URL": triton_target, "BRAINTUMOR_TRITON_KEY": triton_key}))
+            gateway = f"http://127.0.0.1:{port}"
+            wait_ready(f"{gateway}/readyz", procs[-1])
+            serve = Meters(serve, RoleMeter(procs[-1].pid, "gateway"))
+        if args.no_triton:
+            triton_target = None
+        if args.nginx:
+            import tempfile
+
+            from braintumor.loadtest.bench_nginx import front_doors
+
+            front = front_doors(Path(tempfile.mkdtemp(prefix="bench-nginx-")), gateway, grpc_target)
+            procs.append(front.proc)
+            gateway, grpc_target = front.http_url, front.grpc_target
+            serve = Meters(serve, RoleMeter(front.proc.pid, "nginx"))
         baseline, base_meter = None, CpuMeter(None)
         if args.checkpoint:
             port = free_port()
@@ -161,9 +202,12 @@ def main() -> None:
         for c in args.concurrency:
             # The lines take turns, `rounds` times, so a slow spell of the host (other tenants, a timer) falls on
             # every line alike instead of on whichever cell it met; the ratios and the p50 gaps compare like with like.
-            lines: dict[str, list] = {"model": [], "http": [], "grpc": [], "base": []}
+            lines: dict[str, list] = {"model": [], "triton": [], "http": [], "grpc": [], "base": []}
             for _ in range(args.rounds):
                 lines["model"].append(model.run(c, share))
+                if triton_target:
+                    lines["triton"].append(measured(serve, lambda: asyncio.run(
+                        load_triton(triton_target, triton_key, args.model, model.images, c, share))))
                 lines["http"].append(measured(serve, lambda: asyncio.run(
                     load_http(f"{gateway}/analyze", payloads, c, share, args.heatmap, args.mask_format))))
                 if grpc_target:
@@ -173,7 +217,7 @@ def main() -> None:
                     lines["base"].append(measured(base_meter, lambda: asyncio.run(
                         load_http(f"{baseline}/analyze", payloads, c, share, args.heatmap))))
             row = {"c": c, "model": combine(lines["model"])}
-            for key in ("http", "grpc", "base"):
+            for key in ("triton", "http", "grpc", "base"):
                 rounds = lines[key]
                 row[key] = combine([result for result, _ in rounds]) if rounds else None
                 row[f"{key}_cpu"] = combine_cpu(rounds) if rounds else None
@@ -185,12 +229,13 @@ def main() -> None:
     print("\n" + report(rows, args, model.label, len(payloads)))
     if args.json:
         for row in rows:  # the raw latencies stay out of the file
-            for cell in ("model", "http", "grpc", "base"):
+            for cell in ("model", "triton", "http", "grpc", "base"):
                 if row[cell] is not None:
                     row[cell].pop("latencies", None)
         Path(args.json).write_text(json.dumps({"model": model.label, "seconds": args.seconds, "rounds": args.rounds,
                                                "heatmap": args.heatmap, "layout": args.layout,
                                                "backend": args.backend, "mask_format": args.mask_format,
+                                               "nginx": args.nginx,
                                                "cpus": os.cpu_count(), "rows": rows},
                                               indent=2, default=float) + "\n")
 

@@ -1,6 +1,7 @@
 """What bench_gateway.py measures, line by line: the model alone (the served ONNX graph in this process) and the two
-closed-loop load generators (HTTP /analyze over aiohttp, gRPC Analyze over grpc.aio), each cell's summary and the
-pooling of a cell's rounds."""
+closed-loop load generators (HTTP /analyze over aiohttp, gRPC Analyze over grpc.aio, and straight into Triton with
+the model-alone line's preprocessed tensors: the floor under any front door), each cell's summary and the pooling of a
+cell's rounds."""
 
 from __future__ import annotations
 
@@ -171,4 +172,52 @@ async def load_grpc(target: str, payloads: list[bytes], concurrency: int, second
         start = time.perf_counter()
         await asyncio.gather(*(user(stub, k, start + seconds) for k in range(concurrency)))
         elapsed = time.perf_counter() - start
+    return _summary(latencies, len(latencies), elapsed, failures)
+
+
+async def load_triton(target: str, key: str, model: str, images: np.ndarray, concurrency: int,
+                      seconds: float) -> dict:
+    """``concurrency`` closed-loop users sending Triton's own gRPC inference one preprocessed (1, 1, S, S) uint8 image
+    at a time (as each front door does; Triton's dynamic batcher batches them), asking the outputs serving asks
+    for, with the key of a restricted Triton: what serving costs with no front door at all (no decoding, no
+    preprocessing, no answer), the floor under any HTTP or gRPC front end on this host."""
+    import tritonclient.grpc.aio as triton
+    from tritonclient.grpc import InferInput, InferRequestedOutput
+    from tritonclient.utils import InferenceServerException
+
+    from braintumor.export.contract import FULL_OUTPUTS, INPUT_NAME
+    from braintumor.serving.settings import TRITON_GRPC_KEY_HEADER
+
+    headers = {TRITON_GRPC_KEY_HEADER: key} if key else None
+    latencies: list[float] = []
+    failures = 0
+    client = triton.InferenceServerClient(target)
+    config = (await client.get_model_config(model, headers=headers, as_json=True))["config"]
+    names = [o["name"] for o in config["output"] if o["name"] in FULL_OUTPUTS]
+
+    async def infer(k: int) -> None:
+        tensor = InferInput(INPUT_NAME, [1, *images.shape[1:]], "UINT8")
+        tensor.set_data_from_numpy(np.ascontiguousarray(images[k % len(images)][None]))
+        await client.infer(model, [tensor], outputs=[InferRequestedOutput(n) for n in names], headers=headers,
+                           client_timeout=120)
+
+    async def user(k: int, deadline: float) -> None:
+        nonlocal failures
+        i = k
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                await infer(i)
+                latencies.append(time.perf_counter() - t0)
+            except InferenceServerException:
+                failures += 1
+            i += concurrency
+
+    try:
+        await infer(0)  # warm
+        start = time.perf_counter()
+        await asyncio.gather(*(user(k, start + seconds) for k in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    finally:
+        await client.close()
     return _summary(latencies, len(latencies), elapsed, failures)

@@ -36,7 +36,37 @@ def _overhead(c: dict | None, role: str, model: dict) -> str:
     two runs the model) minus the model-alone line's CPU per image in the same run."""
     if not c or c.get(role) is None or np.isnan(c[role]) or "cpu_ms" not in model:
         return "—"
-    return f"{c[role] + (c.get('triton') or 0.0) - model['cpu_ms']:.1f}"
+    return f"{c[role] + (c.get('triton') or 0.0) + (c.get('nginx') or 0.0) - model['cpu_ms']:.1f}"
+
+
+def _triton_table(rows: list[dict]) -> list[str]:
+    """The Triton-direct line: serving with no front door, the floor under any front end on this host, and how much
+    of each door's CPU per image is the door itself (front door + nginx) against Triton's."""
+    if not any(r.get("triton") for r in rows):
+        return []
+    lines = ["", "Triton direct: Triton's own gRPC inference fed preprocessed tensors, one image a call (no front door, "
+             "no decoding, no answer): the floor under any front end on this host.", "",
+             "| concurrency | Triton direct img/s | Triton / model | HTTP / Triton | gRPC / Triton "
+             "| p50 over the model alone, ms | CPU ms/img: Triton | Triton over the model | load generator "
+             "| front door + nginx CPU ms/img (HTTP / gRPC) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        t, cpu = r.get("triton"), r.get("triton_cpu") or {}
+        if not t:
+            continue
+        over = (f"{cpu['triton'] - r['model']['cpu_ms']:.1f}"
+                if cpu.get("triton") is not None and "cpu_ms" in r["model"] else "—")
+        door = " / ".join(_door(r.get(f"{k}_cpu"), role) for k, role in (("http", "gateway"), ("grpc", "grpc")))
+        lines.append(f"| {r['c']} | {t['rps']:.1f} | {_ratio(t, r['model'])} | {_ratio(r.get('http'), t)} "
+                     f"| {_ratio(r.get('grpc'), t)} | {_gap(t, r['model'])} | {_cpu(cpu, 'triton')} | {over} "
+                     f"| {_cpu(cpu, 'client')} | {door} |")
+    return lines
+
+
+def _door(c: dict | None, role: str) -> str:
+    if not c or c.get(role) is None or np.isnan(c[role]):
+        return "—"
+    return f"{c[role] + (c.get('nginx') or 0.0):.1f}"
 
 
 def report(rows: list[dict], args, model_label: str, images: int) -> str:
@@ -44,6 +74,11 @@ def report(rows: list[dict], args, model_label: str, images: int) -> str:
     lines = [f"/analyze, {images} real images, {per_cell}, {os.cpu_count()} CPUs, model {model_label}, "
              f"heatmap {'asked' if args.heatmap else 'not asked'}, mask {args.mask_format}, "
              f"layout {args.layout if not args.gateway else 'of the running server'}, "
+             + ("HTTP and gRPC through nginx (its CPU counted with the stack's), " if getattr(args, "nginx", False)
+                else "")
+             + ("HTTP: BentoML's own I/O descriptors (bench_bento_io.py), " if getattr(args, "bento_io", False)
+                else "")
+             + 
              f"backend {args.backend if not args.gateway else 'of the running server'}"
              + (" (the model runs in the front doors: their CPU includes it)" if args.backend == "onnxruntime"
                 else ""), ""]
@@ -72,4 +107,4 @@ def report(rows: list[dict], args, model_label: str, images: int) -> str:
                      f"/ {_overhead(r['grpc_cpu'], 'grpc', r['model'])} "
                      f"| {_cpu(r['base_cpu'], 'gateway')} "
                      f"| {_cpu(r['http_cpu'], 'client')} / {_cpu(r['grpc_cpu'], 'client')} | {fails} |")
-    return "\n".join(lines)
+    return "\n".join(lines + _triton_table(rows))

@@ -2,16 +2,14 @@
 whose request head is incomplete (the gateway's uvicorn has no such timeout, issue 13 finding 5) and bodies that
 stall, which never reach the gateway. Needs an nginx binary: on PATH or in NGINX_BIN."""
 
-import os
 import select
-import shutil
 import socket
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+from braintumor.loadtest.bench_nginx import DEPLOY_CONF as CONF
+from braintumor.loadtest.bench_nginx import deploy_server, nginx_binary, start, wait_proxied, write_config
 from braintumor.serving.supervisor import stop_group
 
 httpx = pytest.importorskip("httpx")
@@ -19,12 +17,11 @@ pytest.importorskip("bentoml")
 
 pytestmark = pytest.mark.integration
 
-CONF = Path(__file__).resolve().parents[2] / "serving" / "deploy" / "nginx" / "braintumor.conf"
 HEADER_TIMEOUT_S, BODY_TIMEOUT_S = 10, 15  # what CONF says (checked below)
 
 
 def _nginx() -> str:
-    found = os.environ.get("NGINX_BIN") or shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")
+    found = nginx_binary()
     if not found:
         pytest.skip("nginx is not installed (apt-get install nginx, or set NGINX_BIN)")
     return found
@@ -41,31 +38,13 @@ def proxied(tmp_path_factory, running_gateway):
         text = CONF.read_text()
         assert f"client_header_timeout {HEADER_TIMEOUT_S}s;" in text and f"client_body_timeout {BODY_TIMEOUT_S}s;" in text
         port = free_port()
-        for old, new in (("server gateway:3000;", f"server {gateway.url.removeprefix('http://')};"),
-                         ("listen 8080;", f"listen 127.0.0.1:{port};")):
-            assert text.count(old) == 1, old
-            text = text.replace(old, new)
-        (root / "braintumor.conf").write_text(text)
-        temp = " ".join(f"{kind}_temp_path {root / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
-                                                                        "scgi"))
-        (root / "nginx.conf").write_text(
-            ("user root root;\n" if os.geteuid() == 0 else "")
-            + f"daemon off;\nworker_processes 1;\npid {root / 'nginx.pid'};\nerror_log {root / 'error.log'} info;\n"
-            f"events {{ worker_connections 256; }}\nhttp {{ access_log off; {temp} include {root / 'braintumor.conf'}; }}\n")
-        proc = subprocess.Popen([nginx, "-p", str(root), "-c", str(root / "nginx.conf")], start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        proc = start(nginx, write_config(root, deploy_server(gateway.url.removeprefix("http://"), port)))
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 20
-            while True:
-                try:
-                    if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("nginx did not proxy /healthz:\n" + (root / "error.log").read_text(errors="replace"))
-                time.sleep(0.2)
+            try:
+                wait_proxied(proc, url, root)
+            except RuntimeError as exc:
+                pytest.fail(str(exc))
             yield url, gateway
         finally:
             stop_group(proc, 15, "nginx")

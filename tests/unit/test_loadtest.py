@@ -411,7 +411,26 @@ def test_bench_gateway_cpu_per_image_by_role():
 
     before = {1: ("gateway", 10.0), 2: ("triton", 4.0), 3: ("supervisor", 1.0)}
     after = {1: ("gateway", 10.5), 2: ("triton", 5.0), 3: ("supervisor", 9.0), 4: ("triton", 0.25)}
-    assert CpuMeter.per_image_ms(before, after, 100) == {"gateway": 5.0, "grpc": 0.0, "triton": 12.5}
+    assert CpuMeter.per_image_ms(before, after, 100) == {"gateway": 5.0, "grpc": 0.0, "triton": 12.5, "nginx": 0.0}
+
+
+def test_bench_gateway_counts_nginx_as_one_role_beside_serve():
+    """--nginx: nginx's tree (master and workers) is read as the role nginx and merged with serve's by-role reads."""
+    pytest.importorskip("psutil")
+    import subprocess
+
+    from braintumor.loadtest.bench_cpu import CpuMeter, Meters, RoleMeter
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        nginx = RoleMeter(child.pid, "nginx")
+        assert [role for role, _ in nginx.read().values()] == ["nginx"]
+        merged = Meters(CpuMeter(None), nginx).read()
+        assert list(merged) == [child.pid] and merged[child.pid][0] == "nginx"
+        assert RoleMeter(None, "nginx").read() == {}
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_bench_gateway_counts_the_load_generators_own_cpu():
@@ -555,3 +574,45 @@ def test_bench_flood_table_shows_each_process_and_what_it_kept():
     assert gateway.split()[-4:] == ["300", "500", "520", "+220"]
     assert stub.split()[-4:] == ["140", "180", "-", "+nan"]  # the stub was gone at the last sample: no kept figure
     assert lines[-1].split()[-4:] == ["440", "680", "520", "+80"]
+
+
+def test_bench_gateway_report_prints_the_triton_direct_floor():
+    """The Triton-direct line gets its own table: its ratio to the model alone, each door's ratio to it, its CPU over the
+    model's, and each door's own CPU with nginx's added when nginx is in front."""
+    import argparse
+
+    from braintumor.loadtest.bench_report import report
+
+    args = argparse.Namespace(seconds=15.0, rounds=3, heatmap=False, layout="latency", gateway=None,
+                              backend="triton", mask_format="png", nginx=True, bento_io=False)
+    model = {"rps": 100.0, "batch": 8, "p50": 70.0, "p99": 90.0, "cpu_ms": 15.5}
+    triton = {"rps": 84.0, "p50": 84.0, "p99": 100.0, "failures": 0}
+    door = {"rps": 63.0, "p50": 110.0, "p99": 200.0, "failures": 0}
+    rows = [{"c": 8, "model": model, "triton": triton,
+             "triton_cpu": {"gateway": 0.0, "grpc": 0.0, "triton": 17.6, "nginx": 0.0, "client": 0.9},
+             "http": door, "http_cpu": {"gateway": 7.3, "grpc": 0.0, "triton": 17.6, "nginx": 0.5, "client": 0.6},
+             "grpc": door, "grpc_cpu": {"gateway": 0.0, "grpc": 5.9, "triton": 17.6, "nginx": 0.4, "client": 0.6},
+             "base": None, "base_cpu": None}]
+    text = report(rows, args, "brain_tumor/3", 64)
+    assert "through nginx" in text.splitlines()[0]
+    cells = [c.strip() for c in text.splitlines()[-1].split("|")]
+    assert cells[1:11] == ["8", "84.0", "0.84x", "0.75x", "0.75x", "+14", "17.6", "2.1", "0.9", "7.8 / 6.3"]
+    # the stack over the model counts nginx: 7.3 + 17.6 + 0.5 - 15.5 (HTTP), 5.9 + 17.6 + 0.4 - 15.5 (gRPC)
+    assert "| 9.9 / 8.4 |" in text
+    rows[0]["triton"] = None
+    assert "Triton direct" not in report(rows, args, "brain_tumor/3", 64)
+
+
+def test_bench_nginx_points_the_deploy_conf_at_the_gateway(tmp_path):
+    """The bench's nginx runs the deploy's own server block, its upstream and listen rewritten (the proxy test uses the
+    same helper), and a grpc_pass server in front of the gRPC door."""
+    from braintumor.loadtest.bench_nginx import DEPLOY_CONF, GRPC_SERVER, deploy_server, write_config
+
+    text = deploy_server("127.0.0.1:3000", 8123)
+    assert "server 127.0.0.1:3000;" in text and "listen 127.0.0.1:8123;" in text
+    assert "server gateway:3000;" not in text and text.count("\n") == DEPLOY_CONF.read_text().count("\n")
+    conf = write_config(tmp_path / "nginx", text + GRPC_SERVER.format(port=8124, upstream="127.0.0.1:3001"))
+    written = conf.read_text()
+    assert "daemon off;" in written and f"include {tmp_path / 'nginx' / 'servers.conf'};" in written
+    servers = (tmp_path / "nginx" / "servers.conf").read_text()
+    assert "listen 127.0.0.1:8124 http2;" in servers and "grpc_pass grpc://127.0.0.1:3001;" in servers
