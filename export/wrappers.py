@@ -50,15 +50,17 @@ class FullGraph(nn.Module):
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, ...]:
         features = self.model.forward_features(image.float())
-        probs = torch.softmax(self.model.classify(features) / self.temperature, dim=1)
-        outputs = (probs, torch.sigmoid(self.model.segment(features)), self.model.class_activation_maps(features))
+        mask_logits = self.model.segment(features)  # the decoder once, also for class_pool "mask"
+        probs = torch.softmax(self.model.classify(features, mask_logits) / self.temperature, dim=1)
+        outputs = (probs, torch.sigmoid(mask_logits), self.model.class_activation_maps(features, mask_logits))
         if self.ood is not None:
-            outputs += (self.ood(self.model.class_features(features)),)
+            outputs += (self.ood(self.model.class_features(features, mask_logits)),)
         return outputs
 
 
 class ClassifierGraph(nn.Module):
-    """Encoder + class head only, for explainers that call the model hundreds of times per image."""
+    """Encoder + class head only, for explainers that call the model hundreds of times per image (with ``class_pool``
+    "mask" the decoder too: the decision pools with the mask)."""
 
     output_names = CLASSIFIER_OUTPUTS
 

@@ -11,7 +11,7 @@ import timm
 
 from .decoder import MASK_STRIDES, UnetDecoder
 from .encoder import Encoder
-from .heads import CamFusion, ClassificationHead, SegmentationHead
+from .heads import CLASS_POOLS, CamFusion, ClassificationHead, SegmentationHead
 from .model import MultiTaskModel, Normalize
 from .naming import CLASSES
 from .preprocess import PreprocessConfig
@@ -30,6 +30,8 @@ def build_model(
     mask_stride: int = 2,
     dropout: float = 0.2,
     cam_stride: int | None = None,
+    class_pool: str = "mean",
+    class_pool_floor: float = 0.1,
 ) -> MultiTaskModel:
     """Build a MultiTaskModel; ``model.config`` round-trips through ``build_model(**model.config)``.
 
@@ -37,6 +39,8 @@ def build_model(
     ``pretrained`` (False, ``"imagenet"``, True or a checkpoint path) only affects initial weights, so it is not in
     the config; with ``"imagenet"`` the preprocess normalisation is set to what the weights expect.
     ``cam_stride``: the grid of the class head's pooled map and of Grad-CAM (None: the deepest reduction).
+    ``class_pool``: how the class head pools that map, ``"mean"`` (GAP) or ``"mask"`` (weighted by the mask head's own
+    detached probability at the CAM grid, plus ``class_pool_floor`` so an empty mask pools uniformly).
     """
     if isinstance(preprocess, dict):
         preprocess = PreprocessConfig.from_dict(preprocess)
@@ -49,6 +53,10 @@ def build_model(
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     if mask_stride not in MASK_STRIDES:
         raise ValueError(f"mask_stride {mask_stride} is not one of {MASK_STRIDES}")
+    if class_pool not in CLASS_POOLS:
+        raise ValueError(f"class_pool {class_pool!r} is not one of {CLASS_POOLS}")
+    if not class_pool_floor > 0:
+        raise ValueError(f"class_pool_floor must be > 0 (an empty mask then pools uniformly), got {class_pool_floor}")
     enc = _build_encoder(encoder, pretrained)
     if preprocess.image_size % enc.reductions[-1]:
         raise ValueError(
@@ -65,12 +73,15 @@ def build_model(
         "mask_stride": mask_stride,
         "dropout": dropout,
         "cam_stride": fusion.stride,
+        "class_pool": class_pool,
+        "class_pool_floor": float(class_pool_floor),
     }
     return MultiTaskModel(
         normalize=Normalize(preprocess.mean, preprocess.std),
         encoder=enc,
         decoder=decoder,
-        classification_head=ClassificationHead(fusion.out_channels, num_classes, dropout),
+        classification_head=ClassificationHead(fusion.out_channels, num_classes, dropout, pool_mode=class_pool,
+                                               pool_floor=class_pool_floor, cam_stride=fusion.stride),
         segmentation_head=SegmentationHead(decoder.out_channels, upsampling=mask_stride),
         config=config,
         cam_fusion=fusion,

@@ -58,23 +58,41 @@ class MultiTaskModel(nn.Module):
     def cam_stride(self) -> int:
         return self.cam_fusion.stride
 
+    @property
+    def class_needs_mask(self) -> bool:
+        """True with ``class_pool`` "mask": the class decision needs the mask logits (pass them when you have them)."""
+        return self.classification_head.needs_mask
+
     def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         return self.encoder(self.normalize(x))
 
-    def classify(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return self.classification_head(self.cam_fusion(features))
+    def classify(self, features: list[torch.Tensor], mask_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C) class logits. With ``class_pool`` "mask" the head pools with the mask head's probability: pass
+        ``mask_logits`` when you already have them, else the decoder runs here."""
+        return self.classification_head(*self._class_input(features, mask_logits))
 
-    def class_features(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """(B, K) the class head's input after GAP, before dropout and the linear layer (train/ood.py's feature)."""
-        return self.classification_head.pool(self.cam_fusion(features))
+    def class_features(self, features: list[torch.Tensor], mask_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K) the class head's pooled input, before dropout and the linear layer (train/ood.py's feature)."""
+        return self.classification_head.pool(*self._class_input(features, mask_logits))
 
     def segment(self, features: list[torch.Tensor]) -> torch.Tensor:
         return self.segmentation_head(self.decoder(features))
 
-    def class_activation_maps(self, features: list[torch.Tensor]) -> torch.Tensor:
+    def class_activation_maps(self, features: list[torch.Tensor],
+                              mask_logits: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, h, w) bias-free CAM on the ``cam_stride`` grid; spatial mean + bias = eval-mode logits."""
-        return self.classification_head.activation_maps(self.cam_fusion(features))
+        return self.classification_head.activation_maps(*self._class_input(features, mask_logits))
+
+    def _class_input(self, features: list[torch.Tensor], mask_logits: torch.Tensor | None
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused map and its pooling weights (None: GAP); the decoder runs only if the head needs a mask that
+        the caller did not pass."""
+        fused = self.cam_fusion(features)
+        if self.classification_head.needs_mask and mask_logits is None:
+            mask_logits = self.segment(features)
+        return fused, self.classification_head.pool_weights(fused, mask_logits)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.forward_features(x)
-        return self.classify(features), self.segment(features)
+        mask_logits = self.segment(features)  # once, also for the class head's mask pooling
+        return self.classify(features, mask_logits), mask_logits

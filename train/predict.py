@@ -23,13 +23,15 @@ def predict_arrays(model: torch.nn.Module, images: np.ndarray, *, batch_size: in
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             feats = model.forward_features(x)
-            out["logits"].append(model.classify(feats).float().cpu().numpy())
+            # the decoder once, also when the class head pools with the mask (class_pool "mask")
+            mask_logits = model.segment(feats) if with_masks or model.class_needs_mask else None
+            out["logits"].append(model.classify(feats, mask_logits).float().cpu().numpy())
             if with_masks:
-                out["mask_probs"].append(torch.sigmoid(model.segment(feats)).float()[:, 0].cpu().numpy())
+                out["mask_probs"].append(torch.sigmoid(mask_logits).float()[:, 0].cpu().numpy())
             if with_features:
-                out["features"].append(model.class_features(feats).float().cpu().numpy())
+                out["features"].append(model.class_features(feats, mask_logits).float().cpu().numpy())
             if with_cams:
-                out["cams"].append(model.class_activation_maps(feats).float().cpu().numpy())
+                out["cams"].append(model.class_activation_maps(feats, mask_logits).float().cpu().numpy())
     finally:
         model.train(was_training)
     logits = np.concatenate(out["logits"]) if out["logits"] else np.zeros((0, 4), np.float32)

@@ -141,6 +141,31 @@ def test_a_checkpoint_without_ood_exports_the_base_outputs(checkpoint, tmp_path)
     assert "ood" not in (tmp_path / "repo" / "brain_tumor" / "config.pbtxt").read_text()
 
 
+@pytest.mark.parametrize("class_pool", ["mean", "mask"])
+def test_both_class_pools_export_with_parity(class_pool, tmp_path):
+    """A freshly built tiny model of each class_pool (no training needed): ONNX checker + Runtime parity of both graphs,
+    and the exported CAM still decomposes the exported logit (mean + bias; class_pool "mask" pools with the mask)."""
+    from braintumor.export.onnx_export import check_parity, export_onnx
+    from braintumor.train.factory import build_model
+
+    torch.manual_seed(0)
+    model = build_model("test_resnet", preprocess={"image_size": SIZE}, cam_stride=16, class_pool=class_pool).eval()
+    k = model.classification_head.fc.in_features
+    rng = np.random.default_rng(0)
+    ood = {"means": rng.normal(size=(4, k)), "whitening": rng.normal(size=(k, k)) / k}
+    graphs = build_graphs(model, {"temperature": 1.0, "ood": ood})
+    images = parity_images({"image_size": SIZE}, None, count=3)
+    for key, graph in graphs.items():
+        path = export_onnx(graph, tmp_path / f"{key}.onnx", SIZE)
+        parity = check_parity(graph, path, images)
+        assert [p.name for p in parity] == list(graph.output_names)
+    got = run_session(onnx_session(tmp_path / "full.onnx"), images)
+    logits = np.log(got[contract.CLASS_PROBS])  # temperature 1: log softmax = logits - logsumexp
+    mean_cam = got[contract.CAM].mean(axis=(2, 3)) + model.classification_head.fc.bias.detach().numpy()
+    np.testing.assert_allclose(logits - logits.mean(1, keepdims=True), mean_cam - mean_cam.mean(1, keepdims=True),
+                               atol=1e-4)
+
+
 def test_parity_failure_names_the_output():
     ref = {"class_probs": np.full((2, 4), 0.25, np.float32), "cam": np.ones((2, 4, 1, 1), np.float32)}
     bad = {"class_probs": ref["class_probs"].copy(), "cam": ref["cam"] + 0.01}

@@ -162,3 +162,80 @@ def test_pretrained_file_is_loaded_and_stem_adapted(tmp_path) -> None:
 def test_missing_pretrained_file_raises(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="not found"):
         Encoder(TINY, pretrained=tmp_path / "absent.pth")
+
+
+# -- class_pool: the class head pools the CAM grid with the mask head's own (detached) probability --------------------
+@pytest.mark.parametrize("class_pool", ["mean", "mask"])
+def test_cam_mean_plus_bias_is_exactly_the_logit_in_both_pool_modes(class_pool: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(TINY, cam_stride=16, class_pool=class_pool).double().eval()
+    x = _input(size=64).double()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        logits, mask_logits = model(x)
+        cams = model.class_activation_maps(features)
+        pooled = model.class_features(features, mask_logits)
+    head = model.classification_head
+    torch.testing.assert_close(cams.mean(dim=(2, 3)) + head.fc.bias, logits, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pooled @ head.fc.weight.T + head.fc.bias, logits, rtol=1e-12, atol=1e-12)
+    if class_pool == "mask":  # the CAM is the weighted map, not the GAP model's: the test can tell them apart
+        assert not torch.allclose(cams.mean(dim=(2, 3)), model.cam_fusion(features).mean(dim=(2, 3)) @ head.fc.weight.T)
+
+
+def test_mask_pool_with_an_empty_mask_is_plain_gap() -> None:
+    torch.manual_seed(0)
+    mean = build_model(TINY, cam_stride=16).eval()
+    mask = build_model(TINY, cam_stride=16, class_pool="mask", class_pool_floor=0.3).eval()
+    mask.load_state_dict(mean.state_dict(), strict=True)  # pooling adds no parameters
+    x = _input()
+    with torch.no_grad():
+        features = mean.forward_features(x)
+        empty = torch.full((2, 1, 64, 64), -1e4)  # sigmoid -> exactly 0
+        blob = empty.clone()
+        blob[:, :, :16, :16] = 1e4
+        torch.testing.assert_close(mask.classify(features, empty), mean.classify(features))
+        torch.testing.assert_close(mask.class_activation_maps(features, empty), mean.class_activation_maps(features))
+        torch.testing.assert_close(mask.class_features(features, empty), mean.class_features(features))
+        weights = mask.classification_head.pool_weights(mask.cam_fusion(features), blob)
+    # a 16x16 tumour in the corner covers one 16-px cell of the 4x4 grid: weight (1 + f) / (1 + 16 f) there
+    assert weights.shape == (2, 1, 4, 4)
+    torch.testing.assert_close(weights[:, 0, 0, 0], torch.full((2,), 1.3 / (1 + 16 * 0.3)))
+    torch.testing.assert_close(weights.sum(dim=(2, 3)), torch.ones(2, 1))
+
+
+def test_mask_pool_gives_the_decoder_no_gradient_from_the_class_loss() -> None:
+    torch.manual_seed(0)
+    model = build_model(TINY, cam_stride=16, class_pool="mask").train()
+    features = model.forward_features(_input())
+    loss = torch.nn.functional.cross_entropy(model.classify(features), torch.tensor([0, 2]))
+    loss.backward()
+    decoder = [*model.decoder.parameters(), *model.segmentation_head.parameters()]
+    assert all(p.grad is None or not p.grad.any() for p in decoder)
+    assert model.classification_head.fc.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.any() for p in model.encoder.parameters())
+
+
+@pytest.mark.parametrize("class_pool, decoder_runs", [("mean", 1), ("mask", 1)])
+def test_forward_runs_the_decoder_once(class_pool: str, decoder_runs: int) -> None:
+    model = build_model(TINY, class_pool=class_pool).eval()
+    calls = []
+    handle = model.decoder.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with torch.no_grad():
+            model(_input())
+            features = model.forward_features(_input())
+            model.classify(features)  # without the mask logits the "mask" head runs the decoder itself
+    finally:
+        handle.remove()
+    assert len(calls) == decoder_runs + (class_pool == "mask")
+
+
+def test_class_pool_round_trips_and_bad_values_are_named() -> None:
+    model = build_model(TINY, class_pool="mask", class_pool_floor=0.25)
+    rebuilt = build_model(**json.loads(json.dumps(model.config)))
+    assert rebuilt.config["class_pool"] == "mask" and rebuilt.classification_head.pool_floor == 0.25
+    assert build_model(TINY).config["class_pool"] == "mean"
+    with pytest.raises(ValueError, match=r"class_pool 'max' is not one of \('mean', 'mask'\)"):
+        build_model(TINY, class_pool="max")
+    with pytest.raises(ValueError, match="class_pool_floor must be > 0"):
+        build_model(TINY, class_pool="mask", class_pool_floor=0.0)
