@@ -54,7 +54,8 @@ def _train(args: argparse.Namespace) -> int:
         "data.image_size": args.image_size, "data.limit": args.limit, "data.workers": args.workers,
         "data.cache_dir": args.cache_dir, "data.skip_bad": args.skip_bad or None,
         "model.encoder": args.encoder, "model.pretrained": _pretrained(args.pretrained),
-        "model.cam_stride": args.cam_stride,
+        "model.cam_stride": args.cam_stride, "model.class_pool": args.class_pool,
+        "optim.lambda_cam": args.lambda_cam,
         "optim.epochs": args.epochs, "optim.batch_size": args.batch_size, "optim.lr": args.lr,
         "runtime.device": args.device, "runtime.seed": args.seed, "runtime.threads": args.threads,
         "runtime.progress": False if args.no_progress else None,
@@ -143,6 +144,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "local weights file, or 'false' (from scratch, config default)")
     p.add_argument("--cam-stride", type=int, choices=(8, 16, 32),
                    help="grid of the class head's pooled map and of Grad-CAM (config default 16)")
+    p.add_argument("--class-pool", choices=("mean", "mask"),
+                   help="how the class head pools that map: 'mean' (GAP, config default) or 'mask' (weighted by the "
+                        "mask head's own detached probability + model.class_pool_floor, so the decision and its CAM "
+                        "read the tumour; the CAM stays the exact additive decomposition of the logit)")
+    p.add_argument("--lambda-cam", type=float,
+                   help="weight of the GAIN-style CAM loss on segmentation steps: the true class's positive CAM energy "
+                        "outside the expert mask (dilated by one CAM cell), logged as train_cam_loss (config default 0, off)")
     p.add_argument("--limit", type=int, help="use only N slices of the official train split (stratified), for quick "
                                              "runs; the validation split is then taken from these N (15%%: "
                                              "--limit 300 trains on 255 and validates on 45)")

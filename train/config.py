@@ -37,6 +37,11 @@ class ModelConfig(_Strict):
         16, description="grid of the class head's pooled map and of Grad-CAM: the encoder features at this "
                         "reduction and deeper, fused (16: a 12x12 Grad-CAM at 192 px instead of 6x6)")
     dropout: float = Field(0.2, ge=0, lt=1)
+    class_pool: Literal["mean", "mask"] = Field(
+        "mean", description="how the class head pools the CAM grid: 'mean' (GAP) or 'mask' (weighted by the mask "
+                            "head's own detached probability, so the decision and its CAM read the tumour)")
+    class_pool_floor: float = Field(0.1, gt=0, description="'mask' pooling weight = mask probability + this floor "
+                                                           "(an empty mask pools uniformly)")
 
 
 class OptimConfig(_Strict):
@@ -48,6 +53,9 @@ class OptimConfig(_Strict):
     min_lr_ratio: float = Field(0.01, ge=0, le=1)
     seg_every: int = Field(2, ge=1, description="one segmentation step after every N classification steps")
     lambda_seg: float = Field(0.3, ge=0, description="weight of the segmentation loss")
+    lambda_cam: float = Field(
+        0.0, ge=0, description="GAIN-style CAM loss on segmentation steps (0 = off): the true class's positive CAM "
+                               "energy outside the expert mask (dilated by one CAM cell), as a share of its total")
     bce_weight: float = Field(0.5, ge=0)
     dice_weight: float = Field(0.5, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)

@@ -1,4 +1,5 @@
-"""Training losses: cross-entropy for the class head, BCE + soft Dice for the mask head (float32 math)."""
+"""Training losses: cross-entropy for the class head, BCE + soft Dice for the mask head, the GAIN-style CAM loss
+(float32 math)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,25 @@ def segmentation_loss(
     target = _match(target, logits)
     bce = F.binary_cross_entropy_with_logits(logits.float(), target)
     return bce_weight * bce + dice_weight * dice_loss(logits, target)
+
+
+def cam_outside_loss(cams: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Mean over tumour images (non-empty expert mask) of the true class's positive CAM energy outside the mask, as a
+    share of its positive energy; 0 for a batch without tumour images.
+
+    ``cams`` (B, C, h, w) bias-free CAMs, ``labels`` (B,), ``masks`` (B, [1,] H, W) expert masks (non-zero = tumour) with
+    H, W multiples of h, w. A CAM cell counts as inside when any mask pixel falls in it or in a neighbouring cell (the
+    mask at the CAM grid, dilated by one cell): the grid is coarse, a tumour's edge cell is not evidence elsewhere.
+    """
+    if masks.dim() == 3:
+        masks = masks.unsqueeze(1)
+    masks = (masks > 0).float()
+    inside = F.adaptive_max_pool2d(masks, cams.shape[-2:])
+    inside = F.max_pool2d(inside, kernel_size=3, stride=1, padding=1)[:, 0]
+    energy = cams[torch.arange(len(cams), device=cams.device), labels].float().relu()
+    outside = (energy * (1.0 - inside)).sum(dim=(1, 2)) / (energy.sum(dim=(1, 2)) + eps)
+    tumour = masks.flatten(1).amax(dim=1) > 0
+    return outside[tumour].mean() if tumour.any() else outside.sum() * 0.0
 
 
 def _match(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:

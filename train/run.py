@@ -160,13 +160,15 @@ def _run_training(cfg: RunConfig, data: str | Path, out: Path, resume: bool, cal
         seg_sampler = shard(ShuffleSampler(seg_rows, seed + 1))
         steps["seg"] = SegmentationStep("seg", DataLoader(dataset, batch_size=seg_bs, sampler=seg_sampler,
                                                           num_workers=cfg.data.workers, drop_last=True),
-                                        weight=o.lambda_seg, bce_weight=o.bce_weight, dice_weight=o.dice_weight)
+                                        weight=o.lambda_seg, bce_weight=o.bce_weight, dice_weight=o.dice_weight,
+                                        cam_weight=o.lambda_cam)
     schedule = TaskSchedule(o.seg_every, segmentation=use_seg)
     cls_steps = len(train_rows) // (bs * world)
 
     model = build_model(encoder=cfg.model.encoder, pretrained=cfg.model.pretrained, mask_stride=cfg.model.mask_stride,
                         dropout=cfg.model.dropout, preprocess=preprocess.to_dict(),
-                        cam_stride=cfg.model.cam_stride).to(device)
+                        cam_stride=cfg.model.cam_stride, class_pool=cfg.model.class_pool,
+                        class_pool_floor=cfg.model.class_pool_floor).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)

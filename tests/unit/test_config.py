@@ -10,6 +10,7 @@ def test_defaults_yaml_and_flags_layer(tmp_path):
     cfg = resolve_config(yaml_file, {"optim.epochs": 3, "data.limit": None})
     assert (cfg.optim.epochs, cfg.optim.lr, cfg.model.encoder) == (3, 0.001, "resnet34")
     assert cfg.data.image_size == 128 and cfg.optim.seg_every == 2 and cfg.optim.lambda_seg == 0.3
+    assert (cfg.model.class_pool, cfg.model.class_pool_floor, cfg.optim.lambda_cam) == ("mean", 0.1, 0.0)
 
 
 def test_resolved_config_round_trips(tmp_path):
@@ -18,7 +19,8 @@ def test_resolved_config_round_trips(tmp_path):
     assert resolve_config(tmp_path / "config.yaml") == cfg
 
 
-@pytest.mark.parametrize("override", [{"optim.epochs": 0}, {"data.geometry": "stretch"}, {"optim.typo_key": 1}])
+@pytest.mark.parametrize("override", [{"optim.epochs": 0}, {"data.geometry": "stretch"}, {"optim.typo_key": 1},
+                                      {"model.class_pool": "max"}, {"model.class_pool_floor": 0}, {"optim.lambda_cam": -1}])
 def test_bad_values_are_rejected(override):
     with pytest.raises(ValidationError):
         resolve_config(None, override)

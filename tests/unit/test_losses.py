@@ -75,3 +75,22 @@ def test_segmentation_loss_combines_manual_bce_and_dice() -> None:
 def test_mismatched_mask_shape_raises() -> None:
     with pytest.raises(ValueError, match="does not match"):
         segmentation_loss(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 8, 8))
+
+
+def test_cam_loss_is_the_share_of_positive_energy_outside_the_dilated_mask() -> None:
+    from braintumor.train.losses import cam_outside_loss
+
+    masks = torch.zeros(2, 1, 32, 32, dtype=torch.uint8)
+    masks[:, :, 0:4, 0:4] = 1  # the tumour touches the CAM cell (0, 0) of the 8x8 grid (4-px cells)
+    cams = torch.zeros(2, 4, 8, 8)
+    cams[:, 1, 0:2, 0:2] = 3.0  # inside: cell (0, 0) and its one-cell dilation
+    cams[:, 1, 5:, 5:] = -2.0  # negative evidence does not count
+    labels = torch.tensor([1, 1])
+    assert cam_outside_loss(cams, labels, masks).item() == 0.0
+    cams[1, 1, 6, 6] = 4.0  # image 1: 4 of its 16 units outside -> 0.25; the batch mean is 0.125
+    torch.testing.assert_close(cam_outside_loss(cams, labels, masks), torch.tensor(0.125), atol=1e-6, rtol=0)
+    cams[:, 2, 7, 7] = 9.0  # another class's CAM is not the true class's
+    torch.testing.assert_close(cam_outside_loss(cams, labels, masks), torch.tensor(0.125), atol=1e-6, rtol=0)
+    masks[1] = 0  # only tumour images count: image 1 has no tumour now
+    assert cam_outside_loss(cams, labels, masks).item() == 0.0
+    assert cam_outside_loss(cams, labels, torch.zeros(2, 32, 32)).item() == 0.0  # no tumour image at all

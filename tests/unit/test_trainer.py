@@ -37,6 +37,41 @@ def test_run_writes_the_contracted_files(synthetic_root, tmp_path):
     assert logits.shape == (2, 4) and masks.shape == (2, 1, 32, 32)
 
 
+def test_mask_pool_and_cam_loss_run_and_are_rebuilt_from_the_checkpoint(synthetic_root, tmp_path):
+    cfg = _cfg(tmp_path, **{"optim.epochs": 1, "model.class_pool": "mask", "model.class_pool_floor": 0.2,
+                            "optim.lambda_cam": 0.5})
+    best = run_training(cfg, synthetic_root, tmp_path / "run")
+    with open(tmp_path / "run" / "history.csv") as fh:
+        row = next(csv.DictReader(fh))
+    assert 0 <= float(row["train_cam_loss"]) <= 1  # a share of the CAM's positive energy
+    model, state = load_model(best)
+    assert (state["model_config"]["class_pool"], state["model_config"]["class_pool_floor"]) == ("mask", 0.2)
+    assert model.class_needs_mask and model.classification_head.pool_floor == 0.2
+
+
+def test_segmentation_step_adds_the_weighted_cam_loss():
+    from braintumor.train.factory import build_model
+    from braintumor.train.losses import cam_outside_loss, segmentation_loss
+    from braintumor.train.trainer.steps import SegmentationStep, TaskForward
+
+    torch.manual_seed(0)
+    model = build_model("test_resnet", preprocess={"image_size": 64}, cam_stride=16).eval()
+    mask = torch.zeros(2, 1, 64, 64, dtype=torch.uint8)  # 4x4 CAM grid
+    mask[0, :, 4:12, 4:12] = 1
+    batch = {"image": torch.rand(2, 1, 64, 64) * 255, "mask": mask, "label": torch.tensor([1, 3])}
+    net = TaskForward(model)
+    plain, logs = SegmentationStep("seg", None, weight=0.3).loss(net, batch)
+    assert "cam_loss" not in logs
+    total, logs = SegmentationStep("seg", None, weight=0.3, cam_weight=2.0).loss(net, batch)
+    with torch.no_grad():
+        features = model.forward_features(batch["image"])
+        seg = segmentation_loss(model.segment(features), mask.float())
+        cam = cam_outside_loss(model.class_activation_maps(features), batch["label"], mask)
+    assert logs["cam_loss"] == pytest.approx(cam.item()) and cam.item() > 0
+    assert total.item() == pytest.approx(0.3 * seg.item() + 2.0 * cam.item(), rel=1e-5)
+    assert plain.item() == pytest.approx(0.3 * seg.item(), rel=1e-5)
+
+
 def test_existing_run_needs_resume(synthetic_root, tmp_path):
     cfg = _cfg(tmp_path, **{"optim.epochs": 1})
     run_training(cfg, synthetic_root, tmp_path / "run")

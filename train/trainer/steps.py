@@ -1,7 +1,10 @@
 """Per-task training steps: each runs only the encoder and its own head, with its own loss.
 
 Steps call ``net(image, task)`` (a :class:`TaskForward`), never the model's methods directly: DistributedDataParallel
-only sees calls to ``forward``, and it must see every step to synchronise its gradients.
+only sees calls to ``forward``, and it must see every step to synchronise its gradients. Two exceptions to "its own
+head": with ``class_pool`` "mask" a classification step also runs the decoder (its pooling weights, detached, so the
+decoder gets no gradient there), and with ``lambda_cam`` a segmentation step also runs the class head
+(:data:`SEG_CAM`) for its CAM.
 """
 
 from __future__ import annotations
@@ -12,12 +15,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..losses import classification_loss, segmentation_loss
+from ..losses import cam_outside_loss, classification_loss, segmentation_loss
 from .schedule import CLS, SEG
+
+SEG_CAM = "seg+cam"  # a forward mode, not a scheduled task: mask logits and the class activation maps
 
 
 class TaskForward(nn.Module):
-    """``forward(image, task)``: the encoder and the one head of ``task`` (the logits of that head only)."""
+    """``forward(image, task)``: the encoder and the one head of ``task`` (the logits of that head only); with
+    :data:`SEG_CAM`, ``(mask logits, class activation maps)`` from one encoder and one decoder pass."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -29,7 +35,10 @@ class TaskForward(nn.Module):
             return self.model.classify(features)
         if task == SEG:
             return self.model.segment(features)
-        raise ValueError(f"unknown task {task!r}; expected {CLS!r} or {SEG!r}")
+        if task == SEG_CAM:
+            mask_logits = self.model.segment(features)
+            return mask_logits, self.model.class_activation_maps(features, mask_logits)
+        raise ValueError(f"unknown task {task!r}; expected {CLS!r}, {SEG!r} or {SEG_CAM!r}")
 
 
 @dataclass
@@ -76,10 +85,23 @@ class ClassificationStep(TaskStep):
 
 @dataclass
 class SegmentationStep(TaskStep):
+    """``weight`` * (BCE + Dice), plus ``cam_weight`` * :func:`cam_outside_loss` of the true class's CAM (logged as
+    ``cam_loss``) when ``cam_weight`` > 0."""
+
     bce_weight: float = 0.5
     dice_weight: float = 0.5
+    cam_weight: float = 0.0
 
     def loss(self, net, batch):
-        logits = net(batch["image"], SEG)
+        if self.cam_weight > 0:
+            logits, cams = net(batch["image"], SEG_CAM)
+        else:
+            logits, cams = net(batch["image"], SEG), None
         loss = segmentation_loss(logits, batch["mask"].float(), bce_weight=self.bce_weight, dice_weight=self.dice_weight)
-        return self.weight * loss, {"seg_loss": loss.item()}
+        logs = {"seg_loss": loss.item()}
+        total = self.weight * loss
+        if cams is not None:
+            cam_loss = cam_outside_loss(cams, batch["label"], batch["mask"])
+            total = total + self.cam_weight * cam_loss
+            logs["cam_loss"] = cam_loss.item()
+        return total, logs
