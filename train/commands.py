@@ -1,4 +1,5 @@
-"""CLI subcommands of the training layer: audit-data, prepare-data, train, calibrate (heavy imports inside handlers).
+"""CLI subcommands of the training layer: audit-data, prepare-data, train, calibrate, fit-ood, model-card, cam-study
+(heavy imports inside handlers).
 
 `evaluate` is registered by the export layer, which can score a checkpoint or an exported model.
 """
@@ -94,6 +95,16 @@ def _model_card(args: argparse.Namespace) -> int:
                               "device": args.hardware}.items() if v is not None}
     build_model_card(args.checkpoint, args.data, args.out, n_boot=args.n_boot, info=info, previous=args.previous)
     print(f"wrote {args.out} and {Path(args.out).with_suffix('.json')}")
+    return 0
+
+
+def _cam_study(args: argparse.Namespace) -> int:
+    from .cam_study import render_markdown, run_cam_study
+
+    result = run_cam_study(args.checkpoint, args.data, args.out, split=args.split, limit=args.limit,
+                           batch_size=args.batch_size, device=args.device, progress=not args.no_progress)
+    print(render_markdown(result))
+    print(f"wrote {Path(args.out) / 'cam_study.json'} and {Path(args.out) / 'cam_study.md'}")
     return 0
 
 
@@ -196,3 +207,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hardware", help="what it was trained on, e.g. 'CPU, 2 AVX2 cores' or the GPU model")
     p.add_argument("--previous", help="MODEL_CARD.json of the previously released model, shown side by side")
     p.set_defaults(func=_model_card)
+
+    p = sub.add_parser("cam-study", formatter_class=fmt,
+                       help="compare explanations of the predicted class on a split's tumour slices: pointing game and "
+                            "energy in the mask for the served CAM and pytorch-grad-cam's GradCAM/HiResCAM/LayerCAM at "
+                            "stride 8, 16 and the fused CAM layer; deletion AUC of the served CAM vs random order")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint from `train` (RUN/best.pt)")
+    p.add_argument("--data", required=True, help="the dataset the run was trained on")
+    p.add_argument("--split", choices=("val", "test"), default="val",
+                   help="the run's validation split (as `evaluate` picks it) or the dataset's test split")
+    p.add_argument("--out", required=True, help="folder for cam_study.json and cam_study.md")
+    p.add_argument("--limit", type=int, help="only the first N tumour slices, for quick runs")
+    p.add_argument("--batch-size", type=int, default=32, help="slices per batch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (for logs)")
+    p.set_defaults(func=_cam_study)

@@ -50,6 +50,13 @@ class Encoder(nn.Module):
         info = self.model.feature_info
         self.channels: tuple[int, ...] = tuple(info.channels())
         self.reductions: tuple[int, ...] = tuple(info.reduction())
+        self._feature_names = dict(zip(self.reductions, info.module_name()))
+
+    def feature_module(self, reduction: int) -> nn.Module:
+        """The backbone module whose output is the feature map at ``reduction`` (a hook target for explainers)."""
+        if reduction not in self._feature_names:
+            raise ValueError(f"the encoder has no feature at reduction {reduction}; it has {self.reductions}")
+        return self.model.get_submodule(self._feature_names[reduction])
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         return list(self.model(x))

@@ -264,7 +264,6 @@ def pointing_game_hits(cams: np.ndarray, masks_true: np.ndarray, dilation_px: in
     if cams.ndim != 3 or truth.ndim != 3 or cams.shape[0] != truth.shape[0]:
         raise ValueError(f"cams must be (N, h, w) and masks_true (N, H, W) with the same N; got {cams.shape}, {truth.shape}")
     size = truth.shape[1:]
-    structure = ndimage.generate_binary_structure(2, 1)
     hits = np.full(truth.shape[0], np.nan)
     for i, (cam, mask) in enumerate(zip(cams, truth)):
         if not mask.any():
@@ -272,10 +271,31 @@ def pointing_game_hits(cams: np.ndarray, masks_true: np.ndarray, dilation_px: in
         if cam.shape != size:
             cam = ndimage.zoom(cam, (size[0] / cam.shape[0], size[1] / cam.shape[1]), order=1, grid_mode=True, mode="nearest")
         peak = np.unravel_index(int(np.argmax(cam)), cam.shape)
-        if dilation_px > 0:
-            mask = ndimage.binary_dilation(mask, structure, iterations=dilation_px)
-        hits[i] = float(mask[peak])
+        hits[i] = float(dilate_mask(mask, dilation_px)[peak])
     return hits
+
+
+def dilate_mask(mask: np.ndarray, dilation_px: int) -> np.ndarray:
+    """(H, W) bool mask grown by ``dilation_px`` pixels (4-connected steps): the pointing game's tolerance."""
+    if dilation_px <= 0:
+        return mask
+    return ndimage.binary_dilation(mask, ndimage.generate_binary_structure(2, 1), iterations=dilation_px)
+
+
+def energy_in_mask(heatmaps: np.ndarray, masks_true: np.ndarray, dilation_px: int = 8) -> np.ndarray:
+    """Per slice: the share of the heatmap's positive mass inside the true mask dilated by ``dilation_px`` (the
+    pointing game's tolerance). ``heatmaps`` (N, H, W) at the mask size. NaN for an empty true mask; 0 for a heatmap
+    with no positive mass (it points nowhere)."""
+    heat = np.maximum(np.asarray(heatmaps, dtype=np.float64), 0)
+    truth = np.asarray(masks_true) != 0
+    if heat.shape != truth.shape or heat.ndim != 3:
+        raise ValueError(f"heatmaps and masks_true must both be (N, H, W); got {heat.shape}, {truth.shape}")
+    share = np.full(truth.shape[0], np.nan)
+    for i, (h, mask) in enumerate(zip(heat, truth)):
+        if mask.any():
+            total = h.sum()
+            share[i] = float(h[dilate_mask(mask, dilation_px)].sum() / total) if total > 0 else 0.0
+    return share
 
 
 def pointing_game(cams: np.ndarray, masks_true: np.ndarray, dilation_px: int = 8) -> float:

@@ -5,7 +5,8 @@ import pytest
 
 from braintumor.serving.cli import build_parser, main
 
-SUBCOMMANDS = ["audit-data", "prepare-data", "train", "evaluate", "calibrate", "fit-ood", "model-card", "export"]
+SUBCOMMANDS = ["audit-data", "prepare-data", "train", "evaluate", "calibrate", "fit-ood", "model-card", "cam-study",
+               "export"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)
