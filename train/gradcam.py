@@ -1,7 +1,9 @@
 """Grad-CAM for the classification head, computed in closed form from the class activation map.
 
-For GAP -> linear, Grad-CAM's channel weights are ``fc.weight[c] / (h*w)``, so Grad-CAM equals the bias-free
-CAM up to a positive constant: no hooks and no backward pass are needed.
+For GAP -> linear (``class_pool`` "mean"), Grad-CAM's channel weights are ``fc.weight[c] / (h*w)``, so Grad-CAM equals
+the bias-free CAM up to a positive constant: no hooks and no backward pass are needed. With ``class_pool`` "mask" the
+pooling weights vary over the grid, so the map returned here (the served one, the exact decomposition of the logit)
+is HiResCAM at the fused layer, not Grad-CAM's channel-averaged map.
 """
 
 from __future__ import annotations
