@@ -14,7 +14,7 @@ import numpy as np
 from .decode import decode_image, decode_mask
 from .heatmap import cam_heatmap
 from .metrics import classification_metrics, dice_iou, pointing_game_hits, segmentation_metrics, to_jsonable
-from .naming import CLASSES
+from .naming import CLASSES, NO_TUMOR
 from .ood import OodModel
 from .preprocess import Geometry, PreprocessConfig, compute_geometry, mask_to_original
 from .refer import ReferRules, decide, refer_policy_stats
@@ -96,7 +96,11 @@ def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarra
     # the heatmap /analyze serves: the predicted class's map through the API's heatmap rule (train/heatmap.py)
     heat = cams_for_classes(cams, probs.argmax(1), images.shape[-1])
     if has_mask.any():
-        metrics.update(segmentation_metrics(masks[has_mask].astype(bool), mask_probs[has_mask]))
+        # Dice/IoU over tumour slices; empty_fp_rate over the no_tumor slices, whose truth is empty though BRISC
+        # ships no mask file for them (without them the rate had no slices to count and was NaN)
+        known = has_mask | (y_true == CLASSES.index(NO_TUMOR))
+        metrics.update(segmentation_metrics(np.where(has_mask[:, None, None], masks, 0)[known].astype(bool),
+                                            mask_probs[known]))
         tumour = masks[has_mask].astype(bool)
         cam_true = np.maximum(cams[np.flatnonzero(has_mask), y_true[has_mask]], 0)
         metrics["pointing_game_gradcam"] = _nanmean(pointing_game_hits(cam_true, tumour))

@@ -43,6 +43,9 @@ def test_cam_study_writes_and_prints_its_table(checkpoint, synthetic_root, tmp_p
     assert len(deletion["served_curve"]) == 11 and 0 <= deletion["served_auc"] <= 1 and 0 <= deletion["random_auc"] <= 1
     assert deletion["served_curve"][0] == pytest.approx(deletion["random_curve"][0])  # nothing deleted yet
     assert deletion["served_curve"][-1] == pytest.approx(deletion["random_curve"][-1])  # everything deleted
+    assert deletion["least_first_curve"][0] == pytest.approx(deletion["served_curve"][0])
+    assert deletion["least_first_curve"][-1] == pytest.approx(deletion["served_curve"][-1])
+    assert 0 <= deletion["least_first_auc"] <= 1 and 0 <= deletion["served_below_least_first"] <= 1
     table = (out / "cam_study.md").read_text()
     assert "| method | layer | pointing game | energy in mask | n |" in table
     assert "| HiResCAM | stride 8 |" in table and table in capsys.readouterr().out

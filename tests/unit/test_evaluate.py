@@ -2,6 +2,7 @@
 would compute again, and with them the scores are identical."""
 
 import numpy as np
+import pytest
 
 import braintumor.train.evaluate as evaluate
 from braintumor.train.cache import decode_samples
@@ -65,3 +66,22 @@ def test_pointing_game_heatmap_scores_the_served_heatmap_of_the_predicted_class(
     scored = evaluate.score_and_report(kept, images, masks, probs, masks.astype(np.float32), cams, tmp_path, {})
     assert tumour.any()
     assert scored["pointing_game_gradcam"] == 1.0 and scored["pointing_game_heatmap"] == 0.0
+
+
+def test_empty_fp_rate_counts_the_no_tumor_slices_without_mask_files(synthetic_root, tmp_path):
+    """BRISC ships no mask file for no_tumor slices; their truth is empty all the same, so the false-positive mask rate
+    is the share of no_tumor slices with any predicted tumour pixel (it was NaN: no slice to count), and Dice/IoU
+    stay means over the tumour slices."""
+    samples = build_index(synthetic_root).samples
+    cfg = PreprocessConfig(image_size=32)
+    images, masks, kept, _, _ = decode_samples(samples, cfg, progress=False, geometries=True)
+    y_true = np.array([CLASSES.index(s.label) for s in kept])
+    no_tumor = np.flatnonzero(y_true == CLASSES.index("no_tumor"))
+    assert len(no_tumor) >= 2 and not any(kept[i].has_mask for i in no_tumor)
+    probs = np.eye(len(CLASSES), dtype=np.float32)[y_true]
+    mask_probs = masks.astype(np.float32)
+    mask_probs[no_tumor[0], 3:6, 3:6] = 0.9  # one no_tumor slice gets a false-positive mask
+    cams = np.zeros((len(kept), len(CLASSES), 2, 2), np.float32)
+    scored = evaluate.score_and_report(kept, images, masks, probs, mask_probs, cams, tmp_path, {})
+    assert scored["empty_fp_rate"] == pytest.approx(1 / len(no_tumor))
+    assert scored["dice"] == pytest.approx(1.0)
