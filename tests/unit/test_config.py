@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -24,3 +26,11 @@ def test_resolved_config_round_trips(tmp_path):
 def test_bad_values_are_rejected(override):
     with pytest.raises(ValidationError):
         resolve_config(None, override)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "train" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_shipped_recipe_resolves(path):
+    """The release recipes under train/configs are valid configs (a renamed field fails here, not hours into a run)."""
+    cfg = resolve_config(path)
+    assert cfg.model.encoder.startswith("tf_efficientnet_lite") and cfg.model.pretrained == "imagenet"
