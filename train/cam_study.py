@@ -55,7 +55,7 @@ def _per_layer_method(name: str) -> type:
     try:
         import pytorch_grad_cam
     except ImportError as exc:
-        raise ImportError("cam-study needs pytorch-grad-cam: pip install 'grad-cam>=1.5' (or braintumor[dev])") from exc
+        raise ImportError("cam-study needs pytorch-grad-cam: pip install 'grad-cam>=1.5' (it comes with braintumor[train])") from exc
     return type(f"{name}PerLayer", (_PerLayer, getattr(pytorch_grad_cam, name)), {})
 
 
