@@ -84,13 +84,6 @@ class RoleMeter(CpuMeter):
         return {pid: (self.role, seconds) for pid, (_, seconds) in super().read().items()}
 
 
-class BaselineMeter(RoleMeter):
-    """The baseline is one uvicorn process: all of its CPU counts as its 'gateway'."""
-
-    def __init__(self, pid: int | None) -> None:
-        super().__init__(pid, "gateway")
-
-
 class Meters(CpuMeter):
     """Several process trees read as one (`braintumor serve` and the nginx in front of it)."""
 

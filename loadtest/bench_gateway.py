@@ -27,7 +27,7 @@ side in one run, with the ratios and the serving processes' CPU per image.
 
     python loadtest/bench_gateway.py --model-repository model_repository --data ../shared/data/brisc2025 \
         [--checkpoint RUN/release.pt] [--seconds 15] [--rounds 3] [--concurrency 1 8 32] \
-        [--backend onnxruntime] [--layout throughput] [--mask-format rle] [--nginx]
+        [--backend onnxruntime] [--layout throughput] [--mask-format rle] [--nginx | --bento-io]
 
 The load generator runs on the same host and takes CPU from the servers (not from the model-alone line, which runs
 alone); its own CPU per image is printed too. It is kept lean for that reason: HTTP over aiohttp with each multipart
@@ -52,8 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from braintumor.loadtest.bench_cpu import (BaselineMeter, CpuMeter, Meters, RoleMeter, measured, settle, stop,
-                                           wait_ready)
+from braintumor.loadtest.bench_cpu import CpuMeter, Meters, RoleMeter, measured, settle, stop, wait_ready
 from braintumor.loadtest.bench_load import ModelAlone, combine, combine_cpu, load_grpc, load_http, load_triton
 from braintumor.loadtest.bench_report import report
 
@@ -127,6 +126,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
+    if args.bento_io and (args.gateway or args.backend != "triton"):
+        ap.error("--bento-io runs beside the serve the bench starts, with --backend triton")
     from braintumor.loadtest.memory import find_serve_pid
     from braintumor.serving.triton_embedded import free_port
 
@@ -160,8 +161,6 @@ def main() -> None:
             serve = CpuMeter(procs[-1].pid)
             wait_ready(f"{gateway}/readyz", procs[-1])
         if args.bento_io:
-            if args.gateway or args.backend != "triton":
-                ap.error("--bento-io runs beside the serve the bench starts, with --backend triton")
             port = free_port()
             procs.append(subprocess.Popen(
                 [sys.executable, "-m", "bentoml", "serve", "braintumor.loadtest.bench_bento_io:DescriptorGateway",
@@ -187,7 +186,7 @@ def main() -> None:
             procs.append(subprocess.Popen([sys.executable, "-m", "braintumor.loadtest.bench_baseline", "--port",
                                            str(port), "--checkpoint", args.checkpoint], start_new_session=True))
             baseline = f"http://127.0.0.1:{port}"
-            base_meter = BaselineMeter(procs[-1].pid)
+            base_meter = RoleMeter(procs[-1].pid, "gateway")  # one uvicorn process
             wait_ready(f"{baseline}/readyz", procs[-1])
 
         waited = settle([serve, base_meter], args.settle)

@@ -99,8 +99,7 @@ def score_and_report(samples: list[Sample], images: np.ndarray, masks: np.ndarra
         # Dice/IoU over tumour slices; empty_fp_rate over the no_tumor slices, whose truth is empty though BRISC
         # ships no mask file for them (without them the rate had no slices to count and was NaN)
         known = has_mask | (y_true == CLASSES.index(NO_TUMOR))
-        metrics.update(segmentation_metrics(np.where(has_mask[:, None, None], masks, 0)[known].astype(bool),
-                                            mask_probs[known]))
+        metrics.update(segmentation_metrics(masks[known].astype(bool), mask_probs[known]))
         tumour = masks[has_mask].astype(bool)
         cam_true = np.maximum(cams[np.flatnonzero(has_mask), y_true[has_mask]], 0)
         metrics["pointing_game_gradcam"] = _nanmean(pointing_game_hits(cam_true, tumour))
